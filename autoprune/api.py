@@ -1,0 +1,151 @@
+"""The Python API behind ``autoprune prune`` and ``autoprune eval``."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from autoprune.allocation import check_sparsity, owl_plan, uniform_plan
+from autoprune.calibration import CalibrationStats, calibrate
+from autoprune.config import CalibrationConfig, EvaluationConfig
+from autoprune.data import SELF, calibration_windows, check_source, evaluation_windows
+from autoprune.errors import AutopruneError
+from autoprune.export import check_output_dir, read_metadata, save_checkpoint
+from autoprune.measure import SizeReport, measure_size, perplexity
+from autoprune.models import LoadedModel, load_model
+from autoprune.plan import MethodName, NMPattern, Plan, Recipe
+from autoprune.pruner import Pruner
+
+
+@dataclass
+class PruneReport:
+    """What ``autoprune prune`` reports and stores beside the checkpoint."""
+
+    recipe: Recipe
+    size: SizeReport
+    ppl: float | None
+    calibration_cached: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {
+            "model": self.recipe.model,
+            "method": self.recipe.plan.method,
+            "ppl": self.ppl,
+            **self.size.as_dict(),
+            "calibration_cached": self.calibration_cached,
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
+            "plan": self.recipe.plan.summary(),
+        }
+
+
+def prepare(
+    model: str,
+    calibration: CalibrationConfig,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> tuple[LoadedModel, CalibrationStats, bool]:
+    """Load ``model`` and its calibration statistics (from the cache when available)."""
+    loaded = load_model(model)
+    windows = calibration_windows(
+        calibration.source,
+        loaded.tokenizer,
+        calibration.n_samples,
+        calibration.seq_len,
+        calibration.seed,
+        model=loaded.model if calibration.source == SELF else None,
+    )
+    result = calibrate(loaded, windows, cache_dir=cache_dir, progress=progress)
+    return loaded, result.stats, result.from_cache
+
+
+@dataclass(frozen=True)
+class PlanRequest:
+    """A plan asked for by name: uniform at one sparsity or N:M, or OWL's allocation."""
+
+    method: MethodName
+    sparsity: float = 0.0
+    nm: NMPattern | None = None
+    owl: bool = False
+
+    def __post_init__(self) -> None:
+        check_sparsity(self.sparsity)
+        if self.owl and self.nm is not None:
+            raise AutopruneError("OWL allocates unstructured sparsity; it cannot take an N:M pattern")
+
+    def build(self, loaded: LoadedModel, stats: CalibrationStats) -> Plan:
+        if self.owl:
+            return owl_plan(loaded, stats, self.method, self.sparsity)
+        return uniform_plan(loaded, self.method, self.sparsity, self.nm)
+
+
+def prune(
+    model: str,
+    calibration: CalibrationConfig,
+    plan: Plan | PlanRequest,
+    out: Path | None = None,
+    evaluation: EvaluationConfig | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> PruneReport:
+    """Calibrate ``model`` (cached), prune it to ``plan``, measure, and save to ``out`` if given.
+
+    Everything checkable without the model (output folder, data path) is checked first, so a
+    mistake costs no model load.
+    """
+    if out is not None:
+        check_output_dir(out)
+    for source in (calibration.source, evaluation.source if evaluation else SELF):
+        check_source(source)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    loaded, stats, cached = prepare(model, calibration, cache_dir, progress)
+    timings["load_and_calibrate"] = time.perf_counter() - start
+    if isinstance(plan, PlanRequest):
+        plan = plan.build(loaded, stats)
+    recipe = Recipe(model=model, calibration=calibration, plan=plan)
+    pruner = Pruner(loaded, stats)
+    dense_linear = sum(rows * cols for rows, cols in pruner.layer_shapes().values())
+    start = time.perf_counter()
+    model = pruner.materialize(recipe.plan)
+    timings["prune"] = time.perf_counter() - start
+    size = measure_size(model, loaded.adapter, dense_linear)
+    ppl = None
+    if evaluation is not None:
+        start = time.perf_counter()
+        windows = evaluation_windows(
+            evaluation.source, loaded.tokenizer, evaluation.seq_len, evaluation.max_windows
+        )
+        ppl = perplexity(model, windows, progress=progress)
+        timings["evaluate"] = time.perf_counter() - start
+    report = PruneReport(recipe, size, ppl, cached, timings)
+    if out is not None:
+        metadata = {
+            "recipe": recipe.model_dump(mode="json"),
+            "evaluation": evaluation.model_dump() if evaluation else None,
+            "report": report.as_dict(),
+        }
+        save_checkpoint(model, loaded.tokenizer, out, metadata)
+    return report
+
+
+def evaluate(model: str, evaluation: EvaluationConfig, progress: bool = True) -> dict:
+    """Perplexity and size of a checkpoint (pruned or not) as plain transformers loads it."""
+    loaded = load_model(model)
+    windows = evaluation_windows(
+        evaluation.source, loaded.tokenizer, evaluation.seq_len, evaluation.max_windows
+    )
+    folder = Path(model)
+    dense_linear = (
+        read_metadata(folder).get("report", {}).get("dense_linear_params") if folder.is_dir() else None
+    )
+    size = measure_size(loaded.model, loaded.adapter, dense_linear)
+    return {
+        "model": model,
+        "ppl": perplexity(loaded.model, windows, progress=progress),
+        "eval_windows": int(windows.shape[0]),
+        "seq_len": int(windows.shape[1]),
+        **size.as_dict(),
+    }
+

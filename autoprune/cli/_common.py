@@ -1,0 +1,62 @@
+"""Pieces every subcommand shares: one-line errors, output formats, common flags."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+
+from autoprune.errors import AutopruneError
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line naming the command, not a usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise AutopruneError(f"{self.prog}: {message}")
+
+
+def add_format(parser: argparse.ArgumentParser, choices: Sequence[str] = ("table", "json")) -> None:
+    parser.add_argument("--format", choices=choices, default="table", help="output format")
+
+
+def parse_fraction(text: str) -> float:
+    """A sparsity in [0, 1); anything else is a one-line error naming the value."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise AutopruneError(f"sparsity must be a number in [0, 1), got {text!r}") from None
+    if not 0.0 <= value < 1.0 or math.isnan(value):
+        raise AutopruneError(f"sparsity must be in [0, 1), got {text}")
+    return value
+
+
+def render(rows: list[dict], fmt: str) -> str:
+    """Rows as an aligned table, JSON (a list of objects) or CSV."""
+    if fmt == "json":
+        return json.dumps(rows, indent=2, default=str)
+    if not rows:
+        return "(none)" if fmt == "table" else ""
+    columns = list(rows[0])
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows({k: _cell(row.get(k)) for k in columns} for row in rows)
+        return buffer.getvalue().rstrip("\n")
+    cells = [[_cell(row.get(column)) for column in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in cells]
+    return "\n".join(lines)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.4e}"
+    if isinstance(value, (list, dict)):
+        return json.dumps(value)
+    return "" if value is None else str(value)

@@ -1,0 +1,85 @@
+"""``autoprune prune``: calibrate (cached), prune to a uniform/OWL plan or a recipe, measure, save."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from autoprune.api import PlanRequest, prune
+from autoprune.cli._common import add_format, parse_fraction, render
+from autoprune.config import CalibrationConfig, EvaluationConfig
+from autoprune.data import SELF
+from autoprune.errors import AutopruneError
+from autoprune.methods import PruningMethod
+from autoprune.plan import NMPattern, Recipe
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("prune", help="prune a model and save a Hugging Face checkpoint")
+    parser.add_argument("--model", help="hub id, local folder, .gguf file, or alias (smollm2-135m)")
+    parser.add_argument("--method", choices=PruningMethod.available(), default="wanda")
+    parser.add_argument("--sparsity", type=str, default=None, help="fraction of each layer removed")
+    parser.add_argument("--nm", default=None, help="N:M pattern such as 2:4 (instead of --sparsity)")
+    parser.add_argument("--owl", action="store_true", help="OWL layer-wise allocation at --sparsity")
+    parser.add_argument("--recipe", type=Path, help="a recipe written by `autoprune export`")
+    add_data_flags(parser)
+    parser.add_argument("--out", type=Path, help="output folder (must not exist or be empty)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="calibration cache folder")
+    add_format(parser)
+    parser.set_defaults(run=run)
+
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", default="wikitext2", help="PATH (file/folder), wikitext2 or self")
+    parser.add_argument("--eval-data", default=None, help="evaluation text (default: --data)")
+    parser.add_argument("--calib-samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=None, help="first N test windows")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def evaluation_config(args: argparse.Namespace) -> EvaluationConfig | None:
+    """Evaluate on --eval-data, else on --data unless it is generated text (no test split)."""
+    source = args.eval_data or (None if args.data == SELF else args.data)
+    if source is None:
+        return None
+    return EvaluationConfig(source=source, seq_len=args.seq_len, max_windows=args.eval_windows)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.out is None:
+        raise AutopruneError("prune needs --out DIR")
+    evaluation = evaluation_config(args)
+    if args.recipe is not None:
+        recipe = Recipe.load(args.recipe)
+        report = prune(recipe.model, recipe.calibration, recipe.plan, args.out, evaluation,
+                       args.cache_dir)
+    else:
+        if args.model is None:
+            raise AutopruneError("prune needs --model (or --recipe)")
+        report = prune(args.model, calibration_config(args), plan_request(args), args.out,
+                       evaluation, args.cache_dir)
+    result = report.as_dict()
+    print(render([_row(result)], "table") if args.format == "table" else json.dumps(result, indent=2))
+    return 0
+
+
+def calibration_config(args: argparse.Namespace) -> CalibrationConfig:
+    return CalibrationConfig(
+        source=args.data, n_samples=args.calib_samples, seq_len=args.seq_len, seed=args.seed
+    )
+
+
+def plan_request(args: argparse.Namespace) -> PlanRequest:
+    nm = NMPattern.parse(args.nm) if args.nm else None
+    if nm is None and args.sparsity is None:
+        raise AutopruneError("prune needs --sparsity S or --nm N:M")
+    sparsity = parse_fraction(args.sparsity) if args.sparsity is not None else 0.0
+    return PlanRequest(method=args.method, sparsity=sparsity, nm=nm, owl=args.owl)
+
+
+def _row(report: dict) -> dict:
+    keys = ("model", "method", "ppl", "sparsity", "total_params", "nonzero_params",
+            "linear_nonzeros", "bytes_dense_fp16", "bytes_sparse", "calibration_cached")
+    return {key: report[key] for key in keys}

@@ -1,0 +1,168 @@
+"""Measuring a (pruned) model: perplexity, KL divergence to the dense model, and size.
+
+Sizes are counted from the tensors themselves (tied weights once), so the numbers users compare are
+the numbers the checkpoint holds; :func:`expected_linear_nonzeros` predicts the same count from a
+plan and the layer shapes alone, which the search uses before pruning anything.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from autoprune.methods import prune_count
+from autoprune.models import ArchitectureAdapter
+from autoprune.plan import Plan
+
+BYTES_FP16 = 2
+
+
+@dataclass(frozen=True)
+class SizeReport:
+    """What a user compares: every count covers embeddings and lm_head, tied weights once."""
+
+    total_params: int
+    nonzero_params: int
+    linear_params: int
+    linear_nonzeros: int
+    dense_linear_params: int
+    bytes_dense_fp16: int
+    bytes_sparse: int
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the dense model's decoder linear weights removed (removed blocks count)."""
+        return 1.0 - self.linear_nonzeros / self.dense_linear_params
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {**asdict(self), "sparsity": round(self.sparsity, 6)}
+
+
+def measure_size(
+    model: nn.Module, adapter: ArchitectureAdapter, dense_linear_params: int | None = None
+) -> SizeReport:
+    """Count parameters and non-zeros of ``model`` and its bytes stored dense (fp16) and sparse.
+
+    Sparse storage is, per decoder linear layer, the smallest of dense fp16, a bitmask plus fp16
+    values, and (where every group of 4 holds at most 2 non-zeros) the 2:4-compressed layout of
+    fp16 values plus 2-bit indices. Everything else is stored dense.
+    """
+    linear_ids = {
+        id(model.get_submodule(name).weight) for name in adapter.all_layer_names(model)
+    }
+    seen: set[int] = set()
+    total = nonzero = linear = linear_nonzero = sparse_bytes = 0
+    for parameter in model.parameters():
+        if id(parameter) in seen:
+            continue
+        seen.add(id(parameter))
+        count = parameter.numel()
+        nonzeros = int(torch.count_nonzero(parameter))
+        total += count
+        nonzero += nonzeros
+        if id(parameter) in linear_ids:
+            linear += count
+            linear_nonzero += nonzeros
+            sparse_bytes += sparse_storage_bytes(parameter.data)
+        else:
+            sparse_bytes += BYTES_FP16 * count
+    return SizeReport(
+        total_params=total,
+        nonzero_params=nonzero,
+        linear_params=linear,
+        linear_nonzeros=linear_nonzero,
+        dense_linear_params=dense_linear_params or linear,
+        bytes_dense_fp16=BYTES_FP16 * total,
+        bytes_sparse=sparse_bytes,
+    )
+
+
+def sparse_storage_bytes(weight: torch.Tensor) -> int:
+    count = weight.numel()
+    nonzeros = int(torch.count_nonzero(weight))
+    options = [BYTES_FP16 * count, math.ceil(count / 8) + BYTES_FP16 * nonzeros]
+    if weight.shape[-1] % 4 == 0:
+        per_group = (weight.reshape(-1, 4) != 0).sum(dim=1)
+        if bool((per_group <= 2).all()):
+            options.append(BYTES_FP16 * count // 2 + math.ceil(count / 2 * 2 / 8))
+    return min(options)
+
+
+def expected_linear_nonzeros(
+    plan: Plan, layer_shapes: dict[str, tuple[int, int]], block_of: dict[str, int]
+) -> int:
+    """Decoder linear non-zeros that ``plan`` leaves, from shapes alone (dense weights assumed to
+    hold no exact zeros)."""
+    removed = set(plan.removed_blocks)
+    total = 0
+    for name, (rows, cols) in layer_shapes.items():
+        if block_of[name] in removed:
+            continue
+        spec = plan.layers.get(name)
+        if spec is None or spec.is_dense:
+            total += rows * cols
+        elif spec.nm is not None:
+            total += rows * cols // spec.nm.m * spec.nm.n
+        else:
+            total += rows * (cols - prune_count(spec.sparsity, cols))
+    return total
+
+
+@torch.no_grad()
+def window_nlls(
+    model: nn.Module, windows: torch.Tensor, progress: bool = False, desc: str = "evaluating"
+) -> Iterator[float]:
+    """Per window, the summed next-token NLL of its ``L - 1`` predicted tokens (float64 sums).
+
+    One window at a time, so a caller can stop early (multi-fidelity) and memory stays at one
+    window's logits.
+    """
+    device = next(model.parameters()).device
+    for window in tqdm(windows, desc=desc, disable=not progress, leave=False):
+        ids = window.unsqueeze(0).to(device)
+        logits = model(ids, use_cache=False).logits[0, :-1].float()
+        yield float(F.cross_entropy(logits, ids[0, 1:], reduction="sum").double())
+
+
+def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = False) -> float:
+    """exp of the mean token NLL over all windows (the literature's WikiText-2 perplexity);
+    ``inf`` when the model has collapsed to non-finite losses."""
+    total = sum(window_nlls(model, windows, progress))
+    return ppl_from_nll(total, windows.shape[0] * (windows.shape[1] - 1))
+
+
+def ppl_from_nll(total_nll: float, n_tokens: int) -> float:
+    mean = total_nll / n_tokens
+    return math.exp(mean) if math.isfinite(mean) and mean < 700 else math.inf
+
+
+@torch.no_grad()
+def reference_logprobs(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """The dense model's next-token log-probabilities on ``windows``, kept in fp16 for KL."""
+    device = next(model.parameters()).device
+    out = [
+        F.log_softmax(model(w.unsqueeze(0).to(device), use_cache=False).logits[0].float(), -1)
+        .half()
+        .cpu()
+        for w in windows
+    ]
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def kl_to_reference(model: nn.Module, windows: torch.Tensor, reference: torch.Tensor) -> float:
+    """Mean per-token KL(dense || pruned): a smoother objective than perplexity for search."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for window, ref in zip(windows, reference, strict=True):
+        logp = F.log_softmax(model(window.unsqueeze(0).to(device), use_cache=False).logits[0].float(), -1)
+        ref = ref.to(device).float()
+        total += float((ref.exp() * (ref - logp)).sum())
+        count += window.shape[0]
+    return total / count

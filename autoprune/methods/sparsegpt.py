@@ -1,0 +1,162 @@
+"""SparseGPT (Frantar & Alistarh, 2023): prune column by column and let the remaining weights of
+each row absorb the error, through the inverse layer Hessian (optimal brain surgeon updates).
+
+The core, :func:`sparsegpt_prune`, works on a batch of layers at once: the layers reading one input
+share an inverse Hessian, so their rows are stacked, and blocks of equal width are stacked along a
+batch dimension. A whole model then takes one column loop per input width instead of one per layer.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from autoprune.calibration import LinearStats
+from autoprune.methods._base import LayerJob, PruningMethod
+from autoprune.methods._masks import prune_count
+from autoprune.plan import NMPattern
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, dampening: float = 0.01) -> torch.Tensor:
+    """Upper Cholesky factor of the dampened inverse Hessian, as SparseGPT's updates read it.
+
+    Inputs that never fired (zero diagonal) get a unit diagonal so the factorization exists.
+    """
+    h = hessian.to(torch.float64).clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    h += dampening * torch.mean(torch.diag(h)) * torch.eye(len(h), dtype=h.dtype, device=h.device)
+    inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return torch.linalg.cholesky(inverse, upper=True).to(torch.float32)
+
+
+@torch.no_grad()
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hinv: torch.Tensor,
+    row_sparsity: torch.Tensor | None = None,
+    nm: NMPattern | None = None,
+    mask_block: int = 128,
+    update_block: int = 32,
+) -> torch.Tensor:
+    """Prune a batch of weight matrices ``[B, rows, cols]`` with their inverse-Hessian factors
+    ``[B, cols, cols]``.
+
+    Unstructured (``row_sparsity [B, rows]``): every ``mask_block`` columns, each row drops the
+    lowest ``w^2 / [H^-1]_jj^2`` among the next columns, with per-block counts rounded cumulatively
+    so every row loses exactly ``round(s * cols)`` weights. N:M (``nm``): each group of ``m``
+    columns keeps its ``n`` best. Updates are applied lazily every ``update_block`` columns, which
+    is exact and keeps the rank-1 work small.
+    """
+    if (row_sparsity is None) == (nm is None):
+        raise ValueError("give exactly one of row_sparsity and nm")
+    batch, rows, cols = weight.shape
+    if nm is not None and (cols % nm.m or update_block % nm.m):
+        raise ValueError(f"N:M {nm} needs in_features divisible by {nm.m}, got {cols}")
+    # Columns are the unit of work, so they are stored contiguously: [B, cols, rows].
+    w = weight.to(torch.float32).transpose(1, 2).contiguous()
+    pruned = torch.zeros_like(w, dtype=torch.bool)
+    diag = torch.diagonal(hinv, dim1=1, dim2=2)
+    for start in range(0, cols, update_block):
+        end = min(start + update_block, cols)
+        if row_sparsity is not None and start % mask_block == 0:
+            _select_unstructured(w, diag, pruned, row_sparsity, start, min(start + mask_block, cols))
+        w_block = w[:, start:end].clone()
+        errors = torch.zeros_like(w_block)
+        hinv_block = hinv[:, start:end, start:end]
+        for i in range(end - start):
+            column = start + i
+            if nm is not None and column % nm.m == 0:
+                group = w_block[:, i : i + nm.m] ** 2 / diag[:, column : column + nm.m, None] ** 2
+                lowest = torch.topk(group, nm.m - nm.n, dim=1, largest=False).indices
+                pruned[:, column : column + nm.m].scatter_(1, lowest, True)
+            values = w_block[:, i]
+            kept = values.masked_fill(pruned[:, column], 0.0)
+            error = (values - kept) / hinv_block[:, i, i].unsqueeze(1)
+            w_block[:, i:] -= hinv_block[:, i, i:].unsqueeze(2) * error.unsqueeze(1)
+            w_block[:, i] = kept
+            errors[:, i] = error
+        w[:, start:end] = w_block
+        w[:, end:] -= torch.bmm(hinv[:, start:end, end:].transpose(1, 2), errors)
+    w.masked_fill_(pruned, 0.0)
+    return w.transpose(1, 2).contiguous().to(weight.dtype)
+
+
+def _select_unstructured(
+    w: torch.Tensor,
+    diag: torch.Tensor,
+    pruned: torch.Tensor,
+    row_sparsity: torch.Tensor,
+    start: int,
+    end: int,
+) -> None:
+    """Mark, per row, the lowest-saliency weights of columns ``[start, end)`` for pruning
+    (``w`` and ``pruned`` are ``[B, cols, rows]``)."""
+    saliency = w[:, start:end] ** 2 / diag[:, start:end, None] ** 2
+    count = prune_count(row_sparsity, end) - prune_count(row_sparsity, start)
+    order = torch.argsort(saliency, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    positions = torch.arange(end - start, device=w.device).view(1, -1, 1).expand_as(order)
+    ranks.scatter_(1, order, positions.contiguous())
+    pruned[:, start:end] = ranks < count.unsqueeze(1)
+
+
+class SparseGPT(PruningMethod):
+    """SparseGPT with inverse-Hessian factors cached per input group across plans."""
+
+    name = "sparsegpt"
+
+    def __init__(self, dampening: float = 0.01, mask_block: int = 128) -> None:
+        self.dampening = dampening
+        self.mask_block = mask_block
+        self._factors: dict[str, torch.Tensor] = {}
+
+    def prune(self, jobs: list[LayerJob]) -> dict[str, torch.Tensor]:
+        result = {job.name: job.weight for job in jobs if job.spec.is_dense}
+        batches: dict[tuple[int, str | None], dict[str, list[LayerJob]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
+        for job in jobs:
+            if not job.spec.is_dense:
+                pattern = str(job.spec.nm) if job.spec.nm is not None else None
+                batches[(job.weight.shape[1], pattern)][job.stats.group].append(job)
+        for (_, pattern), groups in batches.items():
+            result.update(self._prune_batch(list(groups.values()), pattern))
+        return result
+
+    def _factor(self, stats: LinearStats) -> torch.Tensor:
+        if stats.group not in self._factors:
+            self._factors[stats.group] = inverse_hessian_factor(stats.hessian, self.dampening)
+        return self._factors[stats.group]
+
+    def _prune_batch(self, groups: list[list[LayerJob]], pattern: str | None) -> dict[str, torch.Tensor]:
+        """Stack each group's rows (zero rows pad shorter groups: they carry no error) and prune."""
+        rows = max(sum(job.weight.shape[0] for job in group) for group in groups)
+        first = groups[0][0].weight
+        weight = first.new_zeros(len(groups), rows, first.shape[1], dtype=torch.float32)
+        sparsity = torch.zeros(len(groups), rows)
+        for index, group in enumerate(groups):
+            offset = 0
+            for job in group:
+                height = job.weight.shape[0]
+                weight[index, offset : offset + height] = job.weight
+                sparsity[index, offset : offset + height] = job.spec.sparsity
+                offset += height
+        hinv = torch.stack([self._factor(group[0].stats) for group in groups])
+        nm = NMPattern.parse(pattern) if pattern is not None else None
+        pruned = sparsegpt_prune(
+            weight,
+            hinv,
+            row_sparsity=None if nm is not None else sparsity,
+            nm=nm,
+            mask_block=self.mask_block,
+        )
+        result = {}
+        for index, group in enumerate(groups):
+            offset = 0
+            for job in group:
+                height = job.weight.shape[0]
+                result[job.name] = pruned[index, offset : offset + height].to(job.weight.dtype)
+                offset += height
+        return result

@@ -1,0 +1,20 @@
+"""Model loading and architecture adapters."""
+
+from autoprune.models._adapter import (
+    ArchitectureAdapter,
+    LayerKind,
+    LlamaFamilyAdapter,
+    OPTAdapter,
+)
+from autoprune.models._loading import ALIASES, LoadedModel, load_model, resolve_alias
+
+__all__ = [
+    "ALIASES",
+    "ArchitectureAdapter",
+    "LayerKind",
+    "LlamaFamilyAdapter",
+    "LoadedModel",
+    "OPTAdapter",
+    "load_model",
+    "resolve_alias",
+]

@@ -1,0 +1,97 @@
+"""Turning plans into pruned models, from one dense model and its cached statistics."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+from autoprune.calibration import CalibrationStats
+from autoprune.errors import AutopruneError
+from autoprune.methods import LayerJob, PruningMethod
+from autoprune.models import LoadedModel
+from autoprune.plan import Plan
+
+
+class Pruner:
+    """Holds the dense weights, the statistics and each method's reusable state.
+
+    The model's linear layers are re-pointed at new tensors for every plan; the dense tensors are
+    kept aside untouched, so applying plan after plan never reloads or copies the model.
+    """
+
+    def __init__(self, loaded: LoadedModel, stats: CalibrationStats) -> None:
+        self.loaded = loaded
+        self.stats = stats
+        self.adapter = loaded.adapter
+        self.layer_names = self.adapter.all_layer_names(loaded.model)
+        self._dense = {
+            name: loaded.model.get_submodule(name).weight.data for name in self.layer_names
+        }
+        self._methods: dict[str, PruningMethod] = {}
+
+    @property
+    def num_blocks(self) -> int:
+        return self.adapter.num_blocks(self.loaded.model)
+
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        return {name: tuple(weight.shape) for name, weight in self._dense.items()}
+
+    def validate(self, plan: Plan) -> None:
+        unknown = sorted(set(plan.layers) - set(self._dense))
+        if unknown:
+            raise AutopruneError(f"plan names layers this model does not have: {unknown[0]}")
+        if plan.removed_blocks and max(plan.removed_blocks) >= self.num_blocks:
+            raise AutopruneError(
+                f"plan removes block {max(plan.removed_blocks)}, the model has {self.num_blocks}"
+            )
+        if len(plan.removed_blocks) >= self.num_blocks:
+            raise AutopruneError("plan removes every block")
+
+    def pruned_weights(self, plan: Plan) -> dict[str, torch.Tensor]:
+        """The weight of every linear layer of every kept block under ``plan``."""
+        self.validate(plan)
+        removed = set(plan.removed_blocks)
+        by_method: dict[str, list[LayerJob]] = defaultdict(list)
+        result = {}
+        for name, weight in self._dense.items():
+            if self.adapter.split_layer_name(name)[0] in removed:
+                continue
+            spec = plan.layers.get(name)
+            if spec is None or spec.is_dense:
+                result[name] = weight
+                continue
+            by_method[plan.method].append(LayerJob(name, weight, self.stats.layer(name), spec))
+        for method_name, jobs in by_method.items():
+            result.update(self._method(method_name).prune(jobs))
+        return result
+
+    @contextmanager
+    def applied(self, plan: Plan) -> Iterator[torch.nn.Module]:
+        """The model pruned to ``plan`` inside the ``with``; dense again after it."""
+        weights = self.pruned_weights(plan)
+        model = self.loaded.model
+        for name, weight in weights.items():
+            model.get_submodule(name).weight.data = weight
+        try:
+            with self.adapter.without_blocks(model, plan.removed_blocks):
+                yield model
+        finally:
+            for name, weight in self._dense.items():
+                model.get_submodule(name).weight.data = weight
+
+    def materialize(self, plan: Plan) -> torch.nn.Module:
+        """Prune the model in place for good (blocks removed), for saving. The pruner is spent."""
+        model = self.loaded.model
+        for name, weight in self.pruned_weights(plan).items():
+            model.get_submodule(name).weight.data = weight.contiguous()
+        self.adapter.remove_blocks(model, plan.removed_blocks)
+        self._dense.clear()
+        return model
+
+    def _method(self, name: str) -> PruningMethod:
+        if name not in self._methods:
+            self._methods[name] = PruningMethod.named(name)
+        return self._methods[name]
