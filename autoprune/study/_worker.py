@@ -1,0 +1,139 @@
+"""The unit every executor runs: a model and its statistics loaded once, plans in, records out.
+
+A worker lives in the search process (in-process executor) or in a Ray actor; either way it holds
+the dense model, the cached calibration statistics, the pruning methods' reusable state and the
+validation windows, and it never touches the study storage: the driver alone does.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from autoprune.api import prepare
+from autoprune.config import CalibrationConfig
+from autoprune.data import validation_windows
+from autoprune.measure import (
+    kl_to_reference,
+    measure_size,
+    ppl_from_nll,
+    reference_logprobs,
+    window_nlls,
+)
+from autoprune.plan import Plan
+from autoprune.pruner import Pruner
+
+Objective = Literal["ppl", "kl"]
+TrialStatus = Literal["complete", "collapsed", "stopped_early", "failed"]
+
+
+class WorkerSpec(BaseModel):
+    """Everything a worker needs to build itself, small enough to ship to a remote actor."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    calibration: CalibrationConfig
+    objective: Objective = "ppl"
+    eval_seq_len: Annotated[int, Field(ge=2)] = 512
+    eval_windows: Annotated[int, Field(ge=1)] = 8
+    min_windows: Annotated[int, Field(ge=1)] = 2
+    cache_dir: str | None = None
+    device: str = "cpu"
+    threads: Annotated[int, Field(ge=1)] | None = None
+
+
+@dataclass(frozen=True)
+class TrialRequest:
+    """One candidate to measure. ``stop_above`` enables multi-fidelity: once ``min_windows``
+    windows give a quality estimate above it, the trial stops and is reported as such."""
+
+    number: int
+    plan: Plan
+    stop_above: float | None = None
+
+
+@dataclass
+class TrialResult:
+    """A measured candidate (or why it could not be measured)."""
+
+    number: int
+    status: TrialStatus
+    quality: float = math.inf
+    ppl: float = math.inf
+    kl: float | None = None
+    windows: int = 0
+    size: dict[str, float | int] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+    worker: str = field(default_factory=platform.node)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class TrialWorker:
+    """Loads once, then measures plan after plan."""
+
+    def __init__(self, spec: WorkerSpec, progress: bool = False) -> None:
+        if spec.threads is not None:
+            torch.set_num_threads(spec.threads)
+        self.spec = spec
+        cache_dir = Path(spec.cache_dir) if spec.cache_dir else None
+        self.loaded, self.stats, _ = prepare(spec.model, spec.calibration, cache_dir, progress)
+        self.loaded.model.to(spec.device)
+        self.pruner = Pruner(self.loaded, self.stats)
+        self.windows = validation_windows(
+            spec.calibration.source, self.loaded.tokenizer, spec.eval_seq_len, spec.eval_windows
+        )
+        self.reference = (
+            reference_logprobs(self.loaded.model, self.windows) if spec.objective == "kl" else None
+        )
+        self.dense_linear_params = sum(r * c for r, c in self.pruner.layer_shapes().values())
+
+    def run(self, request: TrialRequest) -> TrialResult:
+        """Prune to the plan, measure size and quality; a collapsed model is a result, not a crash."""
+        start = time.perf_counter()
+        timings: dict[str, float] = {}
+        weights_start = time.perf_counter()
+        with self.pruner.applied(request.plan) as model:
+            timings["prune"] = time.perf_counter() - weights_start
+            size = measure_size(model, self.loaded.adapter, self.dense_linear_params).as_dict()
+            eval_start = time.perf_counter()
+            result = self._measure(model, request, size)
+            timings["evaluate"] = time.perf_counter() - eval_start
+        timings["total"] = time.perf_counter() - start
+        timings["bookkeeping"] = timings["total"] - timings["prune"] - timings["evaluate"]
+        result.seconds = {key: round(value, 4) for key, value in timings.items()}
+        return result
+
+    def _measure(self, model: torch.nn.Module, request: TrialRequest, size: dict) -> TrialResult:
+        tokens_per_window = self.windows.shape[1] - 1
+        total_nll, count = 0.0, 0
+        for count, nll in enumerate(window_nlls(model, self.windows), start=1):
+            total_nll += nll
+            ppl = ppl_from_nll(total_nll, count * tokens_per_window)
+            if not math.isfinite(ppl):
+                return TrialResult(request.number, "collapsed", windows=count, size=size)
+            if (
+                request.stop_above is not None
+                and self.spec.objective == "ppl"
+                and count >= self.spec.min_windows
+                and count < len(self.windows)
+                and ppl > request.stop_above
+            ):
+                return TrialResult(request.number, "stopped_early", ppl, ppl, windows=count, size=size)
+        kl = None
+        if self.reference is not None:
+            kl = kl_to_reference(model, self.windows, self.reference)
+            if not math.isfinite(kl):
+                return TrialResult(request.number, "collapsed", ppl=ppl, windows=count, size=size)
+        quality = kl if kl is not None else ppl
+        return TrialResult(request.number, "complete", quality, ppl, kl, count, size)
