@@ -1,6 +1,24 @@
-"""Multi-objective searches: workers, executors and the Optuna ask/tell driver."""
+"""Multi-objective searches: workers, executors, storages and the Optuna ask/tell driver."""
 
+from autoprune.study._config import EXECUTORS, SAMPLERS, SearchConfig
+from autoprune.study._driver import Proposer, SearchSummary, front_size, run_search
 from autoprune.study._executor import Executor, InProcessExecutor
+from autoprune.study._records import (
+    counts_toward_budget,
+    find_trial,
+    front_trials,
+    study_settings,
+    trial_plan,
+    trial_recipe,
+    trial_row,
+)
+from autoprune.study._storage import (
+    DEFAULT_STORAGE,
+    PASSWORD_ENV,
+    load_existing_study,
+    mask_url,
+    open_storage,
+)
 from autoprune.study._worker import (
     Objective,
     TrialRequest,
@@ -11,12 +29,31 @@ from autoprune.study._worker import (
 )
 
 __all__ = [
+    "DEFAULT_STORAGE",
+    "EXECUTORS",
+    "PASSWORD_ENV",
+    "SAMPLERS",
     "Executor",
     "InProcessExecutor",
     "Objective",
+    "Proposer",
+    "SearchConfig",
+    "SearchSummary",
     "TrialRequest",
     "TrialResult",
     "TrialStatus",
     "TrialWorker",
     "WorkerSpec",
+    "counts_toward_budget",
+    "find_trial",
+    "front_size",
+    "front_trials",
+    "load_existing_study",
+    "mask_url",
+    "open_storage",
+    "run_search",
+    "study_settings",
+    "trial_plan",
+    "trial_recipe",
+    "trial_row",
 ]

@@ -1,0 +1,64 @@
+"""``autoprune export``: one trial of a study as a recipe and a pruned Hugging Face checkpoint.
+
+``DIR`` becomes the checkpoint (loadable with plain transformers) with ``DIR/recipe.yaml`` beside
+it; ``autoprune prune --recipe DIR/recipe.yaml --out OTHER`` rebuilds the same model. The recipe
+holds the model, the calibration settings and the plan, never the storage URL.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from optuna.trial import TrialState
+
+from autoprune.api import prune
+from autoprune.cli._common import add_format, render
+from autoprune.errors import AutopruneError
+from autoprune.export import check_output_dir
+from autoprune.study import DEFAULT_STORAGE, find_trial, load_existing_study, trial_recipe
+
+RECIPE_FILE = "recipe.yaml"
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("export", help="export a trial as a recipe and a checkpoint")
+    parser.add_argument("--storage", default=DEFAULT_STORAGE, help="Optuna storage URL or path")
+    parser.add_argument("--study", required=True, help="study name")
+    parser.add_argument("--trial", type=int, required=True, help="trial number (see autoprune front)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="calibration cache folder")
+    add_format(parser)
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out)
+    study = load_existing_study(args.storage, args.study)
+    trial = find_trial(study, args.trial)
+    if trial.state != TrialState.COMPLETE:
+        raise AutopruneError(
+            f"trial {trial.number} is {trial.state.name.lower()}; only complete trials can be exported"
+        )
+    recipe = trial_recipe(study, trial)
+    report = prune(recipe.model, recipe.calibration, recipe.plan, args.out, cache_dir=args.cache_dir)
+    recipe.save(args.out / RECIPE_FILE)
+    recorded = trial.user_attrs["size"]["linear_nonzeros"]
+    if report.size.linear_nonzeros != recorded:
+        print(
+            f"autoprune: warning: the checkpoint has {report.size.linear_nonzeros} linear non-zeros, "
+            f"the study recorded {recorded} (different calibration data or model?)",
+            file=sys.stderr,
+        )
+    row = {
+        "trial": trial.number,
+        "out": str(args.out),
+        "recipe": str(args.out / RECIPE_FILE),
+        "sparsity": round(report.size.sparsity, 6),
+        "nonzeros": report.size.linear_nonzeros,
+        "recorded_nonzeros": recorded,
+        "recorded_ppl": trial.user_attrs.get("ppl"),
+    }
+    print(render([row], args.format))
+    return 0

@@ -1,0 +1,221 @@
+"""``SearchConfig``: every setting of a search, validated once, from YAML and/or flags.
+
+Each field is also a command-line flag (``sparsity_range`` is ``--sparsity-range LO HI``); the
+descriptions below are the flags' help. Samplers and executors are named, and the names map to
+factories here, so a new one is one entry in a dict.
+
+The settings that define what a study's numbers mean (model, data, space, method, objective, range,
+evaluation windows) are stored with the study; resuming with different ones is refused, because the
+old and new trials would not be comparable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Annotated, Any
+
+import yaml
+from optuna.samplers import (
+    BaseSampler,
+    NSGAIIISampler,
+    NSGAIISampler,
+    RandomSampler,
+    TPESampler,
+)
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from autoprune.config import CalibrationConfig
+from autoprune.errors import AutopruneError
+from autoprune.plan import MethodName
+from autoprune.study._executor import Executor, InProcessExecutor
+from autoprune.study._storage import DEFAULT_STORAGE, mask_url
+from autoprune.study._worker import Objective, WorkerSpec
+from search_spaces import MAX_LAYER_SPARSITY, SearchSpace
+
+#: Sampler name -> factory(seed, population size).
+SAMPLERS: dict[str, Callable[[int, int], BaseSampler]] = {
+    "nsga2": lambda seed, population: NSGAIISampler(population_size=population, seed=seed),
+    "nsga3": lambda seed, population: NSGAIIISampler(population_size=population, seed=seed),
+    "tpe": lambda seed, population: TPESampler(
+        seed=seed, multivariate=True, n_startup_trials=population
+    ),
+    "random": lambda seed, population: RandomSampler(seed=seed),
+}
+
+Fraction = Annotated[float, Field(ge=0.0, le=MAX_LAYER_SPARSITY)]
+
+
+class SearchConfig(BaseModel):
+    """One search: which model and data, where the study lives, what to search and how."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("smollm2-135m", description="hub id, local folder, .gguf file or alias")
+    data: str = Field("wikitext2", description="calibration/validation text: PATH or wikitext2")
+    storage: str = Field(
+        DEFAULT_STORAGE, description="Optuna storage: path, sqlite:///, RDB URL or journal://PATH"
+    )
+    study: str = Field("autoprune", description="study name (the same name resumes)")
+    trials: Annotated[int, Field(ge=1)] = Field(100, description="finished trials wanted in the study")
+    timeout_minutes: Annotated[float, Field(gt=0)] | None = Field(
+        None, description="minutes of trials after loading; then stop asking (the study stays resumable)"
+    )
+    sampler: str = Field("nsga2", description=f"one of {', '.join(SAMPLERS)}")
+    population: Annotated[int, Field(ge=2)] = Field(16, description="NSGA population / TPE start-up trials")
+    seed: int = Field(0, description="sampler seed")
+    space: str = Field("layerwise", description=f"one of {', '.join(SearchSpace.available())}")
+    sparsity_range: tuple[Fraction, Fraction] = Field((0.4, 0.8), description="targets searched: LO HI")
+    baseline_targets: list[Fraction] | None = Field(
+        None, description="targets of the baselines enqueued first (default: LO, mid, HI)"
+    )
+    method: MethodName = Field("wanda", description="pruning method")
+    objective: Objective = Field("ppl", description="quality objective: ppl or kl")
+    executor: str = Field("in-process", description="where trials run")
+    eval_windows: Annotated[int, Field(ge=1)] = Field(8, description="validation windows per trial")
+    min_windows: Annotated[int, Field(ge=1)] = Field(2, description="windows before a trial may stop early")
+    early_stop_margin: Annotated[float, Field(ge=1.0)] | None = Field(
+        1.2, description="stop a trial whose ppl exceeds the front's by this factor (null: never)"
+    )
+    seq_len: Annotated[int, Field(ge=2)] = Field(512, description="tokens per calibration/validation window")
+    calib_samples: Annotated[int, Field(ge=1)] = Field(128, description="calibration windows")
+    calib_seed: int = Field(0, description="calibration sampling seed")
+    max_ppl: Annotated[float, Field(gt=0)] | None = Field(None, description="constraint: ppl at most this")
+    max_nonzeros: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="constraint: decoder linear non-zeros at most this"
+    )
+    cache_dir: str | None = Field(None, description="calibration cache folder")
+    device: str = Field("cpu", description="torch device of the worker")
+    threads: Annotated[int, Field(ge=1)] | None = Field(None, description="torch threads of the worker")
+
+    @field_validator("sampler", "executor", "space")
+    @classmethod
+    def _known_name(cls, name: str, info: ValidationInfo) -> str:
+        known = list(_REGISTRIES[info.field_name]())
+        if name not in known:
+            raise ValueError(f"unknown {info.field_name} {name!r} (known: {', '.join(known)})")
+        return name
+
+    @field_validator("sparsity_range")
+    @classmethod
+    def _ordered(cls, bounds: tuple[float, float]) -> tuple[float, float]:
+        if not bounds[0] < bounds[1]:
+            raise ValueError(f"needs LO < HI, got {bounds[0]} {bounds[1]}")
+        return bounds
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SearchConfig:
+        low, high = self.sparsity_range
+        if any(not low <= t <= high for t in self.baseline_targets or ()):
+            raise ValueError("baseline_targets must lie inside sparsity_range")
+        return self
+
+    @classmethod
+    def load(cls, path: Path | None, overrides: dict[str, Any]) -> SearchConfig:
+        """The YAML file's keys (if any) with ``overrides`` (flags) on top; errors name the key and
+        where it came from, in one line."""
+        values = _read_yaml(path) if path is not None else {}
+        values.update(overrides)
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            first = error.errors()[0]
+            message = first["msg"].removeprefix("Value error, ")
+            if not first["loc"]:
+                raise AutopruneError(f"invalid search settings: {message}") from None
+            key = ".".join(str(part) for part in first["loc"])
+            top = str(first["loc"][0])
+            where = f"--{top.replace('_', '-')}" if top in overrides else str(path)
+            if first["type"] == "extra_forbidden":
+                raise AutopruneError(f"{where}: unknown key {key!r}") from None
+            raise AutopruneError(f"{where}: invalid {key}: {message}") from None
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """Reprs (logs, tracebacks) show the storage URL with its password masked."""
+        for name, value in super().__repr_args__():
+            yield name, mask_url(value) if name == "storage" else value
+
+    @property
+    def targets(self) -> list[float]:
+        """Where baselines go: the configured targets, else the range's ends and middle."""
+        low, high = self.sparsity_range
+        return list(self.baseline_targets or (low, round((low + high) / 2, 4), high))
+
+    def calibration(self) -> CalibrationConfig:
+        return CalibrationConfig(
+            source=self.data, n_samples=self.calib_samples, seq_len=self.seq_len, seed=self.calib_seed
+        )
+
+    def worker_spec(self) -> WorkerSpec:
+        return WorkerSpec(
+            model=self.model,
+            calibration=self.calibration(),
+            objective=self.objective,
+            eval_seq_len=self.seq_len,
+            eval_windows=self.eval_windows,
+            min_windows=self.min_windows,
+            cache_dir=self.cache_dir,
+            device=self.device,
+            threads=self.threads,
+        )
+
+    def study_settings(self) -> dict[str, Any]:
+        """What the study's recorded numbers depend on; stored with it, checked on resume. Never
+        the storage URL."""
+        return {
+            "model": self.model,
+            "calibration": self.calibration().model_dump(),
+            "space": self.space,
+            "method": self.method,
+            "objective": self.objective,
+            "sparsity_range": list(self.sparsity_range),
+            "eval_seq_len": self.seq_len,
+            "eval_windows": self.eval_windows,
+        }
+
+    def make_sampler(self, seed_offset: int = 0) -> BaseSampler:
+        """The named sampler; ``seed_offset`` (trials already in the study) keeps a resumed run
+        from replaying the first run's random draws."""
+        return SAMPLERS[self.sampler](self.seed + seed_offset, self.population)
+
+    def make_executor(self, progress: bool) -> Executor:
+        return EXECUTORS[self.executor](self, progress)
+
+
+#: Executor name -> factory(config, progress).
+EXECUTORS: dict[str, Callable[[SearchConfig, bool], Executor]] = {
+    "in-process": lambda config, progress: InProcessExecutor(config.worker_spec(), progress),
+}
+
+
+#: What the named fields may be (read when validating, so registrations made later count).
+_REGISTRIES: dict[str, Callable[[], list[str]]] = {
+    "sampler": lambda: list(SAMPLERS),
+    "executor": lambda: list(EXECUTORS),
+    "space": SearchSpace.available,
+}
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise AutopruneError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        reason = getattr(error, "problem", None) or " ".join(str(error).split())
+        raise AutopruneError(f"{path} is not valid YAML: {reason}{where}") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise AutopruneError(f"{path} must be a mapping of search settings, got {type(values).__name__}")
+    return values

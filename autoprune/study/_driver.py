@@ -1,0 +1,389 @@
+"""The search loop: Optuna ask/tell over an executor, resumable from the storage alone.
+
+One driver per study at a time: it alone writes the storage, keeps ``executor.capacity`` trials in
+flight, and records every trial (see :mod:`autoprune.study._records`). Starting it again with the
+same settings continues the study:
+
+- trials a killed driver left RUNNING are told FAIL with ``reason="orphaned"`` and their parameters
+  re-enqueued, so they run again; finished trials are kept and the budget counts them;
+- baselines (the space's uniform/OWL points at ``config.targets``) are enqueued once per study,
+  before anything is sampled, so the front is never worse than them;
+- the sampler's seed is offset by the number of trials already stored, so a resumed random start
+  does not replay the first run's draws; a plan identical to one already measured is not measured
+  again (told FAIL with ``reason="duplicate"``).
+
+Multi-fidelity: every non-baseline candidate carries ``stop_above`` = ``early_stop_margin`` times
+the best perplexity of the feasible front members with no more non-zeros than the candidate
+(and at most ``max_ppl`` times the margin). The worker stops after ``min_windows`` windows once its
+running perplexity is above it; such trials are told PRUNED and never enter the front.
+
+Constraints use Optuna 5's ``Trial.set_constraint`` before ``tell`` (values <= 0 are feasible);
+samplers and ``study.best_trials`` read them from the trial's system attributes.
+
+A ``proposer(study, n) -> list[params]`` may suggest candidates (a predictor screening many random
+plans, say): whenever no enqueued trial is waiting, it is asked for ``n`` (the free executor slots)
+parameter dicts of the space, which are enqueued (``skip_if_exists``) and asked before the sampler.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import BaseDistribution
+from optuna.samplers import BaseGASampler
+from optuna.study import StudyDirection
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from autoprune.api import prepare
+from autoprune.data import check_source
+from autoprune.errors import AutopruneError
+from autoprune.plan import Plan
+from autoprune.study._config import SearchConfig
+from autoprune.study._executor import Executor, InProcessExecutor
+from autoprune.study._records import (
+    BASELINES_ATTR,
+    ORPHANED,
+    SETTINGS_ATTR,
+    counts_toward_budget,
+    finite_or_none,
+    front_trials,
+    trial_plan,
+    trial_row,
+)
+from autoprune.study._storage import mask_url, open_storage, storage_url
+from autoprune.study._worker import TrialRequest, TrialResult
+from search_spaces import SearchSpace, SpaceContext
+
+Proposer = Callable[[optuna.Study, int], list[dict[str, Any]]]
+DIRECTIONS = [StudyDirection.MINIMIZE, StudyDirection.MINIMIZE]
+#: User attributes the driver gives the trials it enqueues (baselines, retries, proposals).
+ENQUEUED_MARKS = frozenset({"baseline", "retry_of", "proposed"})
+_RESULT_POLL_S = 1.0
+
+
+@dataclass
+class SearchSummary:
+    """What a search run did and the front it left."""
+
+    study: str
+    storage: str
+    finished: int
+    complete: int
+    stopped_early: int
+    failed: int
+    orphans_requeued: int
+    resumed: bool
+    front: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        return (
+            f"study {self.study!r} in {self.storage}: {self.finished} trials finished "
+            f"({self.complete} complete, {self.stopped_early} stopped early, {self.failed} failed), "
+            f"front of {len(self.front)}"
+            + (f", {self.orphans_requeued} interrupted trial(s) re-queued" if self.orphans_requeued else "")
+        )
+
+
+def run_search(
+    config: SearchConfig,
+    executor: Executor | None = None,
+    proposer: Proposer | None = None,
+    progress: bool = True,
+) -> SearchSummary:
+    """Run (or resume) the study ``config`` names until it holds ``config.trials`` finished trials
+    or ``config.timeout_minutes`` have passed (in-flight trials are finished either way).
+
+    Without ``executor`` the one ``config.executor`` names is built and shut down here; a given
+    executor stays the caller's.
+    """
+    start = time.perf_counter()
+    check_source(config.data)
+    storage = open_storage(config.storage, create=True)
+    space = SearchSpace.named(config.space)
+    resumed = _check_existing(storage, config)
+    owned = executor is None
+    executor = executor or config.make_executor(progress)
+    try:
+        ctx = _space_context(config, executor, progress)
+        distributions = space.distributions(ctx)
+        study = optuna.create_study(
+            storage=storage, study_name=config.study, directions=DIRECTIONS, load_if_exists=True
+        )
+        if not resumed:
+            study.set_user_attr(SETTINGS_ATTR, config.study_settings())
+        study.sampler = config.make_sampler(seed_offset=len(study.get_trials(deepcopy=False)))
+        orphans = _requeue_orphans(study)
+        if not study.user_attrs.get(BASELINES_ATTR):
+            for label, params in space.baselines(ctx, config.targets).items():
+                study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
+            study.set_user_attr(BASELINES_ATTR, True)
+        _Loop(study, space, ctx, distributions, config, executor, proposer).run(progress)
+    finally:
+        if owned:
+            executor.shutdown()
+    return _summary(study, config, orphans, resumed, time.perf_counter() - start)
+
+
+def _check_existing(storage: optuna.storages.BaseStorage, config: SearchConfig) -> bool:
+    """Whether the study exists (a resume); refuse one whose numbers would not be comparable."""
+    try:
+        existing = optuna.load_study(study_name=config.study, storage=storage)
+    except KeyError:
+        return False
+    stored = existing.user_attrs.get(SETTINGS_ATTR)
+    if existing.directions != DIRECTIONS or (stored is None and existing.trials):
+        raise AutopruneError(f"study {config.study!r} exists but was not created by autoprune search")
+    if stored is None:  # created by a run killed before it wrote its settings: adopt it
+        return False
+    for key, value in config.study_settings().items():
+        if stored.get(key) != value:
+            raise AutopruneError(
+                f"study {config.study!r} was created with {key}={stored.get(key)!r}, this run has "
+                f"{value!r}; keep the settings or name another --study"
+            )
+    return True
+
+
+def _space_context(config: SearchConfig, executor: Executor, progress: bool) -> SpaceContext:
+    """Built from the in-process worker's model when there is one, else loaded here once."""
+    if isinstance(executor, InProcessExecutor):
+        loaded, stats = executor.worker.loaded, executor.worker.stats
+    else:
+        cache_dir = Path(config.cache_dir) if config.cache_dir else None
+        loaded, stats, _ = prepare(config.model, config.calibration(), cache_dir, progress)
+    return SpaceContext.from_model(loaded, stats, config.method, config.sparsity_range)
+
+
+def _requeue_orphans(study: optuna.Study) -> int:
+    """Trials a killed driver left RUNNING: failed as orphans, their parameters queued again."""
+    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    for frozen in orphans:
+        # An enqueued trial killed before its parameters were written still has them here.
+        params = frozen.system_attrs.get("fixed_params") or frozen.params
+        _requeue(study, optuna.Trial(study, frozen._trial_id), params)  # no public id lookup
+    return len(orphans)
+
+
+def _requeue(study: optuna.Study, trial: optuna.Trial, params: dict[str, Any]) -> None:
+    """Tell ``trial`` FAIL (``reason="orphaned"``) and enqueue its parameters to run again."""
+    if params:
+        carried = {key: value for key, value in trial.user_attrs.items() if key == "baseline"}
+        study.enqueue_trial(params, user_attrs={"retry_of": trial.number, **carried})
+    trial.set_user_attr("reason", ORPHANED)
+    trial.set_user_attr("status", "failed")
+    study.tell(trial, state=TrialState.FAIL)
+
+
+def plan_digest(plan: Plan) -> str:
+    return hashlib.sha256(plan.to_json().encode()).hexdigest()
+
+
+@dataclass
+class _Pending:
+    trial: optuna.Trial
+    digest: str
+    driver_seconds: float
+
+
+class _Loop:
+    """Keeps the executor busy, records results, and tracks the front in memory for thresholds."""
+
+    def __init__(
+        self,
+        study: optuna.Study,
+        space: SearchSpace,
+        ctx: SpaceContext,
+        distributions: dict[str, BaseDistribution],
+        config: SearchConfig,
+        executor: Executor,
+        proposer: Proposer | None,
+    ) -> None:
+        self.study, self.space, self.ctx, self.distributions = study, space, ctx, distributions
+        self.config, self.executor, self.proposer = config, executor, proposer
+        self.in_flight: dict[int, _Pending] = {}
+        self.digests: set[str] = set()
+        self.finished = 0
+        for frozen in study.get_trials(deepcopy=False):
+            self.finished += counts_toward_budget(frozen)
+            if frozen.state in (TrialState.COMPLETE, TrialState.PRUNED) and "plan" in frozen.user_attrs:
+                self.digests.add(plan_digest(trial_plan(frozen)))
+        self.points = [(int(t.values[0]), float(t.values[1])) for t in study.best_trials]
+        self.node = f"{platform.node()}:{os.getpid()}"
+        minutes = config.timeout_minutes
+        self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
+
+    def run(self, progress: bool) -> None:
+        bar = tqdm(
+            total=self.config.trials,
+            initial=min(self.finished, self.config.trials),
+            desc=f"search {self.config.study}",
+            unit="trial",
+            disable=not progress,
+            postfix={"front": front_size(self.points)},
+        )
+        try:
+            while self._wanted() > 0 or self.in_flight:
+                while len(self.in_flight) < self.executor.capacity and self._wanted() > 0:
+                    if not self._submit_next():
+                        self._advance(bar)
+                for result in self.executor.results(timeout=_RESULT_POLL_S):
+                    self._finish(result)
+                    self._advance(bar)
+        except KeyboardInterrupt:
+            self._requeue_in_flight()
+            raise
+        finally:
+            bar.close()
+
+    def _wanted(self) -> int:
+        """Trials still to ask for: none once the time budget is spent."""
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return 0
+        return self.config.trials - self.finished - len(self.in_flight)
+
+    def _advance(self, bar: tqdm) -> None:
+        self.finished += 1
+        bar.update(1)
+        bar.set_postfix(front=front_size(self.points))
+
+    def _submit_next(self) -> bool:
+        """Ask, cast and submit one trial; False when it was a duplicate (told, not submitted)."""
+        start = time.perf_counter()
+        if self.proposer is not None and not self.study.get_trials(
+            deepcopy=False, states=(TrialState.WAITING,)
+        ):
+            slots = self.executor.capacity - len(self.in_flight)
+            for params in self.proposer(self.study, slots):
+                self.study.enqueue_trial(params, user_attrs={"proposed": True}, skip_if_exists=True)
+        trial = self.study.ask(self.distributions)
+        marks = trial.user_attrs.keys() & ENQUEUED_MARKS
+        if marks:
+            self._join_population(trial)
+        plan = self.space.cast(trial.params, self.ctx)
+        digest = plan_digest(plan)
+        expected = self.ctx.nonzeros(plan)
+        stop_above = None if "baseline" in marks else self._stop_above(expected)
+        for key, value in {
+            "plan": plan.model_dump(mode="json"),
+            "plan_summary": plan.summary(),
+            "expected_nonzeros": expected,
+            "stop_above": stop_above,
+            "driver": self.node,
+        }.items():
+            trial.set_user_attr(key, value)
+        if digest in self.digests or any(p.digest == digest for p in self.in_flight.values()):
+            trial.set_user_attr("status", "duplicate")
+            trial.set_user_attr("reason", "duplicate")
+            self.study.tell(trial, state=TrialState.FAIL)
+            return False
+        self.executor.submit(TrialRequest(trial.number, plan, stop_above))
+        self.in_flight[trial.number] = _Pending(trial, digest, time.perf_counter() - start)
+        return True
+
+    def _join_population(self, trial: optuna.Trial) -> None:
+        """Put an enqueued trial into the genetic sampler's current generation. Optuna leaves
+        fixed-parameter trials out of NSGA populations, so baselines would never be parents."""
+        sampler = self.study.sampler
+        if isinstance(sampler, BaseGASampler):
+            sampler.get_trial_generation(self.study, self.study.get_trials(deepcopy=False)[trial.number])
+
+    def _stop_above(self, nonzeros: int) -> float | None:
+        """The perplexity above which this candidate cannot reach the front (times the margin)."""
+        margin = self.config.early_stop_margin
+        if margin is None or self.config.objective != "ppl":
+            return None
+        limits = [q for n, q in self.points if n <= nonzeros]
+        bounds = [min(limits)] if limits else []
+        if self.config.max_ppl is not None:
+            bounds.append(self.config.max_ppl)
+        return margin * min(bounds) if bounds else None
+
+    def _finish(self, result: TrialResult) -> None:
+        pending = self.in_flight.pop(result.number)
+        start = time.perf_counter()
+        trial = pending.trial
+        attrs: dict[str, Any] = {
+            "status": result.status,
+            "ppl": finite_or_none(result.ppl),
+            "kl": finite_or_none(result.kl),
+            "quality": finite_or_none(result.quality),
+            "size": result.size,
+            "windows": result.windows,
+            "worker": result.worker,
+        }
+        state, values = TrialState.FAIL, None
+        if result.status == "complete":
+            state = TrialState.COMPLETE
+            values = [float(result.size["linear_nonzeros"]), float(result.quality)]
+        elif result.status == "stopped_early":
+            state = TrialState.PRUNED
+        else:
+            attrs["reason"] = result.error or result.status
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        feasible = state == TrialState.COMPLETE and self._constrain(trial, result)
+        seconds = dict(result.seconds)
+        driver = pending.driver_seconds + time.perf_counter() - start
+        seconds["bookkeeping"] = round(seconds.get("bookkeeping", 0.0) + driver, 4)
+        seconds["total"] = round(seconds.get("total", 0.0) + driver, 4)
+        trial.set_user_attr("seconds", seconds)
+        self.study.tell(trial, values, state=state)
+        if state != TrialState.FAIL:
+            self.digests.add(pending.digest)
+        if feasible:
+            self.points.append((int(values[0]), float(values[1])))
+
+    def _constrain(self, trial: optuna.Trial, result: TrialResult) -> bool:
+        """Set the configured constraints (<= 0 is feasible); whether all hold."""
+        constraints = {}
+        if self.config.max_ppl is not None:
+            constraints["max_ppl"] = result.ppl - self.config.max_ppl
+        if self.config.max_nonzeros is not None:
+            constraints["max_nonzeros"] = float(result.size["linear_nonzeros"] - self.config.max_nonzeros)
+        for key, value in constraints.items():
+            trial.set_constraint(key, value)
+        return all(value <= 0 for value in constraints.values())
+
+    def _requeue_in_flight(self) -> None:
+        """On Ctrl-C, in-flight trials become orphans now rather than on the next start."""
+        for pending in self.in_flight.values():
+            _requeue(self.study, pending.trial, pending.trial.params)
+        self.in_flight.clear()
+
+
+def front_size(points: list[tuple[int, float]]) -> int:
+    """How many of ``(nonzeros, quality)`` points no other point dominates."""
+    best, size = float("inf"), 0
+    for _, quality in sorted(points):
+        if quality < best:
+            best, size = quality, size + 1
+    return size
+
+
+def _summary(
+    study: optuna.Study, config: SearchConfig, orphans: int, resumed: bool, seconds: float
+) -> SearchSummary:
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    return SearchSummary(
+        study=config.study,
+        storage=mask_url(storage_url(config.storage)),
+        finished=sum(counts_toward_budget(t) for t in trials),
+        complete=states.count(TrialState.COMPLETE),
+        stopped_early=states.count(TrialState.PRUNED),
+        failed=sum(t.state == TrialState.FAIL and counts_toward_budget(t) for t in trials),
+        orphans_requeued=orphans,
+        resumed=resumed,
+        front=[trial_row(t) for t in front_trials(study)],
+        seconds=round(seconds, 1),
+    )

@@ -1,0 +1,100 @@
+"""What a study stores per trial and how it is read back (front, export, experiments).
+
+Objective values are ``[decoder linear non-zeros, quality]``, both minimized. Everything else lives
+in user attributes, written by the driver only:
+
+- at ask time: ``plan`` (the Plan as JSON data), ``plan_summary``, ``expected_nonzeros``,
+  ``stop_above`` (the multi-fidelity threshold, or null), ``driver`` (host:pid that asked it),
+  ``baseline`` (label, baselines only),
+  ``retry_of`` (for a re-run orphan), ``proposed`` (for a proposer's candidate);
+- at tell time: ``status`` (complete / stopped_early / collapsed / failed / duplicate), ``ppl``,
+  ``kl``, ``quality`` (null where not finite), ``size`` (SizeReport as a dict, with ``sparsity``),
+  ``windows`` (validation windows evaluated), ``seconds`` (prune / evaluate / bookkeeping / total;
+  bookkeeping includes the driver's own ask/cast/record time), ``worker``, and ``reason`` for
+  trials told FAIL (``orphaned``, ``collapsed``, ``duplicate``, or the worker's error).
+
+States: COMPLETE trials were measured on every window; PRUNED trials were stopped early; FAIL
+trials are the rest. Only COMPLETE trials (and only feasible ones under constraints) form the front.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from autoprune.config import CalibrationConfig
+from autoprune.errors import AutopruneError
+from autoprune.plan import Plan, Recipe
+
+SETTINGS_ATTR = "autoprune"
+BASELINES_ATTR = "baselines_enqueued"
+ORPHANED = "orphaned"
+
+
+def study_settings(study: optuna.Study) -> dict[str, Any]:
+    """The settings ``autoprune search`` stored with ``study``."""
+    settings = study.user_attrs.get(SETTINGS_ATTR)
+    if settings is None:
+        raise AutopruneError(f"study {study.study_name!r} was not created by autoprune search")
+    return settings
+
+
+def front_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """Non-dominated complete (and feasible) trials, densest first."""
+    return sorted(study.best_trials, key=lambda trial: -trial.values[0])
+
+
+def counts_toward_budget(trial: FrozenTrial) -> bool:
+    """Finished trials count; orphans (killed mid-trial and re-queued) and unfinished ones do not."""
+    if trial.state == TrialState.FAIL:
+        return trial.user_attrs.get("reason") != ORPHANED
+    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def find_trial(study: optuna.Study, number: int) -> FrozenTrial:
+    trials = study.get_trials(deepcopy=False)
+    for trial in trials:
+        if trial.number == number:
+            return trial
+    span = f"0..{len(trials) - 1}" if trials else "none"
+    raise AutopruneError(f"trial {number} is not in study {study.study_name!r} (trials: {span})")
+
+
+def trial_plan(trial: FrozenTrial) -> Plan:
+    if "plan" not in trial.user_attrs:
+        raise AutopruneError(f"trial {trial.number} has no recorded plan")
+    return Plan.model_validate(trial.user_attrs["plan"])
+
+
+def trial_recipe(study: optuna.Study, trial: FrozenTrial) -> Recipe:
+    """The recipe that rebuilds ``trial``'s model: model and calibration from the study, its plan."""
+    settings = study_settings(study)
+    return Recipe(
+        model=settings["model"],
+        calibration=CalibrationConfig(**settings["calibration"]),
+        plan=trial_plan(trial),
+    )
+
+
+def trial_row(trial: FrozenTrial) -> dict[str, Any]:
+    """One line of ``autoprune front``."""
+    attrs = trial.user_attrs
+    size = attrs.get("size") or {}
+    return {
+        "trial": trial.number,
+        "sparsity": size.get("sparsity"),
+        "nonzeros": size.get("linear_nonzeros"),
+        "ppl": attrs.get("ppl"),
+        "kl": attrs.get("kl"),
+        "bytes_sparse": size.get("bytes_sparse"),
+        "baseline": attrs.get("baseline"),
+        "plan": attrs.get("plan_summary"),
+    }
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """JSON-safe numbers for user attributes: non-finite values are stored as null."""
+    return value if value is not None and math.isfinite(value) else None

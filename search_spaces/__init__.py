@@ -1,0 +1,42 @@
+"""Search spaces: each a flat set of Optuna distributions and a cast into a pruning plan.
+
+    space = SearchSpace.named("layerwise")
+    ctx = SpaceContext.from_model(loaded, stats, "sparsegpt", (0.4, 0.8))
+    plan = space.cast(trial.params, ctx)   # params sampled from space.distributions(ctx)
+
+One small module per space; a new space is a subclass with a ``name``.
+"""
+
+from search_spaces._base import (
+    OWL_THRESHOLDS,
+    TARGET,
+    LayerInfo,
+    Params,
+    SearchSpace,
+    SpaceContext,
+)
+from search_spaces._budget import MAX_LAYER_SPARSITY, project_to_budget
+from search_spaces._depth import DepthLayerwiseSpace, DepthSpace
+from search_spaces._depth_ramp import DepthRampSpace
+from search_spaces._layerwise import LayerwiseSpace
+from search_spaces._nm import NMSpace
+from search_spaces._owl import OWLSpace
+from search_spaces._uniform import UniformSpace
+
+__all__ = [
+    "MAX_LAYER_SPARSITY",
+    "OWL_THRESHOLDS",
+    "TARGET",
+    "DepthLayerwiseSpace",
+    "DepthRampSpace",
+    "DepthSpace",
+    "LayerInfo",
+    "LayerwiseSpace",
+    "NMSpace",
+    "OWLSpace",
+    "Params",
+    "SearchSpace",
+    "SpaceContext",
+    "UniformSpace",
+    "project_to_budget",
+]

@@ -1,0 +1,153 @@
+"""What every search space is: a flat set of Optuna distributions and a cast into a :class:`Plan`.
+
+A space never sees tensors. Everything it needs about the model (layer shapes and kinds, block
+influence, OWL's outlier ratios) is gathered once into a :class:`SpaceContext`, so casting a trial's
+parameters costs microseconds and the same parameters always give the same plan.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from optuna.distributions import BaseDistribution, FloatDistribution
+
+from autoprune.allocation import block_outlier_ratios
+from autoprune.calibration import CalibrationStats
+from autoprune.errors import AutopruneError
+from autoprune.measure import expected_linear_nonzeros
+from autoprune.models import LayerKind, LoadedModel
+from autoprune.plan import MethodName, Plan
+
+#: The parameter every space with a size target calls it by: the fraction of the dense model's
+#: decoder linear weights removed (removed blocks count).
+TARGET = "target"
+
+#: OWL's outlier thresholds ``M`` that spaces may choose from; their ratios are computed once.
+OWL_THRESHOLDS: tuple[float, ...] = (3.0, 5.0, 7.0, 10.0)
+OWL_DEFAULT_M = 5.0
+OWL_DEFAULT_LAMBDA = 0.08
+
+Params = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """One decoder linear layer as spaces see it."""
+
+    block: int
+    kind: LayerKind
+    rows: int
+    cols: int
+
+
+@dataclass(frozen=True)
+class SpaceContext:
+    """What spaces need to know about the model, gathered once per search (plain data)."""
+
+    method: MethodName
+    layers: dict[str, LayerInfo]
+    num_blocks: int
+    block_influence: tuple[float, ...]
+    outlier_ratios: dict[float, tuple[float, ...]] = field(default_factory=dict)
+    sparsity_range: tuple[float, float] = (0.4, 0.8)
+
+    @classmethod
+    def from_model(
+        cls,
+        loaded: LoadedModel,
+        stats: CalibrationStats,
+        method: MethodName,
+        sparsity_range: tuple[float, float],
+        outlier_thresholds: Sequence[float] = OWL_THRESHOLDS,
+    ) -> SpaceContext:
+        adapter, model = loaded.adapter, loaded.model
+        layers = {}
+        for name in adapter.all_layer_names(model):
+            block, linear = adapter.split_layer_name(name)
+            rows, cols = model.get_submodule(name).weight.shape
+            layers[name] = LayerInfo(block, adapter.kind(linear), int(rows), int(cols))
+        return cls(
+            method=method,
+            layers=layers,
+            num_blocks=adapter.num_blocks(model),
+            block_influence=tuple(float(x) for x in stats.block_influence),
+            outlier_ratios={
+                float(m): tuple(float(r) for r in block_outlier_ratios(loaded, stats, m))
+                for m in outlier_thresholds
+            },
+            sparsity_range=sparsity_range,
+        )
+
+    @property
+    def layer_shapes(self) -> dict[str, tuple[int, int]]:
+        return {name: (info.rows, info.cols) for name, info in self.layers.items()}
+
+    @property
+    def block_of(self) -> dict[str, int]:
+        return {name: info.block for name, info in self.layers.items()}
+
+    @property
+    def dense_linear_params(self) -> int:
+        return sum(info.rows * info.cols for info in self.layers.values())
+
+    def nonzeros(self, plan: Plan) -> int:
+        """Decoder linear non-zeros ``plan`` leaves, from shapes alone."""
+        return expected_linear_nonzeros(plan, self.layer_shapes, self.block_of)
+
+    def sparsity(self, plan: Plan) -> float:
+        return 1.0 - self.nonzeros(plan) / self.dense_linear_params
+
+    def least_influential_blocks(self, count: int) -> list[int]:
+        """The ``count`` blocks that change their input least (ShortGPT's removal order)."""
+        order = sorted(range(self.num_blocks), key=lambda block: (self.block_influence[block], block))
+        return sorted(order[:count])
+
+    def target_distribution(self) -> FloatDistribution:
+        low, high = self.sparsity_range
+        return FloatDistribution(low, high)
+
+
+class SearchSpace(ABC):
+    """A family of plans: ``distributions`` says what Optuna samples, ``cast`` makes the plan.
+
+    Subclasses that set ``name`` register themselves; :meth:`named` finds them, so adding a space
+    is adding a module. ``baselines`` are the known allocations a study starts from, written as this space's
+    own parameters so samplers learn from them like from any other trial.
+    """
+
+    name: ClassVar[str]
+    #: Whether the space's plans have a size target (``params[TARGET]``) that casting lands on.
+    has_target: ClassVar[bool] = True
+
+    @abstractmethod
+    def distributions(self, ctx: SpaceContext) -> dict[str, BaseDistribution]:
+        """The flat, static set of parameters of this space for the model in ``ctx``."""
+
+    @abstractmethod
+    def cast(self, params: Params, ctx: SpaceContext) -> Plan:
+        """The plan that ``params`` (one value per distribution) stand for. Deterministic."""
+
+    @abstractmethod
+    def baselines(self, ctx: SpaceContext, targets: Sequence[float]) -> dict[str, Params]:
+        """Labelled parameters of the standard allocations this space can express."""
+
+    _registry: ClassVar[dict[str, type[SearchSpace]]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            SearchSpace._registry[cls.name] = cls
+
+    @staticmethod
+    def named(name: str) -> SearchSpace:
+        if name not in SearchSpace._registry:
+            known = ", ".join(SearchSpace.available())
+            raise AutopruneError(f"unknown search space {name!r} (known: {known})")
+        return SearchSpace._registry[name]()
+
+    @staticmethod
+    def available() -> list[str]:
+        return sorted(SearchSpace._registry)

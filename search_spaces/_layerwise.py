@@ -1,0 +1,77 @@
+"""``layerwise``: per-block offsets and an attention-vs-MLP offset around a target.
+
+This is the question BESA and OWL answer by rule (which layers can take more sparsity), answered by
+search instead. Offsets only shape the allocation: the result is projected onto the target's exact
+non-zero budget, so candidates of one target differ in quality, never in size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from optuna.distributions import BaseDistribution, FloatDistribution
+
+from autoprune.allocation import owl_block_sparsities
+from autoprune.plan import Plan
+from search_spaces._base import (
+    OWL_DEFAULT_LAMBDA,
+    OWL_DEFAULT_M,
+    TARGET,
+    Params,
+    SearchSpace,
+    SpaceContext,
+)
+from search_spaces._budget import project_to_budget
+
+ATTENTION_OFFSET = "attn_offset"
+MAX_OFFSET = 0.2
+
+
+def block_param(block: int) -> str:
+    return f"block_{block}"
+
+
+class LayerwiseSpace(SearchSpace):
+    """``target``, ``attn_offset`` and one ``block_i`` offset per decoder block."""
+
+    name = "layerwise"
+
+    def distributions(self, ctx: SpaceContext) -> dict[str, BaseDistribution]:
+        offset = FloatDistribution(-MAX_OFFSET, MAX_OFFSET)
+        return {
+            TARGET: ctx.target_distribution(),
+            ATTENTION_OFFSET: offset,
+            **{block_param(block): offset for block in range(ctx.num_blocks)},
+        }
+
+    def cast(self, params: Params, ctx: SpaceContext) -> Plan:
+        return self.allocate(params, ctx, removed_blocks=[])
+
+    def allocate(self, params: Params, ctx: SpaceContext, removed_blocks: list[int]) -> Plan:
+        """The offsets' allocation over the blocks that are kept, on the target's budget."""
+        target = params[TARGET]
+        removed = set(removed_blocks)
+        raw = {
+            name: target
+            + params[block_param(info.block)]
+            + (params[ATTENTION_OFFSET] if info.kind == "attention" else 0.0)
+            for name, info in ctx.layers.items()
+            if info.block not in removed
+        }
+        return project_to_budget(raw, ctx, target, removed_blocks)
+
+    def baselines(self, ctx: SpaceContext, targets: Sequence[float]) -> dict[str, Params]:
+        """Uniform (all offsets zero) and OWL (its block deviations as offsets) at each target."""
+        ratios = torch.tensor(ctx.outlier_ratios[OWL_DEFAULT_M], dtype=torch.float64)
+        result = {}
+        for t in targets:
+            flat = {block_param(block): 0.0 for block in range(ctx.num_blocks)}
+            result[f"uniform@{t:.2f}"] = {TARGET: t, ATTENTION_OFFSET: 0.0, **flat}
+            owl = owl_block_sparsities(ratios, t, OWL_DEFAULT_LAMBDA)
+            offsets = {
+                block_param(block): min(max(s - t, -MAX_OFFSET), MAX_OFFSET)
+                for block, s in enumerate(owl)
+            }
+            result[f"owl@{t:.2f}"] = {TARGET: t, ATTENTION_OFFSET: 0.0, **offsets}
+        return result

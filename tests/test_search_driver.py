@@ -1,0 +1,225 @@
+"""The ask/tell driver on the tiny LLaMA: baselines first, complete records, a front of complete
+trials only, resumption, refused setting changes, every trial status, constraints, multi-fidelity
+thresholds and the proposer hook (the last ones through a scripted executor)."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from autoprune import CalibrationConfig, prepare
+from autoprune.errors import AutopruneError
+from autoprune.plan import Plan
+from autoprune.study import (
+    Executor,
+    SearchConfig,
+    TrialRequest,
+    TrialResult,
+    front_size,
+    front_trials,
+    run_search,
+    study_settings,
+)
+from search_spaces import SpaceContext
+
+RECORD_KEYS = {
+    "plan", "plan_summary", "expected_nonzeros", "stop_above", "status", "ppl", "kl", "quality",
+    "size", "windows", "seconds", "worker",
+}
+
+
+def tiny_config(model_dir, data_dir, folder, **overrides) -> SearchConfig:
+    settings = dict(
+        model=str(model_dir), data=str(data_dir), storage=f"sqlite:///{folder / 'study.db'}",
+        study="tiny", trials=10, population=4, space="layerwise", method="wanda",
+        sparsity_range=(0.3, 0.7), eval_windows=3, min_windows=1, seq_len=32, calib_samples=8,
+        cache_dir=str(folder / "cache"),
+    )
+    return SearchConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_llama_dir, data_dir, tmp_path_factory):
+    config = tiny_config(tiny_llama_dir, data_dir, tmp_path_factory.mktemp("driver"))
+    summary = run_search(config, progress=False)
+    return config, summary, optuna.load_study(study_name=config.study, storage=config.storage)
+
+
+def test_baselines_run_first_and_the_front_holds_complete_trials(finished):
+    config, summary, study = finished
+    labels = [t.user_attrs.get("baseline") for t in study.trials[:6]]
+    assert labels == [f"{kind}@{t:.2f}" for t in (0.3, 0.5, 0.7) for kind in ("uniform", "owl")]
+    assert summary.finished == config.trials == len(study.trials)
+    assert summary.front and len(summary.front) == len(front_trials(study))
+    assert all(t.state == TrialState.COMPLETE for t in front_trials(study))
+    assert {row["trial"] for row in summary.front} == {t.number for t in study.best_trials}
+
+
+def test_every_trial_records_plan_size_quality_and_timings(finished):
+    config, _, study = finished
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        attrs = trial.user_attrs
+        assert RECORD_KEYS <= attrs.keys(), RECORD_KEYS - attrs.keys()
+        plan = Plan.model_validate(attrs["plan"])
+        assert attrs["plan_summary"] == plan.summary()
+        assert trial.values[0] == attrs["size"]["linear_nonzeros"] == attrs["expected_nonzeros"]
+        assert trial.values[1] == attrs["quality"] == attrs["ppl"]
+        assert attrs["windows"] == config.eval_windows
+        assert {"prune", "evaluate", "bookkeeping", "total"} <= attrs["seconds"].keys()
+        if "target" in trial.params:
+            assert attrs["size"]["sparsity"] == pytest.approx(trial.params["target"], abs=0.005)
+    settings = study_settings(study)
+    assert settings["space"] == "layerwise" and "sqlite" not in json.dumps(settings)
+
+
+def test_a_rerun_with_a_larger_budget_continues_the_study(finished):
+    config, _, study = finished
+    before = {t.number: t.values for t in study.trials}
+    summary = run_search(config.model_copy(update={"trials": 12}), progress=False)
+    study = optuna.load_study(study_name=config.study, storage=config.storage)
+    assert summary.finished == 12 and summary.resumed
+    assert {n: v for n, v in ((t.number, t.values) for t in study.trials) if n in before} == before
+    params = [json.dumps(t.params, sort_keys=True) for t in study.get_trials(states=(TrialState.COMPLETE,))]
+    assert len(params) == len(set(params))
+
+
+def test_changed_settings_are_refused_before_anything_is_written(finished):
+    config, _, study = finished
+    count = len(study.trials)
+    with pytest.raises(AutopruneError, match="eval_windows"):
+        run_search(config.model_copy(update={"eval_windows": 4, "trials": 30}), progress=False)
+    assert len(optuna.load_study(study_name=config.study, storage=config.storage).trials) == count
+
+
+class ScriptedExecutor(Executor):
+    """Returns scripted results, two in flight and out of order, recording every request."""
+
+    def __init__(self, ctx: SpaceContext, script) -> None:
+        self.ctx, self.script = ctx, script
+        self.requests: list[TrialRequest] = []
+        self.pending: list[TrialRequest] = []
+
+    @property
+    def capacity(self) -> int:
+        return 2
+
+    def submit(self, request: TrialRequest) -> None:
+        self.requests.append(request)
+        self.pending.append(request)
+
+    def results(self, timeout=None) -> list[TrialResult]:
+        done, self.pending = list(reversed(self.pending)), []
+        return [self._result(request) for request in done]
+
+    def in_flight(self) -> int:
+        return len(self.pending)
+
+    def _result(self, request: TrialRequest) -> TrialResult:
+        nonzeros = self.ctx.nonzeros(request.plan)
+        size = {"linear_nonzeros": nonzeros, "sparsity": 1 - nonzeros / self.ctx.dense_linear_params}
+        status, ppl = self.script(request.number, nonzeros)
+        if status == "failed":
+            return TrialResult(request.number, "failed", error="RuntimeError: out of memory")
+        return TrialResult(request.number, status, ppl, ppl, windows=3, size=size)
+
+
+@pytest.fixture(scope="module")
+def tiny_ctx(tiny_llama_dir, data_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("ctx-cache")
+    calibration = CalibrationConfig(source=str(data_dir), n_samples=8, seq_len=32)
+    loaded, stats, _ = prepare(str(tiny_llama_dir), calibration, cache, False)
+    return SpaceContext.from_model(loaded, stats, "wanda", (0.3, 0.7)), cache
+
+
+def scripted_run(tiny_llama_dir, data_dir, tmp_path, tiny_ctx, script, proposer=None, **overrides):
+    ctx, cache = tiny_ctx
+    config = tiny_config(tiny_llama_dir, data_dir, tmp_path, space="uniform", cache_dir=str(cache), **overrides)
+    executor = ScriptedExecutor(ctx, script)
+    summary = run_search(config, executor=executor, progress=False, proposer=proposer)
+    return summary, optuna.load_study(study_name=config.study, storage=config.storage), executor
+
+
+def test_every_status_is_recorded_and_only_complete_trials_reach_the_front(
+    tiny_llama_dir, data_dir, tmp_path, tiny_ctx
+):
+    statuses = {3: ("collapsed", float("inf")), 4: ("failed", 0.0), 5: ("stopped_early", 500.0)}
+    summary, study, _ = scripted_run(
+        tiny_llama_dir, data_dir, tmp_path, tiny_ctx,
+        lambda number, nonzeros: statuses.get(number, ("complete", 1e-3 * nonzeros)),
+        trials=8,
+    )
+    states = {t.number: (t.state, t.user_attrs.get("reason"), t.user_attrs["status"]) for t in study.trials}
+    assert states[3] == (TrialState.FAIL, "collapsed", "collapsed")
+    assert states[4] == (TrialState.FAIL, "RuntimeError: out of memory", "failed")
+    assert states[5] == (TrialState.PRUNED, None, "stopped_early")
+    assert study.trials[3].user_attrs["ppl"] is None
+    assert {3, 4, 5}.isdisjoint(row["trial"] for row in summary.front)
+    assert (summary.complete, summary.stopped_early, summary.failed) == (5, 1, 2)
+
+
+def test_constraints_are_set_and_the_front_is_feasible(tiny_llama_dir, data_dir, tmp_path, tiny_ctx):
+    summary, study, _ = scripted_run(
+        tiny_llama_dir, data_dir, tmp_path, tiny_ctx,
+        lambda number, nonzeros: ("complete", 1e-3 * nonzeros),
+        trials=6, max_ppl=80.0,
+    )
+    for trial in study.trials:
+        assert trial.constraints["max_ppl"] == pytest.approx(trial.values[1] - 80.0)
+    assert summary.front and all(row["ppl"] <= 80.0 for row in summary.front)
+
+
+def test_thresholds_follow_the_front_and_spare_baselines(tiny_llama_dir, data_dir, tmp_path, tiny_ctx):
+    _, study, executor = scripted_run(
+        tiny_llama_dir, data_dir, tmp_path, tiny_ctx,
+        lambda number, nonzeros: ("complete", 1e-3 * nonzeros),
+        trials=8, early_stop_margin=1.5,
+    )
+    trials = {t.number: t for t in study.trials}
+    for request in executor.requests:
+        trial = trials[request.number]
+        if "baseline" in trial.user_attrs:
+            assert request.stop_above is None
+            continue
+        nonzeros = trial.user_attrs["expected_nonzeros"]
+        known = [  # the front the driver knew when it asked for this trial
+            t.values[1] for t in study.get_trials(states=(TrialState.COMPLETE,))
+            if t.datetime_complete <= trial.datetime_start and t.values[0] <= nonzeros
+        ]
+        assert request.stop_above == (pytest.approx(1.5 * min(known)) if known else None)
+    assert any(r.stop_above is not None for r in executor.requests)
+
+
+def test_proposed_candidates_are_enqueued_and_measured(tiny_llama_dir, data_dir, tmp_path, tiny_ctx):
+    calls = []
+
+    def proposer(study, n):
+        calls.append(n)
+        return [{"target": 0.55}] if len(calls) == 1 else []
+
+    _, study, _ = scripted_run(
+        tiny_llama_dir, data_dir, tmp_path, tiny_ctx,
+        lambda number, nonzeros: ("complete", 1e-3 * nonzeros),
+        trials=5, proposer=proposer,
+    )
+    proposed = [t for t in study.trials if t.user_attrs.get("proposed")]
+    assert calls and [t.params for t in proposed] == [{"target": 0.55}]
+
+
+def test_the_time_budget_stops_asking_and_leaves_nothing_running(
+    tiny_llama_dir, data_dir, tmp_path, tiny_ctx
+):
+    summary, study, _ = scripted_run(
+        tiny_llama_dir, data_dir, tmp_path, tiny_ctx,
+        lambda number, nonzeros: ("complete", 1e-3 * nonzeros),
+        trials=50, timeout_minutes=1e-9,
+    )
+    assert summary.finished < 50
+    assert not study.get_trials(states=(TrialState.RUNNING,))
+
+
+def test_front_size_counts_non_dominated_points():
+    assert front_size([]) == 0
+    assert front_size([(10, 5.0), (20, 4.0), (15, 6.0), (30, 4.0)]) == 2

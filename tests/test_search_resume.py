@@ -1,0 +1,103 @@
+"""SIGKILL ``autoprune search`` mid-trial, run the same command again: finished trials are kept,
+the interrupted ones are marked failed (orphaned) and retried, nothing complete is duplicated, and
+the study ends with exactly the trials asked for."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import optuna
+from optuna.trial import TrialState
+
+from autoprune.study import counts_toward_budget
+
+TRIALS = 10
+FINISHED = ("COMPLETE", "PRUNED", "FAIL")
+
+
+def search_command(model_dir, data_dir, db) -> list[str]:
+    return [
+        sys.executable, "-m", "autoprune", "search", "--model", str(model_dir), "--data",
+        str(data_dir), "--storage", f"sqlite:///{db}", "--study", "resume", "--trials", str(TRIALS),
+        "--space", "layerwise", "--method", "sparsegpt", "--population", "4", "--sparsity-range",
+        "0.3", "0.7", "--eval-windows", "4", "--min-windows", "1", "--seq-len", "32",
+        "--calib-samples", "8", "--threads", "1", "--format", "json",
+    ]
+
+
+def trial_states(db) -> list[str] | None:
+    """States by trial number (RUNNING only once its parameters are written), or None while the
+    database is mid-write."""
+    query = (
+        "SELECT CASE WHEN t.state = 'RUNNING' AND NOT EXISTS "
+        "(SELECT 1 FROM trial_params p WHERE p.trial_id = t.trial_id) THEN 'ASKING' ELSE t.state END "
+        "FROM trials t ORDER BY t.number"
+    )
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=0.05) as connection:
+            return [row[0] for row in connection.execute(query)]
+    except sqlite3.Error:
+        return None
+
+
+def kill_mid_trial(process: subprocess.Popen, db, deadline_s: float = 120) -> None:
+    """SIGKILL once >= 2 trials finished while another one runs: stop the process first so the
+    check and the kill see the same state."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read().decode()[-2000:]
+        if ready(trial_states(db)):
+            os.kill(process.pid, signal.SIGSTOP)
+            if ready(trial_states(db)):
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+                return
+            os.kill(process.pid, signal.SIGCONT)
+        time.sleep(0.005)
+    raise AssertionError("the search never had two finished trials and a running one")
+
+
+def ready(states: list[str] | None) -> bool:
+    return bool(states) and sum(s in FINISHED for s in states) >= 2 and "RUNNING" in states
+
+
+def test_sigkill_then_rerun_continues_the_study(tiny_llama_dir, data_dir, tmp_path):
+    db = tmp_path / "study.db"
+    env = {**os.environ, "AUTOPRUNE_CACHE": str(tmp_path / "cache"), "TQDM_DISABLE": "1"}
+    command = search_command(tiny_llama_dir, data_dir, db)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    kill_mid_trial(process, db)
+
+    storage = f"sqlite:///{db}"
+    before = optuna.load_study(study_name="resume", storage=storage).trials
+    orphans = {  # what each interrupted trial was to measure (parameters are written one by one)
+        t.number: t.system_attrs.get("fixed_params") or t.params
+        for t in before
+        if t.state == TrialState.RUNNING
+    }
+    kept = {t.number: (t.state, t.values, t.params) for t in before if t.state.is_finished()}
+    assert orphans and len(kept) >= 2
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert "re-queued" in rerun.stderr
+    assert json.loads(rerun.stdout)  # the front
+
+    after = optuna.load_study(study_name="resume", storage=storage).trials
+    assert {t.number: (t.state, t.values, t.params) for t in after if t.number in kept} == kept
+    for number, params in orphans.items():
+        assert after[number].state == TrialState.FAIL
+        assert after[number].user_attrs["reason"] == "orphaned"
+        retries = [t for t in after if t.user_attrs.get("retry_of") == number]
+        assert len(retries) == 1 and params.items() <= retries[0].params.items()
+        assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
+    complete = [json.dumps(t.params, sort_keys=True) for t in after if t.state == TrialState.COMPLETE]
+    assert len(complete) == len(set(complete))
+    assert sum(counts_toward_budget(t) for t in after) == TRIALS
+    assert not [t for t in after if t.state in (TrialState.RUNNING, TrialState.WAITING)]
