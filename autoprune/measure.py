@@ -44,50 +44,71 @@ class SizeReport:
         return {**asdict(self), "sparsity": round(self.sparsity, 6)}
 
 
+class SizeMeter:
+    """Measures one model's size again and again (a search measures every trial).
+
+    Pruning only ever changes decoder linear weights, so every other parameter (embeddings, norms,
+    lm_head) is counted the first time it is seen and remembered by identity; a trial then pays for
+    counting its linear weights only. Removed blocks simply drop out of ``model.parameters()``.
+    """
+
+    def __init__(self, adapter: ArchitectureAdapter, dense_linear_params: int | None = None) -> None:
+        self.adapter = adapter
+        self.dense_linear_params = dense_linear_params
+        self._other_nonzeros: dict[int, int] = {}
+
+    def __call__(self, model: nn.Module) -> SizeReport:
+        """Parameters and non-zeros of ``model``, its bytes stored dense (fp16) and sparse.
+
+        Sparse storage is, per decoder linear layer, the smallest of dense fp16, a bitmask plus
+        fp16 values, and (where every group of 4 holds at most 2 non-zeros) the 2:4-compressed
+        layout of fp16 values plus 2-bit indices. Everything else is stored dense.
+        """
+        linear_ids = {
+            id(model.get_submodule(name).weight) for name in self.adapter.all_layer_names(model)
+        }
+        seen: set[int] = set()
+        total = nonzero = linear = linear_nonzero = sparse_bytes = 0
+        for parameter in model.parameters():
+            if id(parameter) in seen:
+                continue
+            seen.add(id(parameter))
+            count = parameter.numel()
+            total += count
+            if id(parameter) in linear_ids:
+                nonzeros = int(torch.count_nonzero(parameter))
+                linear += count
+                linear_nonzero += nonzeros
+                sparse_bytes += sparse_storage_bytes(parameter.data, nonzeros)
+            else:
+                if id(parameter) not in self._other_nonzeros:
+                    self._other_nonzeros[id(parameter)] = int(torch.count_nonzero(parameter))
+                nonzeros = self._other_nonzeros[id(parameter)]
+                sparse_bytes += BYTES_FP16 * count
+            nonzero += nonzeros
+        return SizeReport(
+            total_params=total,
+            nonzero_params=nonzero,
+            linear_params=linear,
+            linear_nonzeros=linear_nonzero,
+            dense_linear_params=self.dense_linear_params or linear,
+            bytes_dense_fp16=BYTES_FP16 * total,
+            bytes_sparse=sparse_bytes,
+        )
+
+
 def measure_size(
     model: nn.Module, adapter: ArchitectureAdapter, dense_linear_params: int | None = None
 ) -> SizeReport:
-    """Count parameters and non-zeros of ``model`` and its bytes stored dense (fp16) and sparse.
-
-    Sparse storage is, per decoder linear layer, the smallest of dense fp16, a bitmask plus fp16
-    values, and (where every group of 4 holds at most 2 non-zeros) the 2:4-compressed layout of
-    fp16 values plus 2-bit indices. Everything else is stored dense.
-    """
-    linear_ids = {
-        id(model.get_submodule(name).weight) for name in adapter.all_layer_names(model)
-    }
-    seen: set[int] = set()
-    total = nonzero = linear = linear_nonzero = sparse_bytes = 0
-    for parameter in model.parameters():
-        if id(parameter) in seen:
-            continue
-        seen.add(id(parameter))
-        count = parameter.numel()
-        nonzeros = int(torch.count_nonzero(parameter))
-        total += count
-        nonzero += nonzeros
-        if id(parameter) in linear_ids:
-            linear += count
-            linear_nonzero += nonzeros
-            sparse_bytes += sparse_storage_bytes(parameter.data)
-        else:
-            sparse_bytes += BYTES_FP16 * count
-    return SizeReport(
-        total_params=total,
-        nonzero_params=nonzero,
-        linear_params=linear,
-        linear_nonzeros=linear_nonzero,
-        dense_linear_params=dense_linear_params or linear,
-        bytes_dense_fp16=BYTES_FP16 * total,
-        bytes_sparse=sparse_bytes,
-    )
+    """Size of ``model`` measured once (see :class:`SizeMeter`)."""
+    return SizeMeter(adapter, dense_linear_params)(model)
 
 
-def sparse_storage_bytes(weight: torch.Tensor) -> int:
+def sparse_storage_bytes(weight: torch.Tensor, nonzeros: int) -> int:
+    """Bytes of ``weight`` (holding ``nonzeros`` non-zeros) in its most compact stored format."""
     count = weight.numel()
-    nonzeros = int(torch.count_nonzero(weight))
     options = [BYTES_FP16 * count, math.ceil(count / 8) + BYTES_FP16 * nonzeros]
-    if weight.shape[-1] % 4 == 0:
+    if weight.shape[-1] % 4 == 0 and 2 * nonzeros <= count:
         per_group = (weight.reshape(-1, 4) != 0).sum(dim=1)
         if bool((per_group <= 2).all()):
             options.append(BYTES_FP16 * count // 2 + math.ceil(count / 2 * 2 / 8))

@@ -24,6 +24,8 @@ from autoprune.plan import MethodName, Plan
 #: The parameter every space with a size target calls it by: the fraction of the dense model's
 #: decoder linear weights removed (removed blocks count).
 TARGET = "target"
+#: Spacing of searched targets (a fraction of the dense decoder linear weights).
+TARGET_GRID = 0.01
 
 #: OWL's outlier thresholds ``M`` that spaces may choose from; their ratios are computed once.
 OWL_THRESHOLDS: tuple[float, ...] = (3.0, 5.0, 7.0, 10.0)
@@ -106,8 +108,11 @@ class SpaceContext:
         return sorted(order[:count])
 
     def target_distribution(self) -> FloatDistribution:
+        """Targets on a grid of about one percent that lands on both ends of the range: candidates
+        of one target share its exact budget, so most comparisons are at equal size."""
         low, high = self.sparsity_range
-        return FloatDistribution(low, high)
+        steps = max(1, round((high - low) / TARGET_GRID))
+        return FloatDistribution(low, high, step=round((high - low) / steps, 12))
 
 
 class SearchSpace(ABC):
@@ -133,6 +138,11 @@ class SearchSpace(ABC):
     @abstractmethod
     def baselines(self, ctx: SpaceContext, targets: Sequence[float]) -> dict[str, Params]:
         """Labelled parameters of the standard allocations this space can express."""
+
+    def seeds(self, ctx: SpaceContext, targets: Sequence[float]) -> dict[str, Params]:
+        """Labelled prior guesses that start the search beside the baselines, so a sampler refines
+        structured allocations instead of waiting to stumble on them. None by default."""
+        return {}
 
     _registry: ClassVar[dict[str, type[SearchSpace]]] = {}
 

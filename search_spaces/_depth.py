@@ -59,3 +59,6 @@ class DepthLayerwiseSpace(LayerwiseSpace):
 
     def baselines(self, ctx: SpaceContext, targets: Sequence[float]) -> dict[str, Params]:
         return {label: {**p, N_REMOVED: 0} for label, p in super().baselines(ctx, targets).items()}
+
+    def seeds(self, ctx: SpaceContext, targets: Sequence[float]) -> dict[str, Params]:
+        return {label: {**p, N_REMOVED: 0} for label, p in super().seeds(ctx, targets).items()}

@@ -26,6 +26,8 @@ from search_spaces._budget import project_to_budget
 
 ATTENTION_OFFSET = "attn_offset"
 MAX_OFFSET = 0.2
+#: Depth slopes of the seeded allocations (sparsity rising from first to last block by this much).
+SEED_SLOPES = (0.2, 0.4)
 
 
 def block_param(block: int) -> str:
@@ -74,4 +76,23 @@ class LayerwiseSpace(SearchSpace):
                 for block, s in enumerate(owl)
             }
             result[f"owl@{t:.2f}"] = {TARGET: t, ATTENTION_OFFSET: 0.0, **offsets}
+        return result
+
+    def seeds(self, ctx: SpaceContext, targets: Sequence[float]) -> dict[str, Params]:
+        """Depth ramps (later blocks sparser, at each of :data:`SEED_SLOPES`) that spare blocks in
+        proportion to their influence (how much a block changes its input): the two regularities
+        of small LLMs' pruning sensitivity, as starting points for the per-block search."""
+        last = max(ctx.num_blocks - 1, 1)
+        peak = max(ctx.block_influence) or 1.0
+        result = {}
+        for t in targets:
+            for slope in SEED_SLOPES:
+                offsets = {
+                    block_param(block): min(
+                        max(slope * (block / last - 0.5) - MAX_OFFSET * influence / peak, -MAX_OFFSET),
+                        MAX_OFFSET,
+                    )
+                    for block, influence in enumerate(ctx.block_influence)
+                }
+                result[f"ramp{slope:g}@{t:.2f}"] = {TARGET: t, ATTENTION_OFFSET: 0.0, **offsets}
         return result

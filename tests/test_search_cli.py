@@ -33,7 +33,7 @@ def searched(tiny_llama_dir, data_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("cli")
     config = {
         "model": str(tiny_llama_dir), "data": str(data_dir), "storage": f"sqlite:///{folder / 's.db'}",
-        "study": STUDY, "trials": 10, "population": 4, "space": "depth_layerwise",
+        "study": STUDY, "trials": 10, "seeded": False, "population": 4, "space": "depth_layerwise",
         "method": "sparsegpt", "sparsity_range": [0.3, 0.7], "eval_windows": 3, "min_windows": 1,
         "seq_len": 32, "calib_samples": 8, "cache_dir": str(folder / "cache"),
     }

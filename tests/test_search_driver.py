@@ -34,7 +34,7 @@ RECORD_KEYS = {
 def tiny_config(model_dir, data_dir, folder, **overrides) -> SearchConfig:
     settings = dict(
         model=str(model_dir), data=str(data_dir), storage=f"sqlite:///{folder / 'study.db'}",
-        study="tiny", trials=10, population=4, space="layerwise", method="wanda",
+        study="tiny", trials=10, population=4, seeded=False, space="layerwise", method="wanda",
         sparsity_range=(0.3, 0.7), eval_windows=3, min_windows=1, seq_len=32, calib_samples=8,
         cache_dir=str(folder / "cache"),
     )
@@ -223,3 +223,16 @@ def test_the_time_budget_stops_asking_and_leaves_nothing_running(
 def test_front_size_counts_non_dominated_points():
     assert front_size([]) == 0
     assert front_size([(10, 5.0), (20, 4.0), (15, 6.0), (30, 4.0)]) == 2
+
+
+def test_seeds_follow_the_baselines_and_breed(tiny_llama_dir, data_dir, tmp_path):
+    config = tiny_config(tiny_llama_dir, data_dir, tmp_path, seeded=True, trials=13)
+    run_search(config, progress=False)
+    study = optuna.load_study(study_name=config.study, storage=config.storage)
+    seeds = [t.user_attrs.get("seed") for t in study.trials[6:12]]
+    assert seeds == [f"ramp{slope}@{t:.2f}" for t in (0.3, 0.5, 0.7) for slope in ("0.2", "0.4")]
+    sampled = study.trials[12]
+    assert not sampled.user_attrs.keys() & {"seed", "baseline"}
+    # later blocks get more sparsity than earlier ones in every seed, before projection
+    for trial in study.trials[6:12]:
+        assert trial.params["block_3"] > trial.params["block_1"]

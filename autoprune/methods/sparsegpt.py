@@ -114,15 +114,19 @@ class SparseGPT(PruningMethod):
 
     def prune(self, jobs: list[LayerJob]) -> dict[str, torch.Tensor]:
         result = {job.name: job.weight for job in jobs if job.spec.is_dense}
-        batches: dict[tuple[int, str | None], dict[str, list[LayerJob]]] = defaultdict(
-            lambda: defaultdict(list)
-        )
+        groups: dict[tuple[str, str | None], list[LayerJob]] = defaultdict(list)
         for job in jobs:
             if not job.spec.is_dense:
                 pattern = str(job.spec.nm) if job.spec.nm is not None else None
-                batches[(job.weight.shape[1], pattern)][job.stats.group].append(job)
-        for (_, pattern), groups in batches.items():
-            result.update(self._prune_batch(list(groups.values()), pattern))
+                groups[(job.stats.group, pattern)].append(job)
+        # Groups of one shape (stacked rows x input width) and pattern share a column loop; the
+        # loop is memory-bound, so shapes are not padded to a common height.
+        batches: dict[tuple[int, int, str | None], list[list[LayerJob]]] = defaultdict(list)
+        for (_, pattern), group in groups.items():
+            rows = sum(job.weight.shape[0] for job in group)
+            batches[(rows, group[0].weight.shape[1], pattern)].append(group)
+        for (_, _, pattern), batch in batches.items():
+            result.update(self._prune_batch(batch, pattern))
         return result
 
     def _factor(self, stats: LinearStats) -> torch.Tensor:
@@ -131,8 +135,8 @@ class SparseGPT(PruningMethod):
         return self._factors[stats.group]
 
     def _prune_batch(self, groups: list[list[LayerJob]], pattern: str | None) -> dict[str, torch.Tensor]:
-        """Stack each group's rows (zero rows pad shorter groups: they carry no error) and prune."""
-        rows = max(sum(job.weight.shape[0] for job in group) for group in groups)
+        """Stack each group's rows (every group of the batch has as many) and prune them at once."""
+        rows = sum(job.weight.shape[0] for job in groups[0])
         first = groups[0][0].weight
         weight = first.new_zeros(len(groups), rows, first.shape[1], dtype=torch.float32)
         sparsity = torch.zeros(len(groups), rows)

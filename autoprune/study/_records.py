@@ -5,12 +5,13 @@ in user attributes, written by the driver only:
 
 - at ask time: ``plan`` (the Plan as JSON data), ``plan_summary``, ``expected_nonzeros``,
   ``stop_above`` (the multi-fidelity threshold, or null), ``driver`` (host:pid that asked it),
-  ``baseline`` (label, baselines only),
+  ``baseline`` (label, baselines only), ``seed`` (label, the space's seeded guesses only),
   ``retry_of`` (for a re-run orphan), ``proposed`` (for a proposer's candidate);
 - at tell time: ``status`` (complete / stopped_early / collapsed / failed / duplicate), ``ppl``,
   ``kl``, ``quality`` (null where not finite), ``size`` (SizeReport as a dict, with ``sparsity``),
   ``windows`` (validation windows evaluated), ``seconds`` (prune / evaluate / bookkeeping / total;
-  bookkeeping includes the driver's own ask/cast/record time), ``worker``, and ``reason`` for
+  bookkeeping includes the driver's own ask/cast/record time), ``worker``, ``retries`` (times its
+  worker died and it was started again elsewhere), and ``reason`` for
   trials told FAIL (``orphaned``, ``collapsed``, ``duplicate``, or the worker's error).
 
 States: COMPLETE trials were measured on every window; PRUNED trials were stopped early; FAIL
