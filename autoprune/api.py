@@ -6,6 +6,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from autoprune.allocation import check_sparsity, owl_plan, uniform_plan
 from autoprune.calibration import CalibrationStats, calibrate
 from autoprune.config import CalibrationConfig, EvaluationConfig
@@ -15,7 +17,7 @@ from autoprune.export import check_output_dir, read_metadata, save_checkpoint
 from autoprune.measure import SizeReport, measure_size, perplexity
 from autoprune.models import LoadedModel, load_model
 from autoprune.plan import MethodName, NMPattern, Plan, Recipe
-from autoprune.pruner import Pruner
+from autoprune.pruner import Pruner, prune_sequentially
 
 
 @dataclass
@@ -32,6 +34,7 @@ class PruneReport:
         return {
             "model": self.recipe.model,
             "method": self.recipe.plan.method,
+            "sequential": self.recipe.sequential,
             "ppl": self.ppl,
             **self.size.as_dict(),
             "calibration_cached": self.calibration_cached,
@@ -48,7 +51,13 @@ def prepare(
 ) -> tuple[LoadedModel, CalibrationStats, bool]:
     """Load ``model`` and its calibration statistics (from the cache when available)."""
     loaded = load_model(model)
-    windows = calibration_windows(
+    windows = _calibration_windows(loaded, calibration)
+    result = calibrate(loaded, windows, cache_dir=cache_dir, progress=progress)
+    return loaded, result.stats, result.from_cache
+
+
+def _calibration_windows(loaded: LoadedModel, calibration: CalibrationConfig) -> torch.Tensor:
+    return calibration_windows(
         calibration.source,
         loaded.tokenizer,
         calibration.n_samples,
@@ -56,8 +65,6 @@ def prepare(
         calibration.seed,
         model=loaded.model if calibration.source == SELF else None,
     )
-    result = calibrate(loaded, windows, cache_dir=cache_dir, progress=progress)
-    return loaded, result.stats, result.from_cache
 
 
 @dataclass(frozen=True)
@@ -88,9 +95,12 @@ def prune(
     evaluation: EvaluationConfig | None = None,
     cache_dir: Path | None = None,
     progress: bool = True,
+    sequential: bool = False,
 ) -> PruneReport:
     """Calibrate ``model`` (cached), prune it to ``plan``, measure, and save to ``out`` if given.
 
+    ``sequential`` prunes block after block from the statistics of the already-pruned model
+    (:func:`autoprune.pruner.prune_sequentially`): better, slower, and not what a study measured.
     Everything checkable without the model (output folder, data path) is checked first, so a
     mistake costs no model load.
     """
@@ -104,11 +114,15 @@ def prune(
     timings["load_and_calibrate"] = time.perf_counter() - start
     if isinstance(plan, PlanRequest):
         plan = plan.build(loaded, stats)
-    recipe = Recipe(model=model, calibration=calibration, plan=plan)
+    recipe = Recipe(model=model, calibration=calibration, plan=plan, sequential=sequential)
     pruner = Pruner(loaded, stats)
     dense_linear = sum(rows * cols for rows, cols in pruner.layer_shapes().values())
     start = time.perf_counter()
-    model = pruner.materialize(recipe.plan)
+    if sequential:
+        windows = _calibration_windows(loaded, calibration)
+        model = prune_sequentially(loaded, windows, recipe.plan, progress=progress)
+    else:
+        model = pruner.materialize(recipe.plan)
     timings["prune"] = time.perf_counter() - start
     size = measure_size(model, loaded.adapter, dense_linear)
     ppl = None

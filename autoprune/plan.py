@@ -133,6 +133,9 @@ class Recipe(BaseModel):
     model: str
     calibration: CalibrationConfig
     plan: Plan
+    #: Pruned block after block from the already-pruned model's statistics (``prune --sequential``),
+    #: rather than from the dense model's cached ones as search trials are.
+    sequential: bool = False
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))

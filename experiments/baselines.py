@@ -1,12 +1,20 @@
 """Baselines on SmolLM2-135M and WikiText-2, side by side with llm-compressor.
 
-Dense, magnitude, Wanda and SparseGPT at 50/60/70% and 2:4, and OWL+Wanda at 70%, through
-autoprune; then the same calibration windows and the same evaluation windows go through
-llm-compressor's WandaPruningModifier and SparseGPTModifier (run by ``peer_llmcompressor.py`` in its
-own virtual environment, ``.venv-peer``, because its version pins differ). Writes
-``results/baselines.json`` and ``results/baselines.md``.
+Dense, magnitude, Wanda and SparseGPT at 50/60/70% and 2:4, OWL+Wanda at 70%, and SparseGPT
+``--sequential`` at 50/60/70% through autoprune; then the same dense weights (saved once as a plain safetensors checkpoint), the same
+calibration windows and the same evaluation windows go through llm-compressor's
+WandaPruningModifier and SparseGPTModifier (run by ``peer_llmcompressor.py`` in its own virtual
+environment, ``.venv-peer`` from ``make peer-venv``, because its version pins differ). The peer
+echoes content hashes of the windows it used and the dense perplexity it measured; the run stops if
+either differs from autoprune's. Writes ``results/baselines.json`` and ``results/baselines.md``.
 
     python experiments/baselines.py [--calib-samples 128] [--eval-windows 16] [--no-peer]
+        [--peer-only] [--peer-threads N] [--peer-dir DIR [--peer-skip-missing]]
+
+``--peer-only`` keeps the autoprune rows of the existing ``results/baselines.json`` (after checking
+they were measured on the same calibration and evaluation settings) and runs only llm-compressor.
+``--peer-dir`` keeps each peer run's JSON there and reuses one already present for the same windows,
+so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -22,15 +30,23 @@ from pathlib import Path
 import torch
 
 from autoprune import CalibrationConfig, PlanRequest, Pruner, prepare
-from autoprune.data import evaluation_windows
+from autoprune.data import calibration_windows, evaluation_windows, windows_fingerprint
 from autoprune.export import save_checkpoint
 from autoprune.measure import measure_size, perplexity
+from autoprune.models import load_model
 from autoprune.plan import NMPattern
+from autoprune.pruner import prune_sequentially
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PEER_PYTHON = HERE.parent / ".venv-peer" / "bin" / "python"
 SETTINGS = [("50%", 0.5, None), ("60%", 0.6, None), ("70%", 0.7, None), ("2:4", 0.0, "2:4")]
+PEER_METHODS = ("wanda", "sparsegpt")
+#: ``autoprune prune --sequential`` rows (llm-compressor's pipeline): SparseGPT, where it matters.
+SEQUENTIAL_SETTINGS = [("50%", 0.5), ("60%", 0.6), ("70%", 0.7)]
+SEQUENTIAL_TOOL = "autoprune --sequential"
+#: The peer's dense perplexity must reproduce autoprune's this closely (same weights, same windows).
+DENSE_TOLERANCE = 1e-3
 
 
 def main() -> None:
@@ -40,39 +56,100 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=16)
-    parser.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
+    peer_mode = parser.add_mutually_exclusive_group()
+    peer_mode.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
+    peer_mode.add_argument(
+        "--peer-only", action="store_true",
+        help="run llm-compressor only; keep the autoprune rows of results/baselines.json",
+    )
+    parser.add_argument("--peer-threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--peer-dir", type=Path, default=None, help="keep/reuse peer run JSONs")
+    parser.add_argument(
+        "--peer-skip-missing", action="store_true",
+        help="with --peer-dir: only use the peer runs already there, run no new one",
+    )
     args = parser.parse_args()
 
     calibration = CalibrationConfig(
         source=args.data, n_samples=args.calib_samples, seq_len=args.seq_len
     )
-    start = time.perf_counter()
-    loaded, stats, cached = prepare(args.model, calibration)
-    calibration_seconds = time.perf_counter() - start
-    windows = evaluation_windows(args.data, loaded.tokenizer, args.seq_len, args.eval_windows)
-    pruner = Pruner(loaded, stats)
-    dense_linear = sum(r * c for r, c in pruner.layer_shapes().values())
-    rows = [measure(pruner, "dense", "-", PlanRequest("magnitude", 0.0), windows, dense_linear)]
-    for method in ("magnitude", "wanda", "sparsegpt"):
-        for label, sparsity, nm in SETTINGS:
-            request = PlanRequest(method, sparsity, NMPattern.parse(nm) if nm else None)
-            rows.append(measure(pruner, method, label, request, windows, dense_linear))
-    rows.append(measure(pruner, "owl+wanda", "70%", PlanRequest("wanda", 0.7, owl=True), windows, dense_linear))
+    if args.peer_only:
+        previous = json.loads((RESULTS / "baselines.json").read_text())
+        loaded = load_model(args.model)
+        calib = calibration_windows(
+            calibration.source, loaded.tokenizer, calibration.n_samples, calibration.seq_len,
+            calibration.seed,
+        )
+        windows = evaluation_windows(args.data, loaded.tokenizer, args.seq_len, args.eval_windows)
+        check_same_setting(previous, args.model, calibration, calib, windows)
+        rows = [row for row in previous["rows"] if row["tool"].startswith("autoprune")]
+        result = {key: value for key, value in previous.items() if key not in ("rows", "peer")}
+        result["autoprune_rows_from"] = "a previous run (--peer-only), same windows"
+    else:
+        start = time.perf_counter()
+        loaded, stats, cached = prepare(args.model, calibration)
+        calibration_seconds = time.perf_counter() - start
+        calib = calibration_windows(
+            calibration.source, loaded.tokenizer, calibration.n_samples, calibration.seq_len,
+            calibration.seed,
+        )
+        windows = evaluation_windows(args.data, loaded.tokenizer, args.seq_len, args.eval_windows)
+        pruner = Pruner(loaded, stats)
+        dense_linear = sum(r * c for r, c in pruner.layer_shapes().values())
+        rows = [measure(pruner, "dense", "-", PlanRequest("magnitude", 0.0), windows, dense_linear)]
+        for method in ("magnitude", "wanda", "sparsegpt"):
+            for label, sparsity, nm in SETTINGS:
+                request = PlanRequest(method, sparsity, NMPattern.parse(nm) if nm else None)
+                rows.append(measure(pruner, method, label, request, windows, dense_linear))
+        rows.append(
+            measure(pruner, "owl+wanda", "70%", PlanRequest("wanda", 0.7, owl=True), windows, dense_linear)
+        )
+        for label, sparsity in SEQUENTIAL_SETTINGS:
+            rows.append(measure_sequential(
+                args.model, pruner, label, PlanRequest("sparsegpt", sparsity), calib, windows, dense_linear
+            ))
+        result = {
+            "model": args.model,
+            "calibration": calibration.model_dump(),
+            "calibration_seconds": round(calibration_seconds, 1),
+            "calibration_cached": cached,
+            "eval_windows": int(windows.shape[0]),
+            "seq_len": args.seq_len,
+            "torch_threads": torch.get_num_threads(),
+        }
+    result["calibration_fingerprint"] = windows_fingerprint(calib)
+    result["evaluation_fingerprint"] = windows_fingerprint(windows)
     if not args.no_peer:
-        rows += peer_rows(loaded, calibration, windows)
-    result = {
-        "model": args.model,
-        "calibration": calibration.model_dump(),
-        "calibration_seconds": round(calibration_seconds, 1),
-        "calibration_cached": cached,
-        "eval_windows": int(windows.shape[0]),
-        "seq_len": args.seq_len,
-        "rows": rows,
-    }
+        dense_ppl = next(row["ppl"] for row in rows if row["method"] == "dense")
+        peer_rows, peer_info = run_peer(
+            loaded, calib, windows, dense_ppl, args.peer_threads, args.peer_dir,
+            args.peer_skip_missing,
+        )
+        rows += peer_rows
+        result["peer"] = peer_info
+    result["rows"] = rows
+    if not args.no_peer:
+        result["comparison"] = compare(rows)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "baselines.json").write_text(json.dumps(result, indent=2))
     (RESULTS / "baselines.md").write_text(markdown(result))
     print(markdown(result))
+
+
+def check_same_setting(previous: dict, model: str, calibration, calib, windows) -> None:
+    """Refuse to merge with autoprune rows measured on other windows."""
+    problems = []
+    if previous.get("model") != model:
+        problems.append(f"model {previous.get('model')} != {model}")
+    if previous.get("calibration") != calibration.model_dump():
+        problems.append(f"calibration {previous.get('calibration')} != {calibration.model_dump()}")
+    if previous.get("eval_windows") != windows.shape[0] or previous.get("seq_len") != windows.shape[1]:
+        problems.append("evaluation windows differ in number or length")
+    for key, tensor in (("calibration_fingerprint", calib), ("evaluation_fingerprint", windows)):
+        if key in previous and previous[key] != windows_fingerprint(tensor):
+            problems.append(f"{key} differs")
+    if problems:
+        sys.exit("cannot merge with results/baselines.json: " + "; ".join(problems))
 
 
 def measure(pruner: Pruner, method: str, label: str, request: PlanRequest, windows, dense_linear) -> dict:
@@ -98,36 +175,74 @@ def measure(pruner: Pruner, method: str, label: str, request: PlanRequest, windo
     return row
 
 
-def peer_rows(loaded, calibration: CalibrationConfig, windows: torch.Tensor) -> list[dict]:
-    """Run llm-compressor on the same dense weights, calibration windows and evaluation windows."""
+def measure_sequential(
+    model: str, pruner: Pruner, label: str, request: PlanRequest, calib: torch.Tensor, windows,
+    dense_linear: int,
+) -> dict:
+    """``autoprune prune --sequential``: a fresh copy of the model pruned block after block from
+    its own pruned statistics; the prune seconds include that calibration pass."""
+    plan = request.build(pruner.loaded, pruner.stats)
+    loaded = load_model(model)
+    start = time.perf_counter()
+    pruned = prune_sequentially(loaded, calib, plan)
+    prune_seconds = time.perf_counter() - start
+    size = measure_size(pruned, loaded.adapter, dense_linear)
+    row = {
+        "tool": SEQUENTIAL_TOOL,
+        "method": request.method,
+        "setting": label,
+        "ppl": round(perplexity(pruned, windows, progress=True), 3),
+        "sparsity": round(size.sparsity, 4),
+        "linear_nonzeros": size.linear_nonzeros,
+        "nonzero_params": size.nonzero_params,
+        "prune_seconds": round(prune_seconds, 2),
+    }
+    print(row, flush=True)
+    return row
+
+
+def run_peer(
+    loaded, calib: torch.Tensor, windows: torch.Tensor, dense_ppl: float, threads: int,
+    peer_dir: Path | None, skip_missing: bool = False,
+) -> tuple[list[dict], dict]:
+    """llm-compressor on the same dense weights, calibration windows and evaluation windows."""
     if not PEER_PYTHON.exists():
         sys.exit(f"llm-compressor environment missing: {PEER_PYTHON} (run `make peer-venv`)")
-    from autoprune.data import calibration_windows
-
-    rows = []
+    fingerprints = {
+        "calibration_fingerprint": windows_fingerprint(calib),
+        "evaluation_fingerprint": windows_fingerprint(windows),
+    }
+    rows, runs, missing = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         dense_dir = Path(tmp) / "dense"
         save_checkpoint(loaded.model, loaded.tokenizer, dense_dir, {"purpose": "peer baseline"})
         windows_file = Path(tmp) / "windows.pt"
-        torch.save(
-            {
-                "calibration": calibration_windows(
-                    calibration.source, loaded.tokenizer, calibration.n_samples,
-                    calibration.seq_len, calibration.seed,
-                ),
-                "evaluation": windows,
-            },
-            windows_file,
-        )
-        for method in ("wanda", "sparsegpt"):
-            for label, sparsity, nm in SETTINGS:
-                out = Path(tmp) / f"{method}-{label.replace(':', '_').replace('%', '')}.json"
-                target = ["--nm", nm] if nm else ["--sparsity", str(sparsity)]
-                command = [str(PEER_PYTHON), str(HERE / "peer_llmcompressor.py"), "--model",
-                           str(dense_dir), "--windows", str(windows_file), "--method", method,
-                           *target, "--out", str(out), "--threads", str(torch.get_num_threads())]
-                subprocess.run(command, check=True)
-                peer = json.loads(out.read_text())
+        torch.save({"calibration": calib, "evaluation": windows}, windows_file)
+        out_dir = peer_dir or Path(tmp)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # 50% and 70% first (the settings the comparison is judged on), then 2:4 and 60%; the
+        # rows are put back in table order below.
+        order = [SETTINGS[i] for i in (0, 2, 3, 1)]
+        for label, sparsity, nm in order:
+            for method in PEER_METHODS:
+                out = out_dir / f"{method}-{label.replace(':', '_').replace('%', '')}.json"
+                peer = json.loads(out.read_text()) if peer_dir and out.is_file() else None
+                if peer is None and skip_missing:
+                    missing.append(f"{method} {label}")
+                    continue
+                if peer is None or any(peer.get(k) != v for k, v in fingerprints.items()):
+                    target = ["--nm", nm] if nm else ["--sparsity", str(sparsity)]
+                    check_dense = [] if not runs else ["--no-dense-ppl"]  # once is enough
+                    command = [str(PEER_PYTHON), str(HERE / "peer_llmcompressor.py"), "--model",
+                               str(dense_dir), "--windows", str(windows_file), "--method", method,
+                               *target, "--out", str(out), "--threads", str(threads), *check_dense]
+                    print(f"llm-compressor {method} {label} ...", flush=True)
+                    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+                    peer = json.loads(out.read_text())
+                else:
+                    print(f"llm-compressor {method} {label}: reusing {out}", flush=True)
+                check_peer(peer, fingerprints, dense_ppl, method, label)
+                runs.append(peer)
                 row = {
                     "tool": f"llm-compressor {peer['version']}",
                     "method": method,
@@ -140,15 +255,70 @@ def peer_rows(loaded, calibration: CalibrationConfig, windows: torch.Tensor) -> 
                 }
                 print(row, flush=True)
                 rows.append(row)
-    return rows
+    position = {(method, label): i for i, (method, (label, _, _)) in enumerate(
+        (m, setting) for m in PEER_METHODS for setting in SETTINGS)}
+    rows.sort(key=lambda row: position[(row["method"], row["setting"])])
+    dense_checks = [run["dense_ppl"] for run in runs if run.get("dense_ppl") is not None]
+    info = {
+        "version": runs[0]["version"],
+        "torch": runs[0]["torch"],
+        "threads": "/".join(str(t) for t in sorted({run["threads"] for run in runs})),
+        "dense_ppl": round(dense_checks[0], 3) if dense_checks else None,
+        **fingerprints,
+        "checks": {f"{run['method']} {run['setting']}": run["checks"] for run in runs},
+        "not_run": missing,
+    }
+    return rows, info
+
+
+def check_peer(peer: dict, fingerprints: dict, dense_ppl: float, method: str, label: str) -> None:
+    """Stop unless the peer saw exactly our windows and, on the dense model, our perplexity."""
+    for key, value in fingerprints.items():
+        if peer.get(key) != value:
+            sys.exit(f"llm-compressor {method} {label}: {key} {peer.get(key)} != {value}")
+    if peer.get("dense_ppl") is not None and abs(peer["dense_ppl"] / dense_ppl - 1) > DENSE_TOLERANCE:
+        sys.exit(
+            f"llm-compressor's dense perplexity {peer['dense_ppl']:.3f} != autoprune's "
+            f"{dense_ppl:.3f}: not the same model or windows"
+        )
 
 
 def markdown(result: dict) -> str:
+    cal = result["calibration"]
     lines = [
         f"SmolLM2-135M, WikiText-2 test perplexity ({result['eval_windows']} windows of "
-        f"{result['seq_len']} tokens); calibration {result['calibration']['n_samples']} x "
-        f"{result['calibration']['seq_len']} tokens of the validation split.",
+        f"{result['seq_len']} tokens, fingerprint `{result.get('evaluation_fingerprint', '?')}`); "
+        f"calibration {cal['n_samples']} x {cal['seq_len']} tokens of the validation split "
+        f"(seed {cal['seed']}, fingerprint `{result.get('calibration_fingerprint', '?')}`).",
         "",
+    ]
+    peer = result.get("peer")
+    if peer:
+        lines += [
+            f"llm-compressor {peer['version']} (torch {peer['torch']}, CPU, {peer['threads']} "
+            "thread(s)) pruned the same dense weights (saved from the model autoprune loaded, "
+            f"dense perplexity {peer['dense_ppl']} in its own run), calibrated on the identical "
+            "calibration windows and was measured on the identical evaluation windows: both "
+            "fingerprints are content hashes of the token ids, checked equal in every peer run, "
+            "and perplexity is computed the same way (exp of the mean next-token NLL). Targets: "
+            "q/k/v/o/gate/up/down_proj of all decoder blocks; `oneshot` with its sequential "
+            "pipeline and default modifier settings (SparseGPT block_size 128, dampening_frac "
+            "0.01).",
+            "",
+            "Prune seconds: autoprune's one-shot rows exclude its calibration, which runs once "
+            "per model and data and is cached"
+            + (f" ({result['calibration_seconds']} s when computed)" if not result.get("calibration_cached") else "")
+            + "; `autoprune --sequential` rows (pruned block after block from the pruned "
+            "model's own statistics, llm-compressor's pipeline) and llm-compressor's include the "
+            "calibration pass they make in every run. The peer counts only decoder linear "
+            "non-zeros.",
+            "",
+        ]
+        if peer.get("not_run"):
+            lines += [f"llm-compressor not run yet: {', '.join(peer['not_run'])}.", ""]
+        if result.get("autoprune_rows_from"):
+            lines += [f"autoprune rows: {result['autoprune_rows_from']}.", ""]
+    lines += [
         "| tool | method | setting | ppl | sparsity | linear non-zeros | all non-zeros | prune s |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
@@ -159,8 +329,38 @@ def markdown(result: dict) -> str:
             f"{'-' if row['nonzero_params'] is None else format(row['nonzero_params'], ',')} | "
             f"{row['prune_seconds']} |"
         )
+    comparison = compare(result["rows"])
+    if comparison:
+        lines += ["", "autoprune vs llm-compressor, same windows (ratio of perplexities):", ""]
+        lines += [
+            "| method | setting | autoprune | autoprune --sequential | llm-compressor | ratio | "
+            "best ratio |",
+            "|---|---|---:|---:|---:|---:|---:|",
+        ]
+        for item in comparison:
+            sequential = item["autoprune_sequential"]
+            lines.append(
+                f"| {item['method']} | {item['setting']} | {item['autoprune']:.2f} | "
+                f"{'-' if sequential is None else f'{sequential:.2f}'} | {item['peer']:.2f} | "
+                f"{item['ratio']:.3f} | {item['best_ratio']:.3f} |"
+            )
     return "\n".join(lines) + "\n"
 
+
+def compare(rows: list[dict]) -> list[dict]:
+    """Each llm-compressor row against autoprune's one-shot row and, where measured, its
+    ``--sequential`` row (the same pipeline as the peer's) at the same method and setting."""
+    ours = {(r["tool"], r["method"], r["setting"]): r["ppl"] for r in rows if r["tool"].startswith("autoprune")}
+    out = []
+    for row in rows:
+        key = (row["method"], row["setting"])
+        if row["tool"].startswith("llm-compressor") and ("autoprune", *key) in ours:
+            one_shot, sequential = ours[("autoprune", *key)], ours.get((SEQUENTIAL_TOOL, *key))
+            best = min(one_shot, sequential or one_shot)
+            out.append({"method": key[0], "setting": key[1], "autoprune": one_shot,
+                        "autoprune_sequential": sequential, "peer": row["ppl"],
+                        "ratio": one_shot / row["ppl"], "best_ratio": best / row["ppl"]})
+    return out
 
 if __name__ == "__main__":
     main()

@@ -1,12 +1,20 @@
 """Calibration statistics, collected once per model and data and cached on disk."""
 
-from autoprune.calibration._collect import CalibrationResult, calibrate, default_cache_dir
+from autoprune.calibration._collect import (
+    BlockEdit,
+    CalibrationResult,
+    block_passes,
+    calibrate,
+    default_cache_dir,
+)
 from autoprune.calibration._stats import CalibrationStats, LinearStats
 
 __all__ = [
+    "BlockEdit",
     "CalibrationResult",
     "CalibrationStats",
     "LinearStats",
+    "block_passes",
     "calibrate",
     "default_cache_dir",
 ]

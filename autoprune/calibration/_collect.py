@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,10 +62,21 @@ def calibrate(
     try:
         _collect(loaded, windows, staging, key, torch.device(device), batch_size, progress)
         staging.rename(folder)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / "meta.json").is_file():
+            raise
+        # Another process (a second Ray worker, say) cached the same statistics first: use theirs.
+        return CalibrationResult(CalibrationStats(folder), from_cache=True)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return CalibrationResult(CalibrationStats(folder), from_cache=False)
+
+
+#: Called with a block's index, the block (on the compute device) and the statistics of its inputs,
+#: before its outputs are computed: it may change the block's weights (sequential pruning).
+BlockEdit = Callable[[int, nn.Module, dict[str, LinearStats]], None]
 
 
 @torch.no_grad()
@@ -77,12 +89,56 @@ def _collect(
     batch_size: int,
     progress: bool,
 ) -> None:
+    adapter = loaded.adapter
+    group_of, block_of_group, influence = {}, {}, []
+    for index, groups, block_influence in block_passes(loaded, windows, device, batch_size, progress):
+        influence.append(block_influence)
+        for group in adapter.input_groups:
+            leader = adapter.layer_name(index, group[0])
+            block_of_group[leader] = index
+            for member in group:
+                group_of[adapter.layer_name(index, member)] = leader
+        write_block(folder, index, groups)
+    meta = {
+        "key": key,
+        "format_version": STATS_FORMAT_VERSION,
+        "model": loaded.spec,
+        "n_samples": int(windows.shape[0]),
+        "seq_len": int(windows.shape[1]),
+        "n_tokens": windows.numel(),
+        "block_influence": influence,
+        "group_of": group_of,
+        "block_of_group": block_of_group,
+    }
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+@torch.no_grad()
+def block_passes(
+    loaded: LoadedModel,
+    windows: torch.Tensor,
+    device: torch.device,
+    batch_size: int,
+    progress: bool,
+    edit: BlockEdit | None = None,
+    skip: frozenset[int] = frozenset(),
+) -> Iterator[tuple[int, dict[str, LinearStats], float]]:
+    """Run ``windows`` through the decoder one block at a time, yielding per block its index, the
+    statistics of each input group (keyed by the group's first layer) and its influence
+    ``1 - cos(input, output)``.
+
+    With ``edit``, each block is handed over after its statistics are taken and its outputs are
+    computed by the edited block, so later blocks see the edited model (SparseGPT's and
+    llm-compressor's sequential pipeline); that costs a second pass per block. Blocks in ``skip``
+    are not run at all: the residual stream passes them unchanged, as when they are removed.
+    """
     model, adapter = loaded.model, loaded.adapter
     blocks = adapter.blocks(model)
     hidden, block_kwargs = _block0_inputs(model, blocks, windows, device, batch_size)
-    group_of, block_of_group, influence = {}, {}, []
     n_tokens = windows.numel()
     for index in tqdm(range(len(blocks)), desc="calibrating blocks", disable=not progress):
+        if index in skip:
+            continue
         block = blocks[index].to(device)
         accumulators = {
             adapter.layer_name(index, group[0]): _InputAccumulator(
@@ -96,37 +152,29 @@ def _collect(
             )
             for group in adapter.input_groups
         ]
-        cosine_sum = 0.0
-        for batch, kwargs in enumerate(block_kwargs):
-            inputs = hidden[batch]
-            output = block(inputs, **kwargs)
-            output = output[0] if isinstance(output, tuple) else output
-            cosine_sum += torch.cosine_similarity(inputs, output, dim=-1).float().sum().item()
-            hidden[batch] = output
+        outputs = _run_block(block, hidden, block_kwargs)
         for hook in hooks:
             hook.remove()
+        groups = {leader: accumulator.result(leader) for leader, accumulator in accumulators.items()}
+        if edit is not None:
+            edit(index, block, groups)
+            outputs = _run_block(block, hidden, block_kwargs)
         blocks[index].to("cpu")
-        influence.append(1.0 - cosine_sum / n_tokens)
-        groups = {}
-        for group in adapter.input_groups:
-            leader = adapter.layer_name(index, group[0])
-            groups[leader] = accumulators[leader].result(leader)
-            block_of_group[leader] = index
-            for member in group:
-                group_of[adapter.layer_name(index, member)] = leader
-        write_block(folder, index, groups)
-    meta = {
-        "key": key,
-        "format_version": STATS_FORMAT_VERSION,
-        "model": loaded.spec,
-        "n_samples": int(windows.shape[0]),
-        "seq_len": int(windows.shape[1]),
-        "n_tokens": n_tokens,
-        "block_influence": influence,
-        "group_of": group_of,
-        "block_of_group": block_of_group,
-    }
-    (folder / "meta.json").write_text(json.dumps(meta))
+        cosine_sum = sum(
+            torch.cosine_similarity(inputs, output, dim=-1).float().sum().item()
+            for inputs, output in zip(hidden, outputs)
+        )
+        hidden = outputs
+        yield index, groups, 1.0 - cosine_sum / n_tokens
+
+
+def _run_block(block: nn.Module, hidden: list[torch.Tensor], block_kwargs: list[dict]) -> list[torch.Tensor]:
+    """The block's output for every batch of inputs."""
+    outputs = []
+    for inputs, kwargs in zip(hidden, block_kwargs):
+        output = block(inputs, **kwargs)
+        outputs.append(output[0] if isinstance(output, tuple) else output)
+    return outputs
 
 
 class _InputAccumulator:

@@ -23,6 +23,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--nm", default=None, help="N:M pattern such as 2:4 (instead of --sparsity)")
     parser.add_argument("--owl", action="store_true", help="OWL layer-wise allocation at --sparsity")
     parser.add_argument("--recipe", type=Path, help="a recipe written by `autoprune export`")
+    parser.add_argument(
+        "--sequential", action="store_true",
+        help="prune block after block from the pruned model's own statistics (as SparseGPT's paper "
+        "and llm-compressor do): lower perplexity, a calibration pass per run",
+    )
     add_data_flags(parser)
     parser.add_argument("--out", type=Path, help="output folder (must not exist or be empty)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="calibration cache folder")
@@ -54,12 +59,12 @@ def run(args: argparse.Namespace) -> int:
     if args.recipe is not None:
         recipe = Recipe.load(args.recipe)
         report = prune(recipe.model, recipe.calibration, recipe.plan, args.out, evaluation,
-                       args.cache_dir)
+                       args.cache_dir, sequential=recipe.sequential or args.sequential)
     else:
         if args.model is None:
             raise AutopruneError("prune needs --model (or --recipe)")
         report = prune(args.model, calibration_config(args), plan_request(args), args.out,
-                       evaluation, args.cache_dir)
+                       evaluation, args.cache_dir, sequential=args.sequential)
     result = report.as_dict()
     print(render([_row(result)], "table") if args.format == "table" else json.dumps(result, indent=2))
     return 0

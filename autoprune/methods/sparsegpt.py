@@ -93,13 +93,15 @@ def _select_unstructured(
 ) -> None:
     """Mark, per row, the lowest-saliency weights of columns ``[start, end)`` for pruning
     (``w`` and ``pruned`` are ``[B, cols, rows]``)."""
-    saliency = w[:, start:end] ** 2 / diag[:, start:end, None] ** 2
+    # Sorted along the last dimension (rows x block columns, contiguous): several times faster
+    # than sorting the column-major layout along its strided dimension.
+    saliency = (w[:, start:end] ** 2 / diag[:, start:end, None] ** 2).transpose(1, 2).contiguous()
     count = prune_count(row_sparsity, end) - prune_count(row_sparsity, start)
-    order = torch.argsort(saliency, dim=1, stable=True)
+    order = torch.argsort(saliency, dim=2, stable=True)
     ranks = torch.empty_like(order)
-    positions = torch.arange(end - start, device=w.device).view(1, -1, 1).expand_as(order)
-    ranks.scatter_(1, order, positions.contiguous())
-    pruned[:, start:end] = ranks < count.unsqueeze(1)
+    positions = torch.arange(end - start, device=w.device).expand_as(order)
+    ranks.scatter_(2, order, positions.contiguous())
+    pruned[:, start:end] = (ranks < count.unsqueeze(2)).transpose(1, 2)
 
 
 class SparseGPT(PruningMethod):
