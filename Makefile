@@ -22,6 +22,21 @@ $(STAMP): pyproject.toml
 search: venv
 	$(BIN)/autoprune search --config configs/smollm2-default.yaml
 
+## llm-compressor, the peer that experiments/baselines.py compares with, in its own environment
+## (its transformers pin differs from autoprune's); torch first, the same CPU wheel, so the
+## resolver keeps it rather than pulling a CUDA build.
+PEER_VENV ?= .venv-peer
+PEER_STAMP := $(PEER_VENV)/.installed
+
+peer-venv: $(PEER_STAMP)
+
+$(PEER_STAMP):
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/pip install -q --upgrade pip
+	$(PEER_VENV)/bin/pip install -q torch==2.13.0
+	$(PEER_VENV)/bin/pip install -q llmcompressor==0.14.0.1
+	touch $(PEER_STAMP)
+
 ## The test suite (tiny random-weight models; PostgreSQL and Ray tests start their own servers).
 test: venv
 	$(BIN)/python -m pytest -q
