@@ -15,7 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 
 from autoprune.errors import AutopruneError
 from autoprune.study import (
@@ -73,13 +73,26 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _postgres_bin(name: str) -> str:
+    """A PostgreSQL server program: on the PATH, else in Debian's versioned folder (newest)."""
+    versioned = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
+    found = shutil.which(name) or (str(versioned[-1]) if versioned else None)
+    if found is None:
+        pytest.fail(f"no PostgreSQL {name}: install the server, or export the DSN `bash .ci/postgres.sh` "
+                    "prints as AUTOPRUNE_TEST_POSTGRES")
+    return found
+
+
 @pytest.fixture(scope="module")
 def postgres_url():
-    """A URL without password of a PostgreSQL database that wants ``PASSWORD`` (or CI's DSN)."""
+    """A URL without password of a PostgreSQL database that wants ``PASSWORD``: CI's (the DSN in
+    ``AUTOPRUNE_TEST_POSTGRES``), else a throw-away server started here. Never a skip: these tests
+    are the only proof the storage works on a real server."""
     given = os.environ.get("AUTOPRUNE_TEST_POSTGRES")
     if given:
-        url = make_url(given)
-        yield url.set(password=None).render_as_string(), url.password
+        url = make_url(given)  # URL.set(password=None) keeps the password: build one without
+        bare = URL.create(url.drivername, url.username, None, url.host, url.port, url.database, url.query)
+        yield bare.render_as_string(), url.password
         return
     folder = Path(tempfile.mkdtemp(prefix="autoprune-pg-"))
     as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
@@ -88,18 +101,19 @@ def postgres_url():
     (folder / "pw").write_text(PASSWORD)
     port = _free_port()
     subprocess.run(
-        [*as_user, "initdb", "-D", str(folder / "data"), "-U", "autoprune", "--auth=scram-sha-256",
+        [*as_user, _postgres_bin("initdb"), "-D", str(folder / "data"), "-U", "autoprune", "--auth=scram-sha-256",
          f"--pwfile={folder / 'pw'}", "--no-sync"], check=True, capture_output=True,
     )
     options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+    pg_ctl = _postgres_bin("pg_ctl")
     subprocess.run(
-        [*as_user, "pg_ctl", "-D", str(folder / "data"), "-o", options, "-l", str(folder / "log"), "-w", "start"],
+        [*as_user, pg_ctl, "-D", str(folder / "data"), "-o", options, "-l", str(folder / "log"), "-w", "start"],
         check=True, capture_output=True,
     )
     try:
         yield f"postgresql://autoprune@127.0.0.1:{port}/postgres", PASSWORD
     finally:
-        subprocess.run([*as_user, "pg_ctl", "-D", str(folder / "data"), "-m", "immediate", "stop"],
+        subprocess.run([*as_user, pg_ctl, "-D", str(folder / "data"), "-m", "immediate", "stop"],
                        capture_output=True)
         shutil.rmtree(folder, ignore_errors=True)
 

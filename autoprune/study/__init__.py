@@ -15,6 +15,7 @@ from autoprune.study._records import (
 from autoprune.study._storage import (
     DEFAULT_STORAGE,
     PASSWORD_ENV,
+    PASSWORD_FILE_ENV,
     load_existing_study,
     mask_url,
     open_storage,
@@ -32,6 +33,7 @@ __all__ = [
     "DEFAULT_STORAGE",
     "EXECUTORS",
     "PASSWORD_ENV",
+    "PASSWORD_FILE_ENV",
     "SAMPLERS",
     "Executor",
     "InProcessExecutor",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from optuna.samplers import (
@@ -77,9 +77,23 @@ class SearchConfig(BaseModel):
     baseline_targets: list[Fraction] | None = Field(
         None, description="targets of the baselines enqueued first (default: LO, mid, HI)"
     )
+    seeded: bool = Field(
+        True, description="after the baselines, enqueue the space's prior guesses (true/false)"
+    )
     method: MethodName = Field("wanda", description="pruning method")
     objective: Objective = Field("ppl", description="quality objective: ppl or kl")
-    executor: str = Field("in-process", description="where trials run")
+    executor: str = Field("in-process", description="where trials run: in-process or ray")
+    ray_address: str | None = Field(
+        None, description="with --executor ray: auto or HOST:PORT of a Ray cluster (unset: a local Ray)"
+    )
+    workers: Annotated[int, Field(ge=1)] = Field(2, description="with --executor ray: Ray actors, a trial each")
+    cpus_per_worker: Annotated[float, Field(gt=0)] = Field(1.0, description="CPUs each Ray worker reserves")
+    gpus_per_worker: Annotated[float, Field(ge=0)] = Field(
+        0.0, description="GPUs each Ray worker reserves (fractions share one; needs --device cuda)"
+    )
+    max_retries: Annotated[int, Field(ge=0)] = Field(
+        2, description="times a trial whose Ray worker died or ran out of memory starts again"
+    )
     eval_windows: Annotated[int, Field(ge=1)] = Field(8, description="validation windows per trial")
     min_windows: Annotated[int, Field(ge=1)] = Field(2, description="windows before a trial may stop early")
     early_stop_margin: Annotated[float, Field(ge=1.0)] | None = Field(
@@ -95,6 +109,9 @@ class SearchConfig(BaseModel):
     cache_dir: str | None = Field(None, description="calibration cache folder")
     device: str = Field("cpu", description="torch device of the worker")
     threads: Annotated[int, Field(ge=1)] | None = Field(None, description="torch threads of the worker")
+    predictor: Literal["on", "off"] = Field(
+        "off", description="screen candidates with the accuracy predictor after the first population"
+    )
 
     @field_validator("sampler", "executor", "space")
     @classmethod
@@ -103,6 +120,12 @@ class SearchConfig(BaseModel):
         if name not in known:
             raise ValueError(f"unknown {info.field_name} {name!r} (known: {', '.join(known)})")
         return name
+
+    @field_validator("predictor", mode="before")
+    @classmethod
+    def _switch(cls, value: object) -> object:
+        """YAML 1.1 reads a bare ``on``/``off`` as a boolean."""
+        return ("on" if value else "off") if isinstance(value, bool) else value
 
     @field_validator("sparsity_range")
     @classmethod
@@ -193,7 +216,18 @@ class SearchConfig(BaseModel):
 #: Executor name -> factory(config, progress).
 EXECUTORS: dict[str, Callable[[SearchConfig, bool], Executor]] = {
     "in-process": lambda config, progress: InProcessExecutor(config.worker_spec(), progress),
+    "ray": lambda config, progress: _ray_executor(config),
 }
+
+
+def _ray_executor(config: SearchConfig) -> Executor:
+    """Imported here, so only searches that ask for Ray load it."""
+    from autoprune.study._ray import RayExecutor
+
+    return RayExecutor(
+        config.worker_spec(), config.workers, config.ray_address, config.cpus_per_worker,
+        config.gpus_per_worker, config.max_retries,
+    )
 
 
 #: What the named fields may be (read when validating, so registrations made later count).

@@ -7,7 +7,8 @@ same settings continues the study:
 - trials a killed driver left RUNNING are told FAIL with ``reason="orphaned"`` and their parameters
   re-enqueued, so they run again; finished trials are kept and the budget counts them;
 - baselines (the space's uniform/OWL points at ``config.targets``) are enqueued once per study,
-  before anything is sampled, so the front is never worse than them;
+  before anything is sampled, so the front is never worse than them, followed by the space's
+  seeds (structured prior guesses the sampler refines);
 - the sampler's seed is offset by the number of trials already stored, so a resumed random start
   does not replay the first run's draws; a plan identical to one already measured is not measured
   again (told FAIL with ``reason="duplicate"``).
@@ -23,6 +24,9 @@ samplers and ``study.best_trials`` read them from the trial's system attributes.
 A ``proposer(study, n) -> list[params]`` may suggest candidates (a predictor screening many random
 plans, say): whenever no enqueued trial is waiting, it is asked for ``n`` (the free executor slots)
 parameter dicts of the space, which are enqueued (``skip_if_exists``) and asked before the sampler.
+A proposal may also be ``(params, user_attrs)``: attributes recorded with the trial (the predictor's
+estimate, say; never an objective value). ``predictor: on`` makes the accuracy predictor of
+:mod:`predictors` the proposer.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from autoprune.data import check_source
 from autoprune.errors import AutopruneError
 from autoprune.plan import Plan
 from autoprune.study._config import SearchConfig
-from autoprune.study._executor import Executor, InProcessExecutor
+from autoprune.study._executor import Executor
 from autoprune.study._records import (
     BASELINES_ATTR,
     ORPHANED,
@@ -63,10 +67,11 @@ from autoprune.study._storage import mask_url, open_storage, storage_url
 from autoprune.study._worker import TrialRequest, TrialResult
 from search_spaces import SearchSpace, SpaceContext
 
-Proposer = Callable[[optuna.Study, int], list[dict[str, Any]]]
+Proposal = dict[str, Any] | tuple[dict[str, Any], dict[str, Any]]
+Proposer = Callable[[optuna.Study, int], list[Proposal]]
 DIRECTIONS = [StudyDirection.MINIMIZE, StudyDirection.MINIMIZE]
-#: User attributes the driver gives the trials it enqueues (baselines, retries, proposals).
-ENQUEUED_MARKS = frozenset({"baseline", "retry_of", "proposed"})
+#: User attributes the driver gives the trials it enqueues (baselines, seeds, retries, proposals).
+ENQUEUED_MARKS = frozenset({"baseline", "seed", "retry_of", "proposed"})
 _RESULT_POLL_S = 1.0
 
 
@@ -116,6 +121,10 @@ def run_search(
     try:
         ctx = _space_context(config, executor, progress)
         distributions = space.distributions(ctx)
+        if proposer is None and config.predictor == "on":
+            from predictors import PredictorProposer  # predictors builds on this package
+
+            proposer = PredictorProposer.for_search(config, space, ctx, distributions, progress)
         study = optuna.create_study(
             storage=storage, study_name=config.study, directions=DIRECTIONS, load_if_exists=True
         )
@@ -126,6 +135,8 @@ def run_search(
         if not study.user_attrs.get(BASELINES_ATTR):
             for label, params in space.baselines(ctx, config.targets).items():
                 study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
+            for label, params in space.seeds(ctx, config.targets).items() if config.seeded else ():
+                study.enqueue_trial(params, user_attrs={"seed": label}, skip_if_exists=True)
             study.set_user_attr(BASELINES_ATTR, True)
         _Loop(study, space, ctx, distributions, config, executor, proposer).run(progress)
     finally:
@@ -155,12 +166,12 @@ def _check_existing(storage: optuna.storages.BaseStorage, config: SearchConfig) 
 
 
 def _space_context(config: SearchConfig, executor: Executor, progress: bool) -> SpaceContext:
-    """Built from the in-process worker's model when there is one, else loaded here once."""
-    if isinstance(executor, InProcessExecutor):
-        loaded, stats = executor.worker.loaded, executor.worker.stats
-    else:
-        cache_dir = Path(config.cache_dir) if config.cache_dir else None
-        loaded, stats, _ = prepare(config.model, config.calibration(), cache_dir, progress)
+    """From one of the executor's workers when it can tell, else from the model loaded here once."""
+    ctx = executor.space_context(config.method, config.sparsity_range)
+    if ctx is not None:
+        return ctx
+    cache_dir = Path(config.cache_dir) if config.cache_dir else None
+    loaded, stats, _ = prepare(config.model, config.calibration(), cache_dir, progress)
     return SpaceContext.from_model(loaded, stats, config.method, config.sparsity_range)
 
 
@@ -263,8 +274,11 @@ class _Loop:
             deepcopy=False, states=(TrialState.WAITING,)
         ):
             slots = self.executor.capacity - len(self.in_flight)
-            for params in self.proposer(self.study, slots):
-                self.study.enqueue_trial(params, user_attrs={"proposed": True}, skip_if_exists=True)
+            for proposal in self.proposer(self.study, slots):
+                params, attrs = proposal if isinstance(proposal, tuple) else (proposal, {})
+                self.study.enqueue_trial(
+                    params, user_attrs={**attrs, "proposed": True}, skip_if_exists=True
+                )
         trial = self.study.ask(self.distributions)
         marks = trial.user_attrs.keys() & ENQUEUED_MARKS
         if marks:
@@ -320,6 +334,7 @@ class _Loop:
             "size": result.size,
             "windows": result.windows,
             "worker": result.worker,
+            "retries": result.retries,
         }
         state, values = TrialState.FAIL, None
         if result.status == "complete":

@@ -7,11 +7,12 @@ request comes back from :meth:`Executor.results`, as a result or as a ``failed``
 
 from __future__ import annotations
 
-import traceback
 from abc import ABC, abstractmethod
 from collections import deque
 
+from autoprune.plan import MethodName
 from autoprune.study._worker import TrialRequest, TrialResult, TrialWorker, WorkerSpec
+from search_spaces import SpaceContext
 
 
 class Executor(ABC):
@@ -35,8 +36,22 @@ class Executor(ABC):
     def in_flight(self) -> int:
         """Submitted trials whose results have not been returned yet."""
 
+    def space_context(
+        self, method: MethodName, sparsity_range: tuple[float, float]
+    ) -> SpaceContext | None:
+        """What the search space needs to know about the model, from a worker that has it loaded,
+        so the driver need not load a second copy; None where no worker can tell (the driver then
+        loads the model itself)."""
+        return None
+
     def shutdown(self) -> None:
         """Release workers. Idempotent."""
+
+
+def failure_reason(error: BaseException) -> str:
+    """A trial's error as the one line recorded with it (type and first line of the message)."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 class InProcessExecutor(Executor):
@@ -50,10 +65,6 @@ class InProcessExecutor(Executor):
     def capacity(self) -> int:
         return 1
 
-    @property
-    def worker(self) -> TrialWorker:
-        return self._worker
-
     def submit(self, request: TrialRequest) -> None:
         self._pending.append(request)
 
@@ -64,8 +75,12 @@ class InProcessExecutor(Executor):
         try:
             return [self._worker.run(request)]
         except Exception as error:  # a trial's failure is recorded, the search goes on
-            reason = f"{type(error).__name__}: {error}".splitlines()[0]
-            return [TrialResult(request.number, "failed", error=reason or traceback.format_exc(1))]
+            return [TrialResult(request.number, "failed", error=failure_reason(error))]
 
     def in_flight(self) -> int:
         return len(self._pending)
+
+    def space_context(
+        self, method: MethodName, sparsity_range: tuple[float, float]
+    ) -> SpaceContext:
+        return self._worker.space_context(method, sparsity_range)

@@ -3,9 +3,11 @@
 A storage is named by one string: a plain path or ``sqlite:///file.db`` (a SQLite file), any
 SQLAlchemy URL Optuna's RDB storage takes (``postgresql://user@host/db``, ``mysql://...``), or
 ``journal://PATH`` (everything after ``journal://`` is the path of an Optuna journal file, so
-``journal:///abs/x.log`` is absolute). A password may come from ``AUTOPRUNE_STORAGE_PASSWORD`` so it
-never sits in a config file or shell history. Every message that names a storage goes through
-:func:`mask_url`, and nothing autoprune stores (study attributes, recipes) holds the URL at all.
+``journal:///abs/x.log`` is absolute). For a URL without a password, one may come from
+``AUTOPRUNE_STORAGE_PASSWORD`` or from the file ``AUTOPRUNE_STORAGE_PASSWORD_FILE`` names, so it
+never sits in a config file, a shell history or a Ray job's command line. Every message that names
+a storage goes through :func:`mask_url`, and nothing autoprune stores (study attributes, recipes)
+holds the URL at all.
 
 Queries (``front``, ``export``) open with ``create=False``: a file that does not exist is an error,
 never a new empty storage, so a typo cannot leave debris or touch a study.
@@ -28,6 +30,7 @@ from autoprune.errors import AutopruneError
 
 DEFAULT_STORAGE = "sqlite:///autoprune.db"
 PASSWORD_ENV = "AUTOPRUNE_STORAGE_PASSWORD"
+PASSWORD_FILE_ENV = "AUTOPRUNE_STORAGE_PASSWORD_FILE"
 JOURNAL_PREFIX = "journal://"
 _CONNECT_TIMEOUT_S = 10
 
@@ -67,8 +70,8 @@ def open_storage(url: str, create: bool = False) -> BaseStorage:
         if parsed.database not in (None, "", ":memory:"):
             _check_file(Path(parsed.database), create, shown)
     else:
-        if parsed.password is None and os.environ.get(PASSWORD_ENV):
-            parsed = parsed.set(password=os.environ[PASSWORD_ENV])
+        if parsed.password is None:
+            parsed = parsed.set(password=_given_password())
         if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
             # SQLAlchemy 2.1 means psycopg 3 by a bare postgresql://; use psycopg2 where it is the
             # driver installed (autoprune's ``postgres`` extra).
@@ -91,6 +94,24 @@ def load_existing_study(url: str, name: str) -> optuna.Study:
         names = sorted(summary.study_name for summary in optuna.get_all_study_summaries(storage))
         known = f" (studies there: {', '.join(names)})" if names else " (it holds no studies)"
         raise AutopruneError(f"study {name!r} not found in {mask_url(storage_url(url))}{known}") from None
+
+
+def _given_password() -> str | None:
+    """The password from ``AUTOPRUNE_STORAGE_PASSWORD``, else the content of the file
+    ``AUTOPRUNE_STORAGE_PASSWORD_FILE`` names (a final newline dropped), else None."""
+    if os.environ.get(PASSWORD_ENV):
+        return os.environ[PASSWORD_ENV]
+    path = os.environ.get(PASSWORD_FILE_ENV)
+    if not path:
+        return None
+    try:
+        password = Path(path).read_text().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = getattr(error, "strerror", None) or type(error).__name__
+        raise AutopruneError(f"{PASSWORD_FILE_ENV}: cannot read {path}: {reason}") from None
+    if not password:
+        raise AutopruneError(f"{PASSWORD_FILE_ENV}: {path} is empty")
+    return password
 
 
 def _check_file(path: Path, create: bool, shown: str) -> None:

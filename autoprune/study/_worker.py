@@ -21,14 +21,15 @@ from autoprune.api import prepare
 from autoprune.config import CalibrationConfig
 from autoprune.data import validation_windows
 from autoprune.measure import (
+    SizeMeter,
     kl_to_reference,
-    measure_size,
     ppl_from_nll,
     reference_logprobs,
     window_nlls,
 )
-from autoprune.plan import Plan
+from autoprune.plan import MethodName, Plan
 from autoprune.pruner import Pruner
+from search_spaces import SpaceContext
 
 Objective = Literal["ppl", "kl"]
 TrialStatus = Literal["complete", "collapsed", "stopped_early", "failed"]
@@ -74,6 +75,8 @@ class TrialResult:
     seconds: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     worker: str = field(default_factory=platform.node)
+    #: Times the trial was started again because its worker died (Ray executor).
+    retries: int = 0
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -96,7 +99,12 @@ class TrialWorker:
         self.reference = (
             reference_logprobs(self.loaded.model, self.windows) if spec.objective == "kl" else None
         )
-        self.dense_linear_params = sum(r * c for r, c in self.pruner.layer_shapes().values())
+        dense_linear_params = sum(r * c for r, c in self.pruner.layer_shapes().values())
+        self.size_meter = SizeMeter(self.loaded.adapter, dense_linear_params)
+
+    def space_context(self, method: MethodName, sparsity_range: tuple[float, float]) -> SpaceContext:
+        """The search space's view of the loaded model, so the driver needs no copy of its own."""
+        return SpaceContext.from_model(self.loaded, self.stats, method, sparsity_range)
 
     def run(self, request: TrialRequest) -> TrialResult:
         """Prune to the plan, measure size and quality; a collapsed model is a result, not a crash."""
@@ -105,7 +113,7 @@ class TrialWorker:
         weights_start = time.perf_counter()
         with self.pruner.applied(request.plan) as model:
             timings["prune"] = time.perf_counter() - weights_start
-            size = measure_size(model, self.loaded.adapter, self.dense_linear_params).as_dict()
+            size = self.size_meter(model).as_dict()
             eval_start = time.perf_counter()
             result = self._measure(model, request, size)
             timings["evaluate"] = time.perf_counter() - eval_start

@@ -1,0 +1,20 @@
+"""How good a predictor is: rank correlations, error and front recall on trials it never saw."""
+
+from predictors.quality._metrics import (
+    METRICS,
+    domination_counts,
+    front_top_quartile,
+    prediction_metrics,
+)
+from predictors.quality._report import FOLDS, HOLDOUT_SHARE, quality_report, report_rows
+
+__all__ = [
+    "FOLDS",
+    "HOLDOUT_SHARE",
+    "METRICS",
+    "domination_counts",
+    "front_top_quartile",
+    "prediction_metrics",
+    "quality_report",
+    "report_rows",
+]
