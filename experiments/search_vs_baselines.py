@@ -280,7 +280,7 @@ def plot(result: dict, path: Path) -> None:
                      color="tab:red", zorder=3, label="front member, --sequential")
     groups: dict[str, list[dict]] = {}
     for b in result["baselines"]:
-        tool = "" if b["tool"] == "autoprune" else f" ({b['tool'].split()[0]})"
+        tool = "" if b["tool"] == "autoprune" else f" ({b['tool']})"
         groups.setdefault(f"{b['kind']} {b['method']}{tool}", []).append(b)
     for (label, rows), marker in zip(groups.items(), "sdv^<>P*X", strict=False):
         axes.scatter([r["sparsity"] for r in rows], [r["test_ppl"] for r in rows], marker=marker,

@@ -72,8 +72,11 @@ class SizeCurve(BaseModel):
     def fit(cls, kept: np.ndarray, log_quality: np.ndarray) -> SizeCurve:
         """Least squares of degree :data:`SIZE_CURVE_DEGREE`, less where fewer sizes were seen."""
         degree = min(SIZE_CURVE_DEGREE, len(np.unique(kept)) - 1)
-        coefficients = np.polyfit(kept, log_quality, degree) if degree > 0 else [float(np.mean(log_quality))]
-        return cls(coefficients=[float(c) for c in coefficients], low=float(kept.min()), high=float(kept.max()))
+        if degree > 0:
+            coefficients = [float(c) for c in np.polyfit(kept, log_quality, degree)]
+        else:
+            coefficients = [float(np.mean(log_quality))]
+        return cls(coefficients=coefficients, low=float(kept.min()), high=float(kept.max()))
 
     def __call__(self, kept: np.ndarray) -> np.ndarray:
         return np.polyval(self.coefficients, np.clip(kept, self.low, self.high))

@@ -150,7 +150,7 @@ class PredictorProposer:
             missing, before = count - len(plans), len(plans)
             local = round(LOCAL_SHARE * missing) if parents else 0
             drawn = sampler.uniform(missing - local)
-            drawn += sampler.offspring(parents, local, MUTATION_SCALE, MUTATION_RATE, weights) if local else []
+            drawn += sampler.offspring(parents, local, MUTATION_SCALE, MUTATION_RATE, weights)
             for candidate in drawn:
                 plan = self.space.cast(candidate, self.ctx)
                 key = plan.to_json()
