@@ -37,6 +37,8 @@ $(PEER_STAMP):
 	$(PEER_VENV)/bin/pip install -q llmcompressor==0.14.0.1
 	touch $(PEER_STAMP)
 
-## The test suite (tiny random-weight models; PostgreSQL and Ray tests start their own servers).
+## The test suite (tiny random-weight models). The PostgreSQL tests use the database .ci/postgres.sh
+## installs (if needed), starts and prints, unless AUTOPRUNE_TEST_POSTGRES already names one; the
+## Ray tests start a local Ray.
 test: venv
-	$(BIN)/python -m pytest -q
+	AUTOPRUNE_TEST_POSTGRES="$${AUTOPRUNE_TEST_POSTGRES:-$$(bash .ci/postgres.sh)}" $(BIN)/python -m pytest -q
