@@ -50,14 +50,17 @@ def prepare(
     progress: bool = True,
 ) -> tuple[LoadedModel, CalibrationStats, bool]:
     """Load ``model`` and its calibration statistics (from the cache when available)."""
+    loaded, _, stats, cached = _prepare(model, calibration, cache_dir, progress)
+    return loaded, stats, cached
+
+
+def _prepare(
+    model: str, calibration: CalibrationConfig, cache_dir: Path | None, progress: bool
+) -> tuple[LoadedModel, torch.Tensor, CalibrationStats, bool]:
+    """:func:`prepare`, also returning the calibration windows (sequential pruning reads them
+    again; for ``self`` data they are generated text, too costly to make twice)."""
     loaded = load_model(model)
-    windows = _calibration_windows(loaded, calibration)
-    result = calibrate(loaded, windows, cache_dir=cache_dir, progress=progress)
-    return loaded, result.stats, result.from_cache
-
-
-def _calibration_windows(loaded: LoadedModel, calibration: CalibrationConfig) -> torch.Tensor:
-    return calibration_windows(
+    windows = calibration_windows(
         calibration.source,
         loaded.tokenizer,
         calibration.n_samples,
@@ -65,6 +68,8 @@ def _calibration_windows(loaded: LoadedModel, calibration: CalibrationConfig) ->
         calibration.seed,
         model=loaded.model if calibration.source == SELF else None,
     )
+    result = calibrate(loaded, windows, cache_dir=cache_dir, progress=progress)
+    return loaded, windows, result.stats, result.from_cache
 
 
 @dataclass(frozen=True)
@@ -110,17 +115,16 @@ def prune(
         check_source(source)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    loaded, stats, cached = prepare(model, calibration, cache_dir, progress)
+    loaded, calib_windows, stats, cached = _prepare(model, calibration, cache_dir, progress)
     timings["load_and_calibrate"] = time.perf_counter() - start
     if isinstance(plan, PlanRequest):
         plan = plan.build(loaded, stats)
     recipe = Recipe(model=model, calibration=calibration, plan=plan, sequential=sequential)
     pruner = Pruner(loaded, stats)
-    dense_linear = sum(rows * cols for rows, cols in pruner.layer_shapes().values())
+    dense_linear = pruner.dense_linear_params
     start = time.perf_counter()
     if sequential:
-        windows = _calibration_windows(loaded, calibration)
-        model = prune_sequentially(loaded, windows, recipe.plan, progress=progress)
+        model = prune_sequentially(loaded, calib_windows, recipe.plan, progress=progress)
     else:
         model = pruner.materialize(recipe.plan)
     timings["prune"] = time.perf_counter() - start

@@ -39,6 +39,11 @@ class Pruner:
     def layer_shapes(self) -> dict[str, tuple[int, int]]:
         return {name: tuple(weight.shape) for name, weight in self._dense.items()}
 
+    @property
+    def dense_linear_params(self) -> int:
+        """Weights of all decoder linear layers before pruning: what sparsity is a fraction of."""
+        return sum(rows * cols for rows, cols in self.layer_shapes().values())
+
     def validate(self, plan: Plan) -> None:
         validate_plan(plan, self.layer_names, self.num_blocks)
 

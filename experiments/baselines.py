@@ -32,7 +32,7 @@ import torch
 from autoprune import CalibrationConfig, PlanRequest, Pruner, prepare
 from autoprune.data import calibration_windows, evaluation_windows, windows_fingerprint
 from autoprune.export import save_checkpoint
-from autoprune.measure import measure_size, perplexity
+from autoprune.measure import SizeReport, measure_size, perplexity
 from autoprune.models import load_model
 from autoprune.plan import NMPattern
 from autoprune.pruner import prune_sequentially
@@ -95,7 +95,7 @@ def main() -> None:
         )
         windows = evaluation_windows(args.data, loaded.tokenizer, args.seq_len, args.eval_windows)
         pruner = Pruner(loaded, stats)
-        dense_linear = sum(r * c for r, c in pruner.layer_shapes().values())
+        dense_linear = pruner.dense_linear_params
         rows = [measure(pruner, "dense", "-", PlanRequest("magnitude", 0.0), windows, dense_linear)]
         for method in ("magnitude", "wanda", "sparsegpt"):
             for label, sparsity, nm in SETTINGS:
@@ -161,8 +161,15 @@ def measure(pruner: Pruner, method: str, label: str, request: PlanRequest, windo
     with pruner.applied(plan) as model:
         ppl = perplexity(model, windows, progress=True)
         size = measure_size(model, pruner.loaded.adapter, dense_linear)
+    return autoprune_row("autoprune", method, label, ppl, size, prune_seconds)
+
+
+def autoprune_row(
+    tool: str, method: str, label: str, ppl: float, size: SizeReport, prune_seconds: float
+) -> dict:
+    """One autoprune line of the table, printed as it is measured."""
     row = {
-        "tool": "autoprune",
+        "tool": tool,
         "method": method,
         "setting": label,
         "ppl": round(ppl, 3),
@@ -187,18 +194,8 @@ def measure_sequential(
     pruned = prune_sequentially(loaded, calib, plan)
     prune_seconds = time.perf_counter() - start
     size = measure_size(pruned, loaded.adapter, dense_linear)
-    row = {
-        "tool": SEQUENTIAL_TOOL,
-        "method": request.method,
-        "setting": label,
-        "ppl": round(perplexity(pruned, windows, progress=True), 3),
-        "sparsity": round(size.sparsity, 4),
-        "linear_nonzeros": size.linear_nonzeros,
-        "nonzero_params": size.nonzero_params,
-        "prune_seconds": round(prune_seconds, 2),
-    }
-    print(row, flush=True)
-    return row
+    ppl = perplexity(pruned, windows, progress=True)
+    return autoprune_row(SEQUENTIAL_TOOL, request.method, label, ppl, size, prune_seconds)
 
 
 def run_peer(

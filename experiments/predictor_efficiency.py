@@ -34,7 +34,6 @@ import json
 import math
 import statistics
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -47,10 +46,9 @@ from optuna.trial import FrozenTrial, TrialState
 from autoprune.plan import MethodName
 from autoprune.study import (
     Executor,
+    InProcessExecutor,
     SearchConfig,
-    TrialRequest,
     TrialResult,
-    TrialWorker,
     WorkerSpec,
     load_existing_study,
     run_search,
@@ -68,8 +66,8 @@ METHODS = ("nsga2", "predictor", "tpe")
 REFERENCE_MARGINS = (0.02, 0.1)
 
 
-class MemoizedExecutor(Executor):
-    """One in-process worker; a plan measured before (by digest) is answered from memory.
+class MemoizedExecutor(InProcessExecutor):
+    """The in-process executor, but a plan measured before (by digest) is answered from memory.
 
     A trial is the worker's own pruning and perplexity measurement; its size is the plan's exact
     non-zero count (:meth:`SpaceContext.nonzeros`), which skips the worker's byte accounting of
@@ -77,23 +75,16 @@ class MemoizedExecutor(Executor):
     """
 
     def __init__(self, spec: WorkerSpec, method: MethodName, sparsity_range: tuple[float, float]) -> None:
-        self.worker = TrialWorker(spec, progress=True)
+        super().__init__(spec, progress=True)
+        self.worker = self._worker
         self.ctx = self.worker.space_context(method, sparsity_range)
         self.memo: dict[str, TrialResult] = {}
-        self.pending: deque[TrialRequest] = deque()
         self.measured = 0
 
-    @property
-    def capacity(self) -> int:
-        return 1
-
-    def submit(self, request: TrialRequest) -> None:
-        self.pending.append(request)
-
     def results(self, timeout: float | None = None) -> list[TrialResult]:
-        if not self.pending:
+        if not self._pending:
             return []
-        request = self.pending.popleft()
+        request = self._pending.popleft()
         digest = plan_digest(request.plan)
         if digest not in self.memo:
             start = time.perf_counter()
@@ -105,9 +96,6 @@ class MemoizedExecutor(Executor):
             self.memo[digest] = result
             self.measured += 1
         return [dataclasses.replace(self.memo[digest], number=request.number)]
-
-    def in_flight(self) -> int:
-        return len(self.pending)
 
     def space_context(self, method: MethodName, sparsity_range: tuple[float, float]) -> SpaceContext:
         if (method, tuple(sparsity_range)) == (self.ctx.method, self.ctx.sparsity_range):

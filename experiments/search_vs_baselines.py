@@ -95,7 +95,7 @@ def main() -> None:
     loaded, stats, _ = prepare(config.model, config.calibration())
     pruner = Pruner(loaded, stats)
     windows = evaluation_windows(config.data, loaded.tokenizer, config.seq_len, args.test_windows)
-    dense_linear = sum(rows * cols for rows, cols in pruner.layer_shapes().values())
+    dense_linear = pruner.dense_linear_params
 
     def test(plan: Plan) -> dict:
         with pruner.applied(plan) as model:

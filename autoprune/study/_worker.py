@@ -99,8 +99,7 @@ class TrialWorker:
         self.reference = (
             reference_logprobs(self.loaded.model, self.windows) if spec.objective == "kl" else None
         )
-        dense_linear_params = sum(r * c for r, c in self.pruner.layer_shapes().values())
-        self.size_meter = SizeMeter(self.loaded.adapter, dense_linear_params)
+        self.size_meter = SizeMeter(self.loaded.adapter, self.pruner.dense_linear_params)
 
     def space_context(self, method: MethodName, sparsity_range: tuple[float, float]) -> SpaceContext:
         """The search space's view of the loaded model, so the driver needs no copy of its own."""
