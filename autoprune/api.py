@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from autoprune.allocation import check_sparsity, owl_plan, uniform_plan
-from autoprune.calibration import CalibrationStats, calibrate
+from autoprune.calibration import CalibrationStats, calibrate, self_calibration_windows
 from autoprune.config import CalibrationConfig, EvaluationConfig
 from autoprune.data import SELF, calibration_windows, check_source, evaluation_windows
 from autoprune.errors import AutopruneError
@@ -60,14 +60,15 @@ def _prepare(
     """:func:`prepare`, also returning the calibration windows (sequential pruning reads them
     again; for ``self`` data they are generated text, too costly to make twice)."""
     loaded = load_model(model)
-    windows = calibration_windows(
-        calibration.source,
-        loaded.tokenizer,
-        calibration.n_samples,
-        calibration.seq_len,
-        calibration.seed,
-        model=loaded.model if calibration.source == SELF else None,
-    )
+    if calibration.source == SELF:
+        windows, _ = self_calibration_windows(
+            loaded, calibration.n_samples, calibration.seq_len, calibration.seed, cache_dir, progress
+        )
+    else:
+        windows = calibration_windows(
+            calibration.source, loaded.tokenizer, calibration.n_samples, calibration.seq_len,
+            calibration.seed,
+        )
     result = calibrate(loaded, windows, cache_dir=cache_dir, progress=progress)
     return loaded, windows, result.stats, result.from_cache
 

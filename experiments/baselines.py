@@ -1,7 +1,8 @@
 """Baselines on SmolLM2-135M and WikiText-2, side by side with llm-compressor.
 
-Dense, magnitude, Wanda and SparseGPT at 50/60/70% and 2:4, OWL+Wanda at 70%, and SparseGPT
-``--sequential`` at 50/60/70% through autoprune; then the same dense weights (saved once as a plain safetensors checkpoint), the same
+Dense, magnitude, Wanda and SparseGPT at 50/60/70% and 2:4, OWL+Wanda at 70%, SparseGPT
+``--sequential`` at 50/60/70%, and Wanda and SparseGPT at 50/70% calibrated data-free (``--data
+self``: text sampled from the dense model, same number and length of samples) through autoprune; then the same dense weights (saved once as a plain safetensors checkpoint), the same
 calibration windows and the same evaluation windows go through llm-compressor's
 WandaPruningModifier and SparseGPTModifier (run by ``peer_llmcompressor.py`` in its own virtual
 environment, ``.venv-peer`` from ``make peer-venv``, because its version pins differ). The peer
@@ -9,10 +10,12 @@ echoes content hashes of the windows it used and the dense perplexity it measure
 either differs from autoprune's. Writes ``results/baselines.json`` and ``results/baselines.md``.
 
     python experiments/baselines.py [--calib-samples 128] [--eval-windows 16] [--no-peer]
-        [--peer-only] [--peer-threads N] [--peer-dir DIR [--peer-skip-missing]]
+        [--peer-only | --peer-from-results] [--peer-threads N] [--peer-dir DIR [--peer-skip-missing]]
 
 ``--peer-only`` keeps the autoprune rows of the existing ``results/baselines.json`` (after checking
 they were measured on the same calibration and evaluation settings) and runs only llm-compressor.
+``--peer-from-results`` is the converse: it measures every autoprune row again and keeps the
+llm-compressor rows of the existing ``results/baselines.json`` (same checks), which cost CPU-hours.
 ``--peer-dir`` keeps each peer run's JSON there and reuses one already present for the same windows,
 so an interrupted run resumes.
 """
@@ -30,7 +33,7 @@ from pathlib import Path
 import torch
 
 from autoprune import CalibrationConfig, PlanRequest, Pruner, prepare
-from autoprune.data import calibration_windows, evaluation_windows, windows_fingerprint
+from autoprune.data import SELF, calibration_windows, evaluation_windows, windows_fingerprint
 from autoprune.export import save_checkpoint
 from autoprune.measure import SizeReport, measure_size, perplexity
 from autoprune.models import load_model
@@ -45,6 +48,9 @@ PEER_METHODS = ("wanda", "sparsegpt")
 #: ``autoprune prune --sequential`` rows (llm-compressor's pipeline): SparseGPT, where it matters.
 SEQUENTIAL_SETTINGS = [("50%", 0.5), ("60%", 0.6), ("70%", 0.7)]
 SEQUENTIAL_TOOL = "autoprune --sequential"
+#: Data-free calibration rows (``--data self``).
+SELF_SETTINGS = [("50%", 0.5), ("70%", 0.7)]
+SELF_TOOL = "autoprune --data self"
 #: The peer's dense perplexity must reproduce autoprune's this closely (same weights, same windows).
 DENSE_TOLERANCE = 1e-3
 
@@ -61,6 +67,10 @@ def main() -> None:
     peer_mode.add_argument(
         "--peer-only", action="store_true",
         help="run llm-compressor only; keep the autoprune rows of results/baselines.json",
+    )
+    peer_mode.add_argument(
+        "--peer-from-results", action="store_true",
+        help="run autoprune only; keep the llm-compressor rows of results/baselines.json",
     )
     parser.add_argument("--peer-threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--peer-dir", type=Path, default=None, help="keep/reuse peer run JSONs")
@@ -108,18 +118,34 @@ def main() -> None:
             rows.append(measure_sequential(
                 args.model, pruner, label, PlanRequest("sparsegpt", sparsity), calib, windows, dense_linear
             ))
+        start = time.perf_counter()
+        _, self_stats, self_cached = prepare(args.model, calibration.model_copy(update={"source": SELF}))
+        self_calibration_seconds = time.perf_counter() - start
+        self_pruner = Pruner(loaded, self_stats)
+        for method in ("wanda", "sparsegpt"):
+            for label, sparsity in SELF_SETTINGS:
+                request = PlanRequest(method, sparsity)
+                rows.append(measure(self_pruner, method, label, request, windows, dense_linear, SELF_TOOL))
         result = {
             "model": args.model,
             "calibration": calibration.model_dump(),
             "calibration_seconds": round(calibration_seconds, 1),
             "calibration_cached": cached,
+            "self_calibration_seconds": round(self_calibration_seconds, 1),
+            "self_calibration_cached": self_cached,
             "eval_windows": int(windows.shape[0]),
             "seq_len": args.seq_len,
             "torch_threads": torch.get_num_threads(),
         }
     result["calibration_fingerprint"] = windows_fingerprint(calib)
     result["evaluation_fingerprint"] = windows_fingerprint(windows)
-    if not args.no_peer:
+    if args.peer_from_results:
+        previous = json.loads((RESULTS / "baselines.json").read_text())
+        check_same_setting(previous, args.model, calibration, calib, windows)
+        rows += [row for row in previous["rows"] if row["tool"].startswith("llm-compressor")]
+        result["peer"] = previous["peer"]
+        result["peer_rows_from"] = "a previous run (--peer-from-results), same windows"
+    elif not args.no_peer:
         dense_ppl = next(row["ppl"] for row in rows if row["method"] == "dense")
         peer_rows, peer_info = run_peer(
             loaded, calib, windows, dense_ppl, args.peer_threads, args.peer_dir,
@@ -152,7 +178,10 @@ def check_same_setting(previous: dict, model: str, calibration, calib, windows) 
         sys.exit("cannot merge with results/baselines.json: " + "; ".join(problems))
 
 
-def measure(pruner: Pruner, method: str, label: str, request: PlanRequest, windows, dense_linear) -> dict:
+def measure(
+    pruner: Pruner, method: str, label: str, request: PlanRequest, windows, dense_linear,
+    tool: str = "autoprune",
+) -> dict:
     plan = request.build(pruner.loaded, pruner.stats)
     start = time.perf_counter()
     weights = pruner.pruned_weights(plan)  # timed on its own: the first call also builds caches
@@ -161,7 +190,7 @@ def measure(pruner: Pruner, method: str, label: str, request: PlanRequest, windo
     with pruner.applied(plan) as model:
         ppl = perplexity(model, windows, progress=True)
         size = measure_size(model, pruner.loaded.adapter, dense_linear)
-    return autoprune_row("autoprune", method, label, ppl, size, prune_seconds)
+    return autoprune_row(tool, method, label, ppl, size, prune_seconds)
 
 
 def autoprune_row(
@@ -289,6 +318,14 @@ def markdown(result: dict) -> str:
         f"(seed {cal['seed']}, fingerprint `{result.get('calibration_fingerprint', '?')}`).",
         "",
     ]
+    if "self_calibration_seconds" in result:
+        lines += [
+            f"`{SELF_TOOL}` rows: calibrated data-free, on {cal['n_samples']} x {cal['seq_len']} "
+            f"tokens sampled from the dense model (seed {cal['seed']}) instead of the validation "
+            f"split; sampling the text and calibrating took {result['self_calibration_seconds']} s"
+            + (" (read from the cache)" if result["self_calibration_cached"] else "") + ".",
+            "",
+        ]
     peer = result.get("peer")
     if peer:
         lines += [
@@ -313,8 +350,9 @@ def markdown(result: dict) -> str:
         ]
         if peer.get("not_run"):
             lines += [f"llm-compressor not run yet: {', '.join(peer['not_run'])}.", ""]
-        if result.get("autoprune_rows_from"):
-            lines += [f"autoprune rows: {result['autoprune_rows_from']}.", ""]
+        for side in ("autoprune", "peer"):
+            if result.get(f"{side}_rows_from"):
+                lines += [f"{side.replace('peer', 'llm-compressor')} rows: {result[f'{side}_rows_from']}.", ""]
     lines += [
         "| tool | method | setting | ppl | sparsity | linear non-zeros | all non-zeros | prune s |",
         "|---|---|---|---:|---:|---:|---:|---:|",

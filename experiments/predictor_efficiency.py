@@ -57,7 +57,7 @@ from autoprune.study import (
 from autoprune.study._driver import plan_digest
 from autoprune.study._records import ORPHANED
 from predictors import Featurizer, PredictorProposer, quality_report, training_set
-from predictors.screening import MIN_CANDIDATES
+from predictors.screening import ENSEMBLE, EXPLORE_SHARE, MIN_CANDIDATES, PESSIMISM
 from search_spaces import SearchSpace, SpaceContext
 
 HERE = Path(__file__).resolve().parent
@@ -117,6 +117,10 @@ def main() -> None:
     parser.add_argument("--predictor-population", type=int, default=4, help="random warm-up trials")
     parser.add_argument("--candidates", type=int, default=MIN_CANDIDATES,
                         help="candidates screened per round (at least 20 per pick)")
+    parser.add_argument("--explore", type=float, default=EXPLORE_SHARE, help="random share of picks")
+    parser.add_argument("--ensemble", type=int, default=ENSEMBLE, help="predictors fitted per round")
+    parser.add_argument("--pessimism", type=float, default=PESSIMISM,
+                        help="ensemble standard deviations added to the predicted log-ppl")
     parser.add_argument("--sparsity-range", nargs=2, type=float, default=(0.4, 0.8))
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512, help="calibration window tokens")
@@ -150,7 +154,8 @@ def main() -> None:
             if method == "predictor":
                 proposer = PredictorProposer(
                     space, ctx, featurizer, space.distributions(ctx), config.population, seed=seed,
-                    min_candidates=args.candidates,
+                    min_candidates=args.candidates, explore=args.explore, ensemble=args.ensemble,
+                    pessimism=args.pessimism,
                 )
             study = run_until_evaluated(config, executor, proposer)
             runs[method][seed] = {"study": config.study, "trials": evaluated(study)}
@@ -177,6 +182,7 @@ def main() -> None:
         "population": args.population,
         "predictor_population": args.predictor_population,
         "candidates_per_round": args.candidates,
+        "screening": {"explore": args.explore, "ensemble": args.ensemble, "pessimism": args.pessimism},
         "reference_point": list(reference),
         "hypervolume": curves,
         "bar": bar(curves, args.evaluations, args.bar_evaluations),

@@ -43,6 +43,9 @@ class LayerInfo:
     kind: LayerKind
     rows: int
     cols: int
+    #: The layer's name inside its block without the module path (``q_proj``, ``down_proj``,
+    #: ``fc1``): the same projection in every block.
+    projection: str
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,8 @@ class SpaceContext:
         for name in adapter.all_layer_names(model):
             block, linear = adapter.split_layer_name(name)
             rows, cols = model.get_submodule(name).weight.shape
-            layers[name] = LayerInfo(block, adapter.kind(linear), int(rows), int(cols))
+            projection = linear.rsplit(".", 1)[-1]
+            layers[name] = LayerInfo(block, adapter.kind(linear), int(rows), int(cols), projection)
         return cls(
             method=method,
             layers=layers,
@@ -86,6 +90,11 @@ class SpaceContext:
     @property
     def layer_shapes(self) -> dict[str, tuple[int, int]]:
         return {name: (info.rows, info.cols) for name, info in self.layers.items()}
+
+    @property
+    def projections(self) -> list[str]:
+        """The projections of a block, in model order."""
+        return list(dict.fromkeys(info.projection for info in self.layers.values()))
 
     @property
     def block_of(self) -> dict[str, int]:

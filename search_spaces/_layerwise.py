@@ -1,8 +1,13 @@
-"""``layerwise``: per-block offsets and an attention-vs-MLP offset around a target.
+"""``layerwise``: per-block and per-projection offsets around a target.
 
 This is the question BESA and OWL answer by rule (which layers can take more sparsity), answered by
-search instead. Offsets only shape the allocation: the result is projected onto the target's exact
-non-zero budget, so candidates of one target differ in quality, never in size.
+search instead. A layer's sparsity is the target plus its block's offset plus its projection's
+(``q_proj`` ... ``down_proj``, the same in every block). Projections differ more than attention
+and MLP do: on SmolLM2 at 60%, giving ``v_proj`` 0.15 less sparsity than the rest lowered
+validation perplexity by 5%, ``q_proj``/``k_proj`` 0.15 more by 2%, while ``o_proj`` 0.1 less
+raised it by 5%; and the narrow GQA projections (k, v) cost little of the budget. Offsets only
+shape the allocation: the result is projected onto the target's exact non-zero budget, so
+candidates of one target differ in quality, never in size.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from search_spaces._base import (
 )
 from search_spaces._budget import project_to_budget
 
-ATTENTION_OFFSET = "attn_offset"
 MAX_OFFSET = 0.2
+MAX_PROJECTION_OFFSET = 0.3
 #: Depth slopes of the seeded allocations (sparsity rising from first to last block by this much).
 SEED_SLOPES = (0.2, 0.4)
 
@@ -34,16 +39,22 @@ def block_param(block: int) -> str:
     return f"block_{block}"
 
 
+def projection_param(projection: str) -> str:
+    return f"offset_{projection}"
+
+
 class LayerwiseSpace(SearchSpace):
-    """``target``, ``attn_offset`` and one ``block_i`` offset per decoder block."""
+    """``target``, one ``offset_<projection>`` per projection and one ``block_i`` offset per
+    decoder block."""
 
     name = "layerwise"
 
     def distributions(self, ctx: SpaceContext) -> dict[str, BaseDistribution]:
         offset = FloatDistribution(-MAX_OFFSET, MAX_OFFSET)
+        projection_offset = FloatDistribution(-MAX_PROJECTION_OFFSET, MAX_PROJECTION_OFFSET)
         return {
             TARGET: ctx.target_distribution(),
-            ATTENTION_OFFSET: offset,
+            **{projection_param(name): projection_offset for name in ctx.projections},
             **{block_param(block): offset for block in range(ctx.num_blocks)},
         }
 
@@ -57,7 +68,7 @@ class LayerwiseSpace(SearchSpace):
         raw = {
             name: target
             + params[block_param(info.block)]
-            + (params[ATTENTION_OFFSET] if info.kind == "attention" else 0.0)
+            + params[projection_param(info.projection)]
             for name, info in ctx.layers.items()
             if info.block not in removed
         }
@@ -66,16 +77,17 @@ class LayerwiseSpace(SearchSpace):
     def baselines(self, ctx: SpaceContext, targets: Sequence[float]) -> dict[str, Params]:
         """Uniform (all offsets zero) and OWL (its block deviations as offsets) at each target."""
         ratios = torch.tensor(ctx.outlier_ratios[OWL_DEFAULT_M], dtype=torch.float64)
+        same = _no_projection_offsets(ctx)
         result = {}
         for t in targets:
             flat = {block_param(block): 0.0 for block in range(ctx.num_blocks)}
-            result[f"uniform@{t:.2f}"] = {TARGET: t, ATTENTION_OFFSET: 0.0, **flat}
+            result[f"uniform@{t:.2f}"] = {TARGET: t, **same, **flat}
             owl = owl_block_sparsities(ratios, t, OWL_DEFAULT_LAMBDA)
             offsets = {
                 block_param(block): min(max(s - t, -MAX_OFFSET), MAX_OFFSET)
                 for block, s in enumerate(owl)
             }
-            result[f"owl@{t:.2f}"] = {TARGET: t, ATTENTION_OFFSET: 0.0, **offsets}
+            result[f"owl@{t:.2f}"] = {TARGET: t, **same, **offsets}
         return result
 
     def seeds(self, ctx: SpaceContext, targets: Sequence[float]) -> dict[str, Params]:
@@ -83,6 +95,7 @@ class LayerwiseSpace(SearchSpace):
         proportion to their influence (how much a block changes its input): the two regularities
         of small LLMs' pruning sensitivity, as starting points for the per-block search."""
         last = max(ctx.num_blocks - 1, 1)
+        same = _no_projection_offsets(ctx)
         peak = max(ctx.block_influence) or 1.0
         result = {}
         for t in targets:
@@ -94,5 +107,9 @@ class LayerwiseSpace(SearchSpace):
                     )
                     for block, influence in enumerate(ctx.block_influence)
                 }
-                result[f"ramp{slope:g}@{t:.2f}"] = {TARGET: t, ATTENTION_OFFSET: 0.0, **offsets}
+                result[f"ramp{slope:g}@{t:.2f}"] = {TARGET: t, **same, **offsets}
         return result
+
+
+def _no_projection_offsets(ctx: SpaceContext) -> Params:
+    return {projection_param(name): 0.0 for name in ctx.projections}

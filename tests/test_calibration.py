@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from autoprune import CalibrationConfig, load_model, prepare
-from autoprune.calibration import calibrate
-from autoprune.data import calibration_windows
+from autoprune.calibration import _self_text as self_text
+from autoprune.calibration import calibrate, self_calibration_windows
+from autoprune.data import calibration_windows, self_generated_windows
 
 
 def test_second_prepare_hits_the_cache_and_other_data_or_model_miss(
@@ -45,8 +47,23 @@ def test_statistics_match_a_direct_forward(tiny_llama_dir, data_dir, tmp_path):
     assert torch.all(stats.block_influence >= 0)
 
 
-def test_self_generated_calibration_is_deterministic(tiny_llama_dir, tmp_path):
+def test_self_generated_calibration_is_deterministic_and_sampled_once(
+    tiny_llama_dir, tiny_opt_dir, tmp_path, monkeypatch
+):
     loaded = load_model(str(tiny_llama_dir))
-    first = calibration_windows("self", loaded.tokenizer, 2, 12, seed=3, model=loaded.model)
-    second = calibration_windows("self", loaded.tokenizer, 2, 12, seed=3, model=loaded.model)
-    assert first.shape == (2, 12) and torch.equal(first, second)
+    first, cached = self_calibration_windows(loaded, 2, 12, seed=3, cache_dir=tmp_path, progress=False)
+    assert first.shape == (2, 12) and not cached
+    assert torch.equal(first, self_generated_windows(loaded.model, loaded.tokenizer, 2, 12, seed=3))
+
+    def no_sampling(*_args, **_kwargs):
+        raise AssertionError("sampled again instead of reading the cache")
+
+    monkeypatch.setattr(self_text, "self_generated_windows", no_sampling)
+    again, cached = self_calibration_windows(loaded, 2, 12, seed=3, cache_dir=tmp_path, progress=False)
+    assert cached and torch.equal(again, first)
+    config = CalibrationConfig(source="self", n_samples=2, seq_len=12, seed=3)
+    _, stats, _ = prepare(str(tiny_llama_dir), config, tmp_path, progress=False)  # no sampling
+    assert stats.num_blocks == 4
+    for other_seed, other_model in ((4, loaded), (3, load_model(str(tiny_opt_dir)))):
+        with pytest.raises(AssertionError, match="sampled again"):
+            self_calibration_windows(other_model, 2, 12, other_seed, tmp_path, progress=False)

@@ -259,14 +259,14 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
 
 
 def test_search_flag_turns_screening_on(tiny_llama_dir, data_dir, tmp_path, capsys):
-    config = tiny_config(tiny_llama_dir, data_dir, tmp_path, trials=18)
+    config = tiny_config(tiny_llama_dir, data_dir, tmp_path, trials=20)
     flags = [f"--{key.replace('_', '-')}" for key in ("model", "data", "storage", "study", "space",
                                                       "method", "cache_dir")]
     values = [getattr(config, key) for key in ("model", "data", "storage", "study", "space", "method",
                                                "cache_dir")]
     code, _, err = run_cli(
         capsys, "search", *[part for pair in zip(flags, values, strict=True) for part in pair],
-        "--trials", 18, "--population", 4, "--sparsity-range", 0.3, 0.7, "--eval-windows", 2,
+        "--trials", 20, "--population", 4, "--sparsity-range", 0.3, 0.7, "--eval-windows", 2,
         "--min-windows", 1, "--seq-len", 32, "--calib-samples", 8, "--predictor", "on", "--format", "json",
     )
     assert code == 0, err

@@ -90,3 +90,17 @@ def test_layerwise_candidates_of_one_target_share_their_size(model_ctx):
     space = SearchSpace.named("layerwise")
     sizes = {ctx.nonzeros(space.cast({**p, TARGET: 0.6}, ctx)) for p in sampled_params(space, ctx)}
     assert (max(sizes) - min(sizes)) / ctx.dense_linear_params < 0.002
+
+
+def test_layerwise_projection_offsets_move_sparsity_between_projections(model_ctx):
+    _, ctx = model_ctx
+    space = SearchSpace.named("layerwise")
+    uniform = space.baselines(ctx, [0.6])["uniform@0.60"]
+    first, *rest = ctx.projections
+    shifted = {**uniform, f"offset_{first}": -0.2, **{f"offset_{name}": 0.1 for name in rest}}
+    plan = space.cast(shifted, ctx)
+    for block in range(ctx.num_blocks):
+        sparsity = {info.projection: plan.layers[name].sparsity for name, info in ctx.layers.items()
+                    if info.block == block}
+        assert all(sparsity[first] < sparsity[name] for name in rest)
+    assert abs(ctx.nonzeros(plan) - ctx.nonzeros(space.cast(uniform, ctx))) / ctx.dense_linear_params < 0.002

@@ -7,6 +7,7 @@ from autoprune.calibration._collect import (
     calibrate,
     default_cache_dir,
 )
+from autoprune.calibration._self_text import self_calibration_windows
 from autoprune.calibration._stats import CalibrationStats, LinearStats
 
 __all__ = [
@@ -17,4 +18,5 @@ __all__ = [
     "block_passes",
     "calibrate",
     "default_cache_dir",
+    "self_calibration_windows",
 ]

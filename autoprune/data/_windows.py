@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from autoprune.data._sources import SELF, read_text
+from autoprune.data._sources import read_text
 from autoprune.errors import AutopruneError
 
 #: Calibration samples are drawn from the first part of the calibration split; the rest is held
@@ -48,16 +49,11 @@ def calibration_windows(
     n_samples: int = 128,
     seq_len: int = 512,
     seed: int = 0,
-    model: PreTrainedModel | None = None,
 ) -> torch.Tensor:
-    """``n_samples`` windows at random offsets of the calibration split, or sampled from ``model``
-    when ``source`` is ``"self"`` (data-free calibration)."""
+    """``n_samples`` windows at random offsets of the calibration split of ``source`` (for data-free
+    calibration, ``"self"``, see :func:`self_generated_windows`)."""
     if n_samples < 1 or seq_len < 2:
         raise AutopruneError("calibration needs at least 1 sample of at least 2 tokens")
-    if source == SELF:
-        if model is None:
-            raise AutopruneError("data source 'self' needs the model to sample from")
-        return self_generated_windows(model, tokenizer, n_samples, seq_len, seed)
     ids = tokenize(read_text(source, "calibration"), tokenizer)
     usable = ids[: int(len(ids) * CALIBRATION_SHARE)]
     if len(usable) <= seq_len:
@@ -77,13 +73,15 @@ def self_generated_windows(
     seq_len: int,
     seed: int,
     batch_size: int = 16,
+    progress: bool = False,
 ) -> torch.Tensor:
     """Text sampled from the dense model itself, starting from BOS, with a fixed seed."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else 0
     device = next(model.parameters()).device
     torch.manual_seed(seed)
     batches = []
-    for first in range(0, n_samples, batch_size):
+    firsts = range(0, n_samples, batch_size)
+    for first in tqdm(firsts, desc="generating calibration text", unit="batch", disable=not progress):
         size = min(batch_size, n_samples - first)
         prompt = torch.full((size, 1), start, dtype=torch.long, device=device)
         out = model.generate(

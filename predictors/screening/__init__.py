@@ -2,16 +2,20 @@
 
 from predictors.screening._candidates import CandidateSampler
 from predictors.screening._proposer import (
+    ENSEMBLE,
     EXPLORE_SHARE,
     MIN_CANDIDATES,
+    PESSIMISM,
     SCREEN_FACTOR,
     PredictorProposer,
     parent_weights,
 )
 
 __all__ = [
+    "ENSEMBLE",
     "EXPLORE_SHARE",
     "MIN_CANDIDATES",
+    "PESSIMISM",
     "SCREEN_FACTOR",
     "CandidateSampler",
     "PredictorProposer",

@@ -11,14 +11,18 @@ slots it asks this proposer, which
    extrapolate to random ones. Half the parents are drawn uniformly from the front, half in
    proportion to the hypervolume each alone contributes (as NSGA-II's crowding distance favours
    isolated points): the front's wide gaps, typically at its sparse end, get refined first;
-3. predicts them all and picks, one at a time, the candidate whose predicted point adds the most
+3. predicts them all with ``ensemble`` predictors fitted with different seeds (row and column
+   subsampling make them disagree where the data say little) and scores each candidate by the
+   ensemble's mean plus ``pessimism`` times its spread: the candidates that look best to one
+   model are mostly the ones it overrates the most (early predictions run 2-5x optimistic), and
+   the spread marks them; then picks, one at a time, the candidate whose predicted point adds the most
    hypervolume to the measured front and the picks so far, in (kept fraction, log-quality): the
    candidates on the predicted front, best first; when none is predicted to add anything, the one
    the fewest candidates are predicted to dominate (nearest the predicted front);
 4. replaces each pick, with probability ``explore``, by a random candidate, so the predictor also
    sees plans it would not choose and can correct itself.
 
-Each pick carries its prediction (``predicted_<quality>``), how many candidates were screened and
+Each pick carries its (pessimistic) prediction (``predicted_<quality>``), how many candidates were screened and
 why it was picked as user attributes; the front is built from measured values only.
 """
 
@@ -37,7 +41,7 @@ from autoprune.api import prepare
 from autoprune.plan import Plan
 from autoprune.study import SearchConfig, trial_plan
 from predictors.features import Featurizer
-from predictors.model import Predictor, training_set
+from predictors.model import Predictor, TrainingSet, training_set
 from predictors.quality import domination_counts
 from predictors.screening._candidates import CandidateSampler
 from search_spaces import Params, SearchSpace, SpaceContext
@@ -47,6 +51,10 @@ SCREEN_FACTOR = 20
 #: Candidates screened per round, at least: one pick per round is common (one free slot).
 MIN_CANDIDATES = 400
 EXPLORE_SHARE = 0.1
+#: Predictors fitted per round, and how many of their standard deviations a candidate's score adds
+#: to their mean (0: the plain mean, as one model would give).
+ENSEMBLE = 5
+PESSIMISM = 1.0
 #: Share of the candidates that are offspring of the front; the parameters an offspring mutates
 #: (probability each) and by how much (share of each range, one standard deviation).
 LOCAL_SHARE = 0.75
@@ -75,10 +83,13 @@ class PredictorProposer:
         seed: int = 0,
         min_candidates: int = MIN_CANDIDATES,
         explore: float = EXPLORE_SHARE,
+        ensemble: int = ENSEMBLE,
+        pessimism: float = PESSIMISM,
     ) -> None:
         self.space, self.ctx, self.featurizer = space, ctx, featurizer
         self.distributions, self.population, self.seed = distributions, population, seed
         self.min_candidates, self.explore = min_candidates, explore
+        self.ensemble, self.pessimism = ensemble, pessimism
         #: One entry per screening round: trials trained on, candidates screened, picks.
         self.rounds: list[dict[str, int]] = []
 
@@ -105,7 +116,6 @@ class PredictorProposer:
             return []  # the sampler explores first
         rng = np.random.default_rng([self.seed, len(trials)])  # a resumed run draws anew
         data = training_set(study, self.featurizer)
-        predictor = Predictor.fit(data, self.featurizer.schema, "regression", self.seed)
         measured = {trial_plan(t).to_json() for t in trials if "plan" in t.user_attrs}
         best = [t for t in study.best_trials if t.values[1] > 0]  # a zero KL has no logarithm
         front = np.array(
@@ -116,7 +126,7 @@ class PredictorProposer:
         params, plans = self._candidates(best, front, worst, rng, count, measured)
         if not plans:
             return []  # a small space measured through: nothing left to screen
-        predicted = predictor.predict(plans, self.featurizer)
+        predicted = self._scores(data, plans)
         kept = np.array([self.ctx.nonzeros(plan) for plan in plans]) / self.ctx.dense_linear_params
         picks = self._pick(np.column_stack([kept, predicted]), front, worst, n, rng)
         self.rounds.append({"trained_on": len(data), "screened": len(plans), "picked": len(picks)})
@@ -125,6 +135,16 @@ class PredictorProposer:
             (params[i], {quality: float(np.exp(predicted[i])), "screened": len(plans), "screen_pick": why})
             for i, why in picks
         ]
+
+    def _scores(self, data: TrainingSet, plans: list[Plan]) -> np.ndarray:
+        """Pessimistic predicted log-quality of ``plans``: the ensemble's mean plus
+        :attr:`pessimism` standard deviations."""
+        features = self.featurizer.transform(plans)
+        predictions = np.array([
+            Predictor.fit(data, self.featurizer.schema, "regression", self.seed + member).scores(features)
+            for member in range(self.ensemble)
+        ])
+        return predictions.mean(axis=0) + self.pessimism * predictions.std(axis=0)
 
     def warmup(self, trials: list[FrozenTrial]) -> int:
         """Complete trials wanted before screening: every enqueued baseline and seed, then one
