@@ -73,6 +73,8 @@ def main() -> None:
     parser.add_argument("--test-windows", type=int, default=16)
     parser.add_argument("--sequential-targets", nargs="*", type=float, default=[0.6, 0.7])
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--predictor", choices=("on", "off"), default="off",
+                        help="screen candidates with the accuracy predictor (may change on resume)")
     parser.add_argument("--no-search", action="store_true", help="only evaluate the existing study")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
@@ -86,7 +88,7 @@ def main() -> None:
         population=args.population, space=args.space, method=args.method,
         sparsity_range=tuple(args.sparsity_range), baseline_targets=args.targets,
         eval_windows=args.eval_windows, seq_len=args.seq_len, calib_samples=args.calib_samples,
-        threads=args.threads,
+        threads=args.threads, predictor=args.predictor,
     )
     if not args.no_search:
         run_search(config, progress=True)
@@ -138,6 +140,7 @@ def main() -> None:
         "study": config.study,
         "search": config.study_settings(),
         "trials_in_study": len(study.trials),
+        "trials_screened": sum(bool(t.user_attrs.get("proposed")) for t in study.trials),
         "test_windows": int(windows.shape[0]),
         "seq_len": int(windows.shape[1]),
         "front": front,
@@ -167,7 +170,8 @@ def recorded_rows(targets: list[float], test_windows: int, seq_len: int) -> list
          "target": settings[row["setting"]], "test_ppl": row["ppl"], "sparsity": row["sparsity"],
          "linear_nonzeros": row["linear_nonzeros"]}
         for row in recorded["rows"]
-        if row["tool"] != "autoprune" and row["method"] in ("wanda", "sparsegpt")
+        if (row["tool"] == "autoprune --sequential" or row["tool"].startswith("llm-compressor"))
+        and row["method"] in ("wanda", "sparsegpt")
         and row["setting"] in settings
     ]
 
@@ -232,6 +236,7 @@ def markdown(result: dict) -> str:
 
     lines = [
         f"{result['model']}: front of study `{result['study']}` ({result['trials_in_study']} trials, "
+        f"{result.get('trials_screened', 0)} of them proposed by predictor screening, "
         f"space {result['search']['space']}, method {result['search']['method']}) against baselines, "
         f"WikiText-2 test perplexity on {result['test_windows']} windows of {result['seq_len']} tokens "
         "(never seen by the search). Front perplexity at a baseline's non-zeros = best front member "
