@@ -76,13 +76,13 @@ class SizeMeter:
             count = parameter.numel()
             total += count
             if id(parameter) in linear_ids:
-                nonzeros = int(torch.count_nonzero(parameter))
+                nonzeros = count_nonzeros(parameter)
                 linear += count
                 linear_nonzero += nonzeros
                 sparse_bytes += sparse_storage_bytes(parameter.data, nonzeros)
             else:
                 if id(parameter) not in self._other_nonzeros:
-                    self._other_nonzeros[id(parameter)] = int(torch.count_nonzero(parameter))
+                    self._other_nonzeros[id(parameter)] = count_nonzeros(parameter)
                 nonzeros = self._other_nonzeros[id(parameter)]
                 sparse_bytes += BYTES_FP16 * count
             nonzero += nonzeros
@@ -104,15 +104,32 @@ def measure_size(
     return SizeMeter(adapter, dense_linear_params)(model)
 
 
+def count_nonzeros(tensor: torch.Tensor) -> int:
+    """``torch.count_nonzero`` by another route: on CPU, for float tensors, counting the ``True``
+    entries of ``tensor.bool()`` is about 7x faster (same semantics: -0.0 is zero, NaN is not), and
+    a search counts ~100M weights per trial."""
+    return int(tensor.bool().sum())
+
+
 def sparse_storage_bytes(weight: torch.Tensor, nonzeros: int) -> int:
     """Bytes of ``weight`` (holding ``nonzeros`` non-zeros) in its most compact stored format."""
     count = weight.numel()
     options = [BYTES_FP16 * count, math.ceil(count / 8) + BYTES_FP16 * nonzeros]
-    if weight.shape[-1] % 4 == 0 and 2 * nonzeros <= count:
-        per_group = (weight.reshape(-1, 4) != 0).sum(dim=1)
-        if bool((per_group <= 2).all()):
-            options.append(BYTES_FP16 * count // 2 + math.ceil(count / 2 * 2 / 8))
+    if 2 * nonzeros <= count and is_two_of_four(weight):
+        options.append(BYTES_FP16 * count // 2 + math.ceil(count / 2 * 2 / 8))
     return min(options)
+
+
+def is_two_of_four(weight: torch.Tensor, probe_groups: int = 1024) -> bool:
+    """Whether every group of 4 consecutive input weights holds at most 2 non-zeros.
+
+    An unstructured mask breaks the pattern within its first groups almost surely, so those are
+    tested first and the whole tensor is scanned only when it may be 2:4 (same answer, and a
+    search measures every trial)."""
+    if weight.shape[-1] % 4:
+        return False
+    groups = weight.reshape(-1, 4)
+    return all(bool((part.bool().sum(dim=1) <= 2).all()) for part in (groups[:probe_groups], groups))
 
 
 def expected_linear_nonzeros(

@@ -7,7 +7,7 @@ from pydantic import ValidationError
 from autoprune import CalibrationConfig, LayerSpec, NMPattern, Plan, Pruner, Recipe, prepare
 from autoprune.allocation import owl_plan, uniform_plan
 from autoprune.errors import AutopruneError
-from autoprune.measure import expected_linear_nonzeros, measure_size
+from autoprune.measure import count_nonzeros, expected_linear_nonzeros, is_two_of_four, measure_size
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +104,17 @@ def test_plan_for_another_model_is_refused(llama_pruner):
         llama_pruner.pruned_weights(Plan(layers={"decoder.layers.0.fc1": LayerSpec(sparsity=0.5)}))
     with pytest.raises(AutopruneError, match="removes block 7"):
         llama_pruner.pruned_weights(Plan(removed_blocks=[7]))
+
+
+def test_two_of_four_is_judged_on_the_whole_tensor_not_only_its_first_groups():
+    two_of_four = torch.tensor([1.0, 0.0, 2.0, 0.0]).repeat(64 * 64).reshape(64, 256)
+    assert is_two_of_four(two_of_four, probe_groups=16)
+    broken_late = two_of_four.clone()
+    broken_late[-1, -3] = 3.0  # only the last group holds three non-zeros
+    assert not is_two_of_four(broken_late, probe_groups=16)
+    assert not is_two_of_four(broken_late[:, :-1])  # rows that do not split into groups of 4
+
+
+def test_count_nonzeros_agrees_with_torch():
+    tensor = torch.tensor([0.0, -0.0, 1.0, float("nan"), -2.0, 0.0])
+    assert count_nonzeros(tensor) == int(torch.count_nonzero(tensor)) == 3

@@ -163,6 +163,26 @@ def test_the_quality_report_scores_both_objectives_on_unseen_trials(searched):
         quality_report(data.subset(np.arange(6)), featurizer.schema)
 
 
+def test_only_screening_learns_from_trials_stopped_early(searched):
+    config, study, featurizer, _ = searched
+    storage = optuna.storages.InMemoryStorage()
+    optuna.copy_study(from_study_name=STUDY, from_storage=config.storage, to_storage=storage)
+    copy = optuna.load_study(study_name=STUDY, storage=storage)
+    finished = [t for t in copy.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    stopped = {**finished[0].user_attrs, "status": "stopped_early", "quality": 1e4, "windows": 1}
+    copy.add_trial(optuna.trial.create_trial(
+        state=optuna.trial.TrialState.PRUNED, params=finished[0].params,
+        distributions=finished[0].distributions, user_attrs=stopped,
+    ))
+    reported = training_set(copy, featurizer)  # what fit and report learn from: full measurements
+    assert len(reported) == len(finished) and reported.complete.all()
+    assert reported.quality.tolist() == [t.values[1] for t in finished]
+    screened = training_set(copy, featurizer, stopped_early=True)
+    assert len(screened) == len(finished) + 1 and screened.complete.tolist() == [True] * len(finished) + [False]
+    assert screened.quality[-1] == 1e4
+    assert screened.nonzeros[-1] == finished[0].user_attrs["size"]["linear_nonzeros"]
+
+
 def test_front_recall_and_domination_counts_on_a_known_set():
     nonzeros = np.array([1.0, 2.0, 3.0, 4.0, 2.0, 3.0, 4.0, 5.0])
     measured = np.array([9.0, 5.0, 3.0, 1.0, 8.0, 6.0, 7.0, 9.0])  # front: the first four
