@@ -64,7 +64,7 @@ def training_set(
     ``stopped_early`` adds the trials stopped early, labelled with the quality of the windows they
     reached. A noisy label, so quality reports leave them out; but a screen that learns only from
     trials good enough to finish sees no bad plans and rates unexplored regions as good as the
-    front (on SmolLM2 with early stopping, 38 of 40 such picks were then stopped early).
+    front (in a SmolLM2 SparseGPT study, 56 of its first 69 picks were then stopped early).
     """
     states = (TrialState.COMPLETE, TrialState.PRUNED) if stopped_early else (TrialState.COMPLETE,)
     labelled = [
