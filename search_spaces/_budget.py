@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+import numpy as np
 
 from autoprune.methods import prune_count
 from autoprune.plan import LayerSpec, Plan
@@ -26,18 +26,22 @@ def project_to_budget(
     raw: dict[str, float], ctx: SpaceContext, target: float, removed_blocks: Sequence[int] = ()
 ) -> Plan:
     """A plan with ``raw``'s shape of allocation whose expected non-zeros are the closest reachable
-    to ``(1 - target)`` of the dense decoder linear weights. ``raw`` covers the kept layers."""
+    to ``(1 - target)`` of the dense decoder linear weights. ``raw`` covers the kept layers.
+
+    NumPy, not torch: a screening round casts hundreds of candidates, and on arrays of a few
+    hundred layers NumPy's per-call cost is a fraction of torch's (8 -> ~1 ms per cast on SmolLM2);
+    counts are integers held exactly in float64, so the result does not depend on the library."""
     names = list(raw)
-    rows = torch.tensor([ctx.layers[name].rows for name in names], dtype=torch.float64)
-    cols = torch.tensor([ctx.layers[name].cols for name in names], dtype=torch.float64)
-    sparsity = torch.tensor([raw[name] for name in names], dtype=torch.float64)
+    rows = np.array([ctx.layers[name].rows for name in names], dtype=np.float64)
+    cols = np.array([ctx.layers[name].cols for name in names], dtype=np.float64)
+    sparsity = np.array([raw[name] for name in names], dtype=np.float64)
     budget = round((1.0 - target) * ctx.dense_linear_params)
 
-    def counts(shift: float) -> torch.Tensor:
-        pruned = prune_count((sparsity + shift).clamp(0.0, MAX_LAYER_SPARSITY), cols)
-        return torch.minimum(pruned, cols - 1)  # a row always keeps a weight, even a narrow one
+    def counts(shift: float) -> np.ndarray:
+        pruned = prune_count(np.clip(sparsity + shift, 0.0, MAX_LAYER_SPARSITY), cols)
+        return np.minimum(pruned, cols - 1)  # a row always keeps a weight, even a narrow one
 
-    def nonzeros(pruned: torch.Tensor) -> int:
+    def nonzeros(pruned: np.ndarray) -> int:
         return int((rows * (cols - pruned)).sum())
 
     low = -float(sparsity.max())  # everything dense: at least the budget
@@ -50,10 +54,10 @@ def project_to_budget(
             high = middle
     at_low, at_high = counts(low), counts(high)
     excess = nonzeros(at_low) - budget
-    removed_by_switching = torch.cumsum(rows * (at_high - at_low), 0)
-    misses = (excess - torch.cat([torch.zeros(1, dtype=torch.float64), removed_by_switching])).abs()
-    switched = int(torch.argmin(misses))
-    final = torch.cat([at_high[:switched], at_low[switched:]])
+    removed_by_switching = np.cumsum(rows * (at_high - at_low))
+    misses = np.abs(excess - np.concatenate([[0.0], removed_by_switching]))
+    switched = int(np.argmin(misses))
+    final = np.concatenate([at_high[:switched], at_low[switched:]])
     layers = {
         name: LayerSpec(sparsity=float(count) / float(width))
         for name, count, width in zip(names, final.tolist(), cols.tolist(), strict=True)

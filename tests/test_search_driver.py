@@ -20,6 +20,7 @@ from autoprune.study import (
     TrialResult,
     front_size,
     front_trials,
+    pareto_trials,
     run_search,
     study_settings,
 )
@@ -223,6 +224,25 @@ def test_the_time_budget_stops_asking_and_leaves_nothing_running(
 def test_front_size_counts_non_dominated_points():
     assert front_size([]) == 0
     assert front_size([(10, 5.0), (20, 4.0), (15, 6.0), (30, 4.0)]) == 2
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_pareto_trials_match_optunas_best_trials(constrained):
+    """The screening's copy-free front is Optuna's: ties kept, failed and pruned trials out,
+    infeasible ones out once constraints exist."""
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    points = [(10, 5.0), (20, 4.0), (20, 4.0), (15, 6.0), (30, 3.0), (5, 9.0), (12, 4.5), (40, 3.0)]
+    for index, values in enumerate(points):
+        trial = study.ask()
+        if constrained:
+            trial.set_constraint("max_ppl", values[1] - 8.0 if index != 4 else 1.0)
+        study.tell(trial, values)
+    study.tell(study.ask(), state=TrialState.FAIL)
+    pruned = study.ask()
+    study.tell(pruned, state=TrialState.PRUNED)
+    expected = [t.number for t in study.best_trials]
+    assert [t.number for t in pareto_trials(study.get_trials(deepcopy=False))] == expected
+    assert (4 in expected) != constrained and {1, 2} <= set(expected)
 
 
 def test_seeds_follow_the_baselines_and_breed(tiny_llama_dir, data_dir, tmp_path):

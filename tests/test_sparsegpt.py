@@ -43,3 +43,22 @@ def test_batched_layers_match_one_at_a_time() -> None:
     for index in range(2):
         single = sparsegpt_prune(weights[index][None], factors[index][None], sparsity)
         torch.testing.assert_close(batched[index], single[0], rtol=1e-4, atol=1e-5)
+
+
+def test_selection_breaks_ties_by_column_like_a_stable_sort():
+    """Rows full of equal saliencies (quantized weights) lose exactly their count, the lowest
+    first and, among equals, the leftmost: the mask a stable sort gives. An identity factor makes
+    the updates vanish, so the pruned weights are exactly the zeros of the result."""
+    generator = torch.Generator().manual_seed(6)
+    magnitude = torch.randint(1, 4, (3, 24, 32), generator=generator).float()
+    weight = magnitude * (torch.randint(0, 2, (3, 24, 32), generator=generator) * 2 - 1)
+    identity = torch.eye(32).expand(3, 32, 32).contiguous()
+    sparsity = torch.tensor([0.25, 0.5, 0.75]).repeat_interleave(8).expand(3, 24).contiguous()
+    pruned = sparsegpt_prune(weight, identity, sparsity, mask_block=32) == 0
+    order = torch.argsort(weight**2, dim=2, stable=True)
+    counts = torch.floor(sparsity * 32 + 0.5).long()
+    expected = torch.zeros_like(pruned)
+    for batch in range(3):
+        for row in range(24):
+            expected[batch, row, order[batch, row, : counts[batch, row]]] = True
+    assert torch.equal(pruned, expected)

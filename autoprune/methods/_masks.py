@@ -7,13 +7,19 @@ and that makes the sparsity of a layer exact rather than approximate.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
-def prune_count(sparsity: float | torch.Tensor, width: int) -> torch.Tensor | int:
-    """Weights removed from a row of ``width`` inputs: ``round(sparsity * width)``, half up."""
+def prune_count(
+    sparsity: float | torch.Tensor | np.ndarray, width: int | np.ndarray
+) -> torch.Tensor | np.ndarray | int:
+    """Weights removed from a row of ``width`` inputs: ``round(sparsity * width)``, half up.
+    Element-wise for tensors and arrays (search spaces plan with NumPy, methods prune with torch)."""
     if isinstance(sparsity, torch.Tensor):
         return torch.floor(sparsity * width + 0.5).to(torch.long)
+    if isinstance(sparsity, np.ndarray):
+        return np.floor(sparsity * width + 0.5).astype(np.int64)
     return int(sparsity * width + 0.5)
 
 

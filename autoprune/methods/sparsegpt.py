@@ -74,7 +74,7 @@ def sparsegpt_prune(
             values = w_block[:, i]
             kept = values.masked_fill(pruned[:, column], 0.0)
             error = (values - kept) / hinv_block[:, i, i].unsqueeze(1)
-            w_block[:, i:] -= hinv_block[:, i, i:].unsqueeze(2) * error.unsqueeze(1)
+            w_block[:, i:].addcmul_(hinv_block[:, i, i:].unsqueeze(2), error.unsqueeze(1), value=-1.0)
             w_block[:, i] = kept
             errors[:, i] = error
         w[:, start:end] = w_block
@@ -92,16 +92,40 @@ def _select_unstructured(
     end: int,
 ) -> None:
     """Mark, per row, the lowest-saliency weights of columns ``[start, end)`` for pruning
-    (``w`` and ``pruned`` are ``[B, cols, rows]``)."""
-    # Sorted along the last dimension (rows x block columns, contiguous): several times faster
-    # than sorting the column-major layout along its strided dimension.
+    (``w`` and ``pruned`` are ``[B, cols, rows]``); ties go to the lower column, as a stable sort
+    would order them.
+
+    A row's cut-off is its ``count``-th smallest saliency, found by selection rather than a full
+    sort (on a SmolLM2 plan, selection fell from ~5.6 to ~3.4 CPU-seconds; the masks are the same).
+    Rows of one layer share a count, so selection runs once per run of equal counts and the
+    comparison once for the whole batch.
+    """
+    # Rows x block columns, contiguous: selection reads along the last dimension.
     saliency = (w[:, start:end] ** 2 / diag[:, start:end, None] ** 2).transpose(1, 2).contiguous()
     count = prune_count(row_sparsity, end) - prune_count(row_sparsity, start)
-    order = torch.argsort(saliency, dim=2, stable=True)
-    ranks = torch.empty_like(order)
-    positions = torch.arange(end - start, device=w.device).expand_as(order)
-    ranks.scatter_(2, order, positions.contiguous())
-    pruned[:, start:end] = (ranks < count.unsqueeze(2)).transpose(1, 2)
+    cutoff = torch.full(count.shape, -torch.inf, dtype=saliency.dtype, device=saliency.device)
+    for index, (first, last, k) in _equal_runs(count):
+        if k > 0:
+            cutoff[index, first:last] = torch.kthvalue(saliency[index, first:last], k, dim=1).values
+    chosen = saliency <= cutoff.unsqueeze(2)
+    # Where several saliencies tie at the cut-off, only the leftmost ones the count still needs go.
+    for index, row in torch.nonzero(chosen.sum(dim=2) > count).tolist():
+        values, limit = saliency[index, row], cutoff[index, row]
+        ties = values == limit
+        wanted = count[index, row] - (values < limit).sum()
+        chosen[index, row] = (values < limit) | (ties & (torch.cumsum(ties, dim=0) <= wanted))
+    pruned[:, start:end] = chosen.transpose(1, 2)
+
+
+def _equal_runs(count: torch.Tensor) -> list[tuple[int, tuple[int, int, int]]]:
+    """``(batch index, (first row, end row, count))`` for every run of rows with one count."""
+    changes = count[:, 1:] != count[:, :-1]
+    runs = []
+    for index in range(count.shape[0]):
+        cuts = [0, *(torch.nonzero(changes[index]).flatten() + 1).tolist(), count.shape[1]]
+        for first, last, k in zip(cuts[:-1], cuts[1:], count[index, cuts[:-1]].tolist(), strict=True):
+            runs.append((index, (first, last, k)))
+    return runs
 
 
 class SparseGPT(PruningMethod):
@@ -113,6 +137,9 @@ class SparseGPT(PruningMethod):
         self.dampening = dampening
         self.mask_block = mask_block
         self._factors: dict[str, torch.Tensor] = {}
+        #: The stacked factors of the last batch of each shape: plan after plan, a batch holds the
+        #: same groups, and stacking them anew (hundreds of MB for ``down_proj``) cost ~0.5 s.
+        self._stacked: dict[tuple[str, ...], torch.Tensor] = {}
 
     def prune(self, jobs: list[LayerJob]) -> dict[str, torch.Tensor]:
         result = {job.name: job.weight for job in jobs if job.spec.is_dense}
@@ -136,6 +163,14 @@ class SparseGPT(PruningMethod):
             self._factors[stats.group] = inverse_hessian_factor(stats.hessian, self.dampening)
         return self._factors[stats.group]
 
+    def _stacked_factors(self, stats: list[LinearStats]) -> torch.Tensor:
+        key = tuple(group.group for group in stats)
+        if key not in self._stacked:
+            shape = self._factor(stats[0]).shape
+            self._stacked = {k: v for k, v in self._stacked.items() if v.shape[1:] != shape}
+            self._stacked[key] = torch.stack([self._factor(group) for group in stats])
+        return self._stacked[key]
+
     def _prune_batch(self, groups: list[list[LayerJob]], pattern: str | None) -> dict[str, torch.Tensor]:
         """Stack each group's rows (every group of the batch has as many) and prune them at once."""
         rows = sum(job.weight.shape[0] for job in groups[0])
@@ -149,7 +184,7 @@ class SparseGPT(PruningMethod):
                 weight[index, offset : offset + height] = job.weight
                 sparsity[index, offset : offset + height] = job.spec.sparsity
                 offset += height
-        hinv = torch.stack([self._factor(group[0].stats) for group in groups])
+        hinv = self._stacked_factors([group[0].stats for group in groups])
         nm = NMPattern.parse(pattern) if pattern is not None else None
         pruned = sparsegpt_prune(
             weight,

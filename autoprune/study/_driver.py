@@ -228,7 +228,7 @@ class _Loop:
             self.finished += counts_toward_budget(frozen)
             if frozen.state in (TrialState.COMPLETE, TrialState.PRUNED) and "plan" in frozen.user_attrs:
                 self.digests.add(plan_digest(trial_plan(frozen)))
-        self.points = [(int(t.values[0]), float(t.values[1])) for t in study.best_trials]
+        self.points = [(int(t.values[0]), float(t.values[1])) for t in front_trials(study)]
         self.node = f"{platform.node()}:{os.getpid()}"
         minutes = config.timeout_minutes
         self.deadline = None if minutes is None else time.monotonic() + 60 * minutes

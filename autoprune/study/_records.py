@@ -21,8 +21,11 @@ trials are the rest. Only COMPLETE trials (and only feasible ones under constrai
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
+import moocore
+import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
@@ -45,7 +48,25 @@ def study_settings(study: optuna.Study) -> dict[str, Any]:
 
 def front_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Non-dominated complete (and feasible) trials, densest first."""
-    return sorted(study.best_trials, key=lambda trial: -trial.values[0])
+    return sorted(pareto_trials(study.get_trials(deepcopy=False)), key=lambda trial: -trial.values[0])
+
+
+def pareto_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
+    """What ``study.best_trials`` gives, in trial order: the complete trials no other dominates
+    (both objectives minimized), only feasible ones once any trial carries constraints, ties all
+    kept. ``best_trials`` deep-copies every trial of the study first (~2 s at 250 trials, paid
+    per screening round); this reads the trials as they are."""
+    constrained = any(trial.constraints for trial in trials)
+    eligible = [
+        trial
+        for trial in trials
+        if trial.state == TrialState.COMPLETE
+        and not (constrained and any(value > 0 for value in trial.constraints.values()))
+    ]
+    if not eligible:
+        return []
+    on_front = moocore.is_nondominated(np.array([trial.values for trial in eligible]), keep_weakly=True)
+    return [trial for trial, kept in zip(eligible, on_front, strict=True) if kept]
 
 
 def counts_toward_budget(trial: FrozenTrial) -> bool:

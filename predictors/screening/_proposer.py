@@ -28,6 +28,8 @@ why it was picked as user attributes; the front is built from measured values on
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.api import prepare
 from autoprune.plan import Plan
-from autoprune.study import SearchConfig, trial_plan
+from autoprune.study import SearchConfig, pareto_trials, trial_plan
 from predictors.features import Featurizer
 from predictors.model import Predictor, TrainingSet, training_set
 from predictors.quality import domination_counts
@@ -117,7 +119,7 @@ class PredictorProposer:
         rng = np.random.default_rng([self.seed, len(trials)])  # a resumed run draws anew
         data = training_set(study, self.featurizer, stopped_early=True)
         measured = {trial_plan(t).to_json() for t in trials if "plan" in t.user_attrs}
-        best = [t for t in study.best_trials if t.values[1] > 0]  # a zero KL has no logarithm
+        best = [t for t in pareto_trials(trials) if t.values[1] > 0]  # a zero KL has no logarithm
         front = np.array(
             [(t.values[0] / self.ctx.dense_linear_params, np.log(t.values[1])) for t in best]
         ).reshape(-1, 2)
@@ -140,10 +142,14 @@ class PredictorProposer:
         """Pessimistic predicted log-quality of ``plans``: the ensemble's mean plus
         :attr:`pessimism` standard deviations."""
         features = self.featurizer.transform(plans)
-        predictions = np.array([
-            Predictor.fit(data, self.featurizer.schema, "regression", self.seed + member).scores(features)
-            for member in range(self.ensemble)
-        ])
+
+        def member_scores(member: int) -> np.ndarray:
+            return Predictor.fit(data, self.featurizer.schema, "regression", self.seed + member).scores(features)
+
+        # Each fit is single-threaded (so deterministic) and xgboost releases the GIL; while the
+        # driver screens, an in-process worker waits, so the members train side by side.
+        with ThreadPoolExecutor(max_workers=min(self.ensemble, os.cpu_count() or 1)) as pool:
+            predictions = np.array(list(pool.map(member_scores, range(self.ensemble))))
         return predictions.mean(axis=0) + self.pessimism * predictions.std(axis=0)
 
     def warmup(self, trials: list[FrozenTrial]) -> int:
