@@ -278,8 +278,14 @@ def run_cli(capsys, *args) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_search_flag_turns_screening_on(tiny_llama_dir, data_dir, tmp_path, capsys):
+def test_search_flag_turns_screening_on(tiny_llama_dir, data_dir, tmp_path, capsys, monkeypatch):
     config = tiny_config(tiny_llama_dir, data_dir, tmp_path, trials=20)
+
+    def second_copy(*args, **kwargs):
+        raise AssertionError("the proposer loaded a second copy of the model")
+
+    # In process, the proposer's features come from the worker's model.
+    monkeypatch.setattr("predictors.screening._proposer.prepare", second_copy)
     flags = [f"--{key.replace('_', '-')}" for key in ("model", "data", "storage", "study", "space",
                                                       "method", "cache_dir")]
     values = [getattr(config, key) for key in ("model", "data", "storage", "study", "space", "method",

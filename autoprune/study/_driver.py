@@ -124,7 +124,9 @@ def run_search(
         if proposer is None and config.predictor == "on":
             from predictors import PredictorProposer  # predictors builds on this package
 
-            proposer = PredictorProposer.for_search(config, space, ctx, distributions, progress)
+            proposer = PredictorProposer.for_search(
+                config, space, ctx, distributions, progress, executor.local_model()
+            )
         study = optuna.create_study(
             storage=storage, study_name=config.study, directions=DIRECTIONS, load_if_exists=True
         )

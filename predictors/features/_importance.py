@@ -47,5 +47,5 @@ class ImportanceTable:
         return float(prefix[prune_count(spec.sparsity, len(prefix) - 1)])
 
     def _scores(self, name: str) -> torch.Tensor:
-        weight = self._loaded.model.get_submodule(name).weight.detach().float()
+        weight = self._loaded.model.get_submodule(name).weight.detach().float().cpu()
         return wanda_scores(weight, self._stats.layer(name).act_norm)

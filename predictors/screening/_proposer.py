@@ -40,6 +40,8 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.api import prepare
+from autoprune.calibration import CalibrationStats
+from autoprune.models import LoadedModel
 from autoprune.plan import Plan
 from autoprune.study import SearchConfig, pareto_trials, trial_plan
 from predictors.features import Featurizer
@@ -103,12 +105,16 @@ class PredictorProposer:
         ctx: SpaceContext,
         distributions: dict[str, BaseDistribution],
         progress: bool = False,
+        local: tuple[LoadedModel, CalibrationStats] | None = None,
     ) -> PredictorProposer:
         """The proposer of a search with ``predictor: on``. Its importance features need the
-        model's weights, which an executor keeps to itself, so the model is loaded once more here
-        (statistics come from the cache)."""
-        cache_dir = Path(config.cache_dir) if config.cache_dir else None
-        loaded, stats, _ = prepare(config.model, config.calibration(), cache_dir, progress)
+        model's dense weights: ``local`` (an in-process worker's) when given, else the model is
+        loaded once more here (statistics come from the cache)."""
+        if local is None:
+            cache_dir = Path(config.cache_dir) if config.cache_dir else None
+            loaded, stats, _ = prepare(config.model, config.calibration(), cache_dir, progress)
+        else:
+            loaded, stats = local
         featurizer = Featurizer.from_model(loaded, stats, ctx)
         return cls(space, ctx, featurizer, distributions, config.population, config.seed)
 
