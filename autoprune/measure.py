@@ -152,20 +152,49 @@ def expected_linear_nonzeros(
     return total
 
 
+@dataclass(frozen=True)
+class WindowLoss:
+    """One evaluation window's sums: next-token NLL over its ``L - 1`` predictions and, when a
+    dense reference is given, KL(dense || model) over its ``L`` positions."""
+
+    nll: float
+    kl: float | None = None
+
+
 @torch.no_grad()
+def window_losses(
+    model: nn.Module,
+    windows: torch.Tensor,
+    reference: torch.Tensor | None = None,
+    progress: bool = False,
+    desc: str = "evaluating",
+) -> Iterator[WindowLoss]:
+    """Per window, from one forward pass, its NLL and (with ``reference``, see
+    :func:`reference_logprobs`) its KL sums.
+
+    One window at a time, so a caller can stop early (multi-fidelity) and memory stays at one
+    window's logits; NLL and KL share the forward, so a KL objective costs what perplexity does.
+    """
+    device = next(model.parameters()).device
+    references = reference if reference is not None else [None] * len(windows)
+    pairs = zip(windows, references, strict=True)
+    for window, ref in tqdm(pairs, total=len(windows), desc=desc, disable=not progress, leave=False):
+        ids = window.unsqueeze(0).to(device)
+        logits = model(ids, use_cache=False).logits[0].float()
+        nll = float(F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum").double())
+        if ref is None:
+            yield WindowLoss(nll)
+            continue
+        ref = ref.to(device).float()
+        logp = F.log_softmax(logits, -1)
+        yield WindowLoss(nll, float((ref.exp() * (ref - logp)).sum().double()))
+
+
 def window_nlls(
     model: nn.Module, windows: torch.Tensor, progress: bool = False, desc: str = "evaluating"
 ) -> Iterator[float]:
-    """Per window, the summed next-token NLL of its ``L - 1`` predicted tokens (float64 sums).
-
-    One window at a time, so a caller can stop early (multi-fidelity) and memory stays at one
-    window's logits.
-    """
-    device = next(model.parameters()).device
-    for window in tqdm(windows, desc=desc, disable=not progress, leave=False):
-        ids = window.unsqueeze(0).to(device)
-        logits = model(ids, use_cache=False).logits[0, :-1].float()
-        yield float(F.cross_entropy(logits, ids[0, 1:], reduction="sum").double())
+    """Per window, the summed next-token NLL of its ``L - 1`` predicted tokens."""
+    return (loss.nll for loss in window_losses(model, windows, progress=progress, desc=desc))
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = False) -> float:
@@ -193,14 +222,7 @@ def reference_logprobs(model: nn.Module, windows: torch.Tensor) -> torch.Tensor:
     return torch.stack(out)
 
 
-@torch.no_grad()
 def kl_to_reference(model: nn.Module, windows: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean per-token KL(dense || pruned): a smoother objective than perplexity for search."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for window, ref in zip(windows, reference, strict=True):
-        logp = F.log_softmax(model(window.unsqueeze(0).to(device), use_cache=False).logits[0].float(), -1)
-        ref = ref.to(device).float()
-        total += float((ref.exp() * (ref - logp)).sum())
-        count += window.shape[0]
-    return total / count
+    total = sum(loss.kl for loss in window_losses(model, windows, reference))
+    return total / windows.numel()

@@ -67,6 +67,8 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.6, 0.7])
     parser.add_argument("--trials", type=int, default=400)
     parser.add_argument("--budget-minutes", type=float, default=110.0)
+    parser.add_argument("--objective", choices=("ppl", "kl"), default="ppl",
+                        help="validation score the study minimizes (see proxy_check.py)")
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -87,7 +89,8 @@ def main() -> None:
         trials=args.trials, timeout_minutes=args.budget_minutes, sampler=args.sampler,
         population=args.population, space=args.space, method=args.method,
         sparsity_range=tuple(args.sparsity_range), baseline_targets=args.targets,
-        eval_windows=args.eval_windows, seq_len=args.seq_len, calib_samples=args.calib_samples,
+        objective=args.objective, eval_windows=args.eval_windows, seq_len=args.seq_len,
+        calib_samples=args.calib_samples,
         threads=args.threads, predictor=args.predictor,
     )
     if not args.no_search:

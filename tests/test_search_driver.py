@@ -18,13 +18,15 @@ from autoprune.study import (
     SearchConfig,
     TrialRequest,
     TrialResult,
+    TrialWorker,
     front_size,
     front_trials,
     pareto_trials,
     run_search,
     study_settings,
 )
-from search_spaces import SpaceContext
+from autoprune.measure import kl_to_reference, perplexity
+from search_spaces import SearchSpace, SpaceContext
 
 RECORD_KEYS = {
     "plan", "plan_summary", "expected_nonzeros", "stop_above", "status", "ppl", "kl", "quality",
@@ -172,11 +174,14 @@ def test_constraints_are_set_and_the_front_is_feasible(tiny_llama_dir, data_dir,
     assert summary.front and all(row["ppl"] <= 80.0 for row in summary.front)
 
 
-def test_thresholds_follow_the_front_and_spare_baselines(tiny_llama_dir, data_dir, tmp_path, tiny_ctx):
+@pytest.mark.parametrize("objective", ["ppl", "kl"])
+def test_thresholds_follow_the_front_and_spare_baselines(
+    tiny_llama_dir, data_dir, tmp_path, tiny_ctx, objective
+):
     _, study, executor = scripted_run(
         tiny_llama_dir, data_dir, tmp_path, tiny_ctx,
         lambda number, nonzeros: ("complete", 1e-3 * nonzeros),
-        trials=8, early_stop_margin=1.5,
+        trials=8, early_stop_margin=1.5, objective=objective,
     )
     trials = {t.number: t for t in study.trials}
     for request in executor.requests:
@@ -256,3 +261,25 @@ def test_seeds_follow_the_baselines_and_breed(tiny_llama_dir, data_dir, tmp_path
     # later blocks get more sparsity than earlier ones in every seed, before projection
     for trial in study.trials[6:12]:
         assert trial.params["block_3"] > trial.params["block_1"]
+
+
+def test_a_kl_trial_reads_each_window_once_and_stops_early_on_kl(tiny_llama_dir, data_dir, tmp_path):
+    """With the KL objective, perplexity and KL come from the same forward pass per window, and
+    multi-fidelity bounds the running KL."""
+    config = tiny_config(tiny_llama_dir, data_dir, tmp_path, objective="kl", eval_windows=4, min_windows=2)
+    worker = TrialWorker(config.worker_spec())
+    ctx = worker.space_context(config.method, config.sparsity_range)
+    plan = SearchSpace.named("uniform").cast({"target": 0.5}, ctx)
+    forwards = []
+    hook = worker.loaded.model.register_forward_hook(lambda *_: forwards.append(1))
+    result = worker.run(TrialRequest(0, plan))
+    hook.remove()
+    assert result.status == "complete" and len(forwards) == result.windows == 4
+    assert result.quality == result.kl > 0
+    with worker.pruner.applied(plan) as model:
+        assert result.kl == pytest.approx(kl_to_reference(model, worker.windows, worker.reference))
+        assert result.ppl == pytest.approx(perplexity(model, worker.windows))
+        assert kl_to_reference(model, worker.windows, worker.reference) > 0
+    assert kl_to_reference(worker.loaded.model, worker.windows, worker.reference) == pytest.approx(0, abs=1e-3)
+    stopped = worker.run(TrialRequest(1, plan, stop_above=result.kl / 10))
+    assert (stopped.status, stopped.windows) == ("stopped_early", 2) and stopped.quality == stopped.kl

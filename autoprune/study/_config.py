@@ -97,7 +97,9 @@ class SearchConfig(BaseModel):
     eval_windows: Annotated[int, Field(ge=1)] = Field(8, description="validation windows per trial")
     min_windows: Annotated[int, Field(ge=1)] = Field(2, description="windows before a trial may stop early")
     early_stop_margin: Annotated[float, Field(ge=1.0)] | None = Field(
-        1.2, description="stop a trial whose ppl exceeds the front's by this factor (null: never)"
+        1.2,
+        description="stop a trial whose running quality (ppl or KL) exceeds the front's by this "
+        "factor (null: never)",
     )
     seq_len: Annotated[int, Field(ge=2)] = Field(512, description="tokens per calibration/validation window")
     calib_samples: Annotated[int, Field(ge=1)] = Field(128, description="calibration windows")

@@ -14,9 +14,10 @@ same settings continues the study:
   again (told FAIL with ``reason="duplicate"``).
 
 Multi-fidelity: every non-baseline candidate carries ``stop_above`` = ``early_stop_margin`` times
-the best perplexity of the feasible front members with no more non-zeros than the candidate
-(and at most ``max_ppl`` times the margin). The worker stops after ``min_windows`` windows once its
-running perplexity is above it; such trials are told PRUNED and never enter the front.
+the best quality (the objective: perplexity or KL) of the feasible front members with no more
+non-zeros than the candidate (for perplexity, at most ``max_ppl`` times the margin). The worker
+stops after ``min_windows`` windows once its running quality is above it; such trials are told
+PRUNED and never enter the front.
 
 Constraints use Optuna 5's ``Trial.set_constraint`` before ``tell`` (values <= 0 are feasible);
 samplers and ``study.best_trials`` read them from the trial's system attributes.
@@ -314,13 +315,14 @@ class _Loop:
             sampler.get_trial_generation(self.study, self.study.get_trials(deepcopy=False)[trial.number])
 
     def _stop_above(self, nonzeros: int) -> float | None:
-        """The perplexity above which this candidate cannot reach the front (times the margin)."""
+        """The quality (perplexity or KL, the objective) above which this candidate cannot reach
+        the front, times the margin."""
         margin = self.config.early_stop_margin
-        if margin is None or self.config.objective != "ppl":
+        if margin is None:
             return None
         limits = [q for n, q in self.points if n <= nonzeros]
         bounds = [min(limits)] if limits else []
-        if self.config.max_ppl is not None:
+        if self.config.max_ppl is not None and self.config.objective == "ppl":
             bounds.append(self.config.max_ppl)
         return margin * min(bounds) if bounds else None
 

@@ -20,13 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from autoprune.api import prepare
 from autoprune.config import CalibrationConfig
 from autoprune.data import validation_windows
-from autoprune.measure import (
-    SizeMeter,
-    kl_to_reference,
-    ppl_from_nll,
-    reference_logprobs,
-    window_nlls,
-)
+from autoprune.measure import SizeMeter, ppl_from_nll, reference_logprobs, window_losses
 from autoprune.plan import MethodName, Plan
 from autoprune.pruner import Pruner
 from search_spaces import SpaceContext
@@ -122,25 +116,24 @@ class TrialWorker:
         return result
 
     def _measure(self, model: torch.nn.Module, request: TrialRequest, size: dict) -> TrialResult:
-        tokens_per_window = self.windows.shape[1] - 1
-        total_nll, count = 0.0, 0
-        for count, nll in enumerate(window_nlls(model, self.windows), start=1):
-            total_nll += nll
-            ppl = ppl_from_nll(total_nll, count * tokens_per_window)
-            if not math.isfinite(ppl):
-                return TrialResult(request.number, "collapsed", windows=count, size=size)
+        """Window after window, one forward each: the running perplexity and, with the KL
+        objective, the running KL; the objective's running value is what ``stop_above`` bounds
+        once ``min_windows`` windows are in."""
+        total_nll = total_kl = 0.0
+        ppl, kl = math.inf, None
+        for count, loss in enumerate(window_losses(model, self.windows, self.reference), start=1):
+            total_nll += loss.nll
+            ppl = ppl_from_nll(total_nll, count * (self.windows.shape[1] - 1))
+            if loss.kl is not None:
+                total_kl += loss.kl
+                kl = total_kl / (count * self.windows.shape[1])
+            quality = ppl if kl is None else kl
+            if not (math.isfinite(ppl) and math.isfinite(quality)):
+                return TrialResult(request.number, "collapsed", ppl=ppl, windows=count, size=size)
             if (
                 request.stop_above is not None
-                and self.spec.objective == "ppl"
-                and count >= self.spec.min_windows
-                and count < len(self.windows)
-                and ppl > request.stop_above
+                and self.spec.min_windows <= count < len(self.windows)
+                and quality > request.stop_above
             ):
-                return TrialResult(request.number, "stopped_early", ppl, ppl, windows=count, size=size)
-        kl = None
-        if self.reference is not None:
-            kl = kl_to_reference(model, self.windows, self.reference)
-            if not math.isfinite(kl):
-                return TrialResult(request.number, "collapsed", ppl=ppl, windows=count, size=size)
-        quality = kl if kl is not None else ppl
+                return TrialResult(request.number, "stopped_early", quality, ppl, kl, count, size)
         return TrialResult(request.number, "complete", quality, ppl, kl, count, size)
