@@ -190,17 +190,10 @@ def window_losses(
         yield WindowLoss(nll, float((ref.exp() * (ref - logp)).sum().double()))
 
 
-def window_nlls(
-    model: nn.Module, windows: torch.Tensor, progress: bool = False, desc: str = "evaluating"
-) -> Iterator[float]:
-    """Per window, the summed next-token NLL of its ``L - 1`` predicted tokens."""
-    return (loss.nll for loss in window_losses(model, windows, progress=progress, desc=desc))
-
-
 def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = False) -> float:
     """exp of the mean token NLL over all windows (the literature's WikiText-2 perplexity);
     ``inf`` when the model has collapsed to non-finite losses."""
-    total = sum(window_nlls(model, windows, progress))
+    total = sum(loss.nll for loss in window_losses(model, windows, progress=progress))
     return ppl_from_nll(total, windows.shape[0] * (windows.shape[1] - 1))
 
 

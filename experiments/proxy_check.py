@@ -26,7 +26,7 @@ from scipy.stats import spearmanr
 
 from autoprune.config import CalibrationConfig
 from autoprune.data import evaluation_windows
-from autoprune.measure import perplexity, reference_logprobs, window_losses
+from autoprune.measure import kl_to_reference, perplexity
 from autoprune.study import TrialWorker, WorkerSpec, load_existing_study, study_settings, trial_plan
 
 HERE = Path(__file__).resolve().parent
@@ -50,9 +50,8 @@ def main() -> None:
     calibration = CalibrationConfig(**settings["calibration"])
     worker = TrialWorker(WorkerSpec(
         model=settings["model"], calibration=calibration, eval_seq_len=settings["eval_seq_len"],
-        eval_windows=settings["eval_windows"],
+        eval_windows=settings["eval_windows"], objective="kl",
     ))
-    reference = reference_logprobs(worker.loaded.model, worker.windows)
     test = evaluation_windows(calibration.source, worker.loaded.tokenizer, settings["eval_seq_len"],
                               args.test_windows)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -61,9 +60,9 @@ def main() -> None:
         group = [t for t in complete if abs(t.params.get("target", -1.0) - target) < 1e-9]
         for trial in group:
             with worker.pruner.applied(trial_plan(trial)) as model:
-                kl = sum(loss.kl for loss in window_losses(model, worker.windows, reference))
                 row = {"target": target, "trial": trial.number, "validation_ppl": trial.values[1],
-                       "validation_kl": kl / worker.windows.numel(), "test_ppl": perplexity(model, test)}
+                       "validation_kl": kl_to_reference(model, worker.windows, worker.reference),
+                       "test_ppl": perplexity(model, test)}
             rows.append(row)
             print(json.dumps(row), flush=True)
         here = [row for row in rows if row["target"] == target]

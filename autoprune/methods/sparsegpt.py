@@ -104,7 +104,7 @@ def _select_unstructured(
     saliency = (w[:, start:end] ** 2 / diag[:, start:end, None] ** 2).transpose(1, 2).contiguous()
     count = prune_count(row_sparsity, end) - prune_count(row_sparsity, start)
     cutoff = torch.full(count.shape, -torch.inf, dtype=saliency.dtype, device=saliency.device)
-    for index, (first, last, k) in _equal_runs(count):
+    for index, first, last, k in _equal_runs(count):
         if k > 0:
             cutoff[index, first:last] = torch.kthvalue(saliency[index, first:last], k, dim=1).values
     chosen = saliency <= cutoff.unsqueeze(2)
@@ -117,14 +117,14 @@ def _select_unstructured(
     pruned[:, start:end] = chosen.transpose(1, 2)
 
 
-def _equal_runs(count: torch.Tensor) -> list[tuple[int, tuple[int, int, int]]]:
-    """``(batch index, (first row, end row, count))`` for every run of rows with one count."""
+def _equal_runs(count: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """``(batch index, first row, end row, count)`` for every run of rows with one count."""
     changes = count[:, 1:] != count[:, :-1]
     runs = []
     for index in range(count.shape[0]):
         cuts = [0, *(torch.nonzero(changes[index]).flatten() + 1).tolist(), count.shape[1]]
         for first, last, k in zip(cuts[:-1], cuts[1:], count[index, cuts[:-1]].tolist(), strict=True):
-            runs.append((index, (first, last, k)))
+            runs.append((index, first, last, k))
     return runs
 
 
