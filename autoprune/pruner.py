@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -12,7 +11,7 @@ from autoprune.calibration import CalibrationStats, LinearStats, block_passes
 from autoprune.errors import AutopruneError
 from autoprune.methods import LayerJob, PruningMethod
 from autoprune.models import LoadedModel
-from autoprune.plan import Plan
+from autoprune.plan import LayerSpec, MethodName, Plan
 
 
 class Pruner:
@@ -51,29 +50,44 @@ class Pruner:
         """The weight of every linear layer of every kept block under ``plan``."""
         self.validate(plan)
         removed = set(plan.removed_blocks)
-        by_method: dict[str, list[LayerJob]] = defaultdict(list)
-        result = {}
-        for name, weight in self._dense.items():
-            if self.adapter.split_layer_name(name)[0] in removed:
-                continue
-            spec = plan.layers.get(name)
-            if spec is None or spec.is_dense:
-                result[name] = weight
-                continue
-            by_method[plan.method].append(LayerJob(name, weight, self.stats.layer(name), spec))
-        for method_name, jobs in by_method.items():
-            result.update(self._method(method_name).prune(jobs))
+        kept = {
+            name: plan.layers.get(name, LayerSpec())
+            for name in self._dense
+            if self.adapter.split_layer_name(name)[0] not in removed
+        }
+        return self.prune_layers(plan.method, kept)
+
+    def prune_layers(self, method: MethodName, specs: dict[str, LayerSpec]) -> dict[str, torch.Tensor]:
+        """Each named layer's weight under its spec (the dense tensor itself where it stays dense).
+        One call per batch of layers, so a method can batch layers of one shape together."""
+        jobs = [
+            LayerJob(name, self._dense[name], self.stats.layer(name), spec)
+            for name, spec in specs.items()
+            if not spec.is_dense
+        ]
+        result = {name: self._dense[name] for name, spec in specs.items() if spec.is_dense}
+        if jobs:
+            result.update(self._method(method).prune(jobs))
         return result
 
     @contextmanager
     def applied(self, plan: Plan) -> Iterator[torch.nn.Module]:
         """The model pruned to ``plan`` inside the ``with``; dense again after it."""
-        weights = self.pruned_weights(plan)
+        with self.pointed(self.pruned_weights(plan), plan.removed_blocks) as model:
+            yield model
+
+    @contextmanager
+    def pointed(
+        self, weights: dict[str, torch.Tensor], removed_blocks: list[int] | None = None
+    ) -> Iterator[torch.nn.Module]:
+        """The model with its linear layers pointing at ``weights`` (others dense) inside the
+        ``with``: how a caller that keeps pruned layers of its own (see ``autoprune refine``)
+        measures them without pruning anything again."""
         model = self.loaded.model
         for name, weight in weights.items():
             model.get_submodule(name).weight.data = weight
         try:
-            with self.adapter.without_blocks(model, plan.removed_blocks):
+            with self.adapter.without_blocks(model, removed_blocks or []):
                 yield model
         finally:
             for name, weight in self._dense.items():

@@ -7,7 +7,12 @@ import csv
 import io
 import json
 import math
+import types
+import typing
 from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel
 
 from autoprune.errors import AutopruneError
 
@@ -21,6 +26,33 @@ class OneLineParser(argparse.ArgumentParser):
 
 def add_format(parser: argparse.ArgumentParser, choices: Sequence[str] = ("table", "json")) -> None:
     parser.add_argument("--format", choices=choices, default="table", help="output format")
+
+
+def add_field_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+    """One flag per field of a pydantic settings model (``sparsity_range`` is ``--sparsity-range
+    LO HI``), described by the field: generated, so flags and settings can never disagree.
+    Values stay strings here; the model validates and converts them."""
+    for name, field in model.model_fields.items():
+        nargs = _nargs(field.annotation)
+        metavar = ("LO", "HI") if nargs == 2 else None
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(flag, dest=name, nargs=nargs, metavar=metavar, help=field.description)
+
+
+def given_field_flags(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
+    """The fields whose flags were given."""
+    flags = {name: getattr(args, name) for name in model.model_fields}
+    return {name: value for name, value in flags.items() if value is not None}
+
+
+def _nargs(annotation: object) -> int | str | None:
+    """2 for a pair, ``+`` for a list, None for a single value (optional or not)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        return len(typing.get_args(annotation))
+    return "+" if origin is list else None
 
 
 def parse_fraction(text: str) -> float:

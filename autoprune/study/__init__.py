@@ -13,6 +13,7 @@ from autoprune.study._records import (
     trial_recipe,
     trial_row,
 )
+from autoprune.study._refine import RefineConfig, RefineSummary, refine_trial
 from autoprune.study._storage import (
     DEFAULT_STORAGE,
     PASSWORD_ENV,
@@ -40,6 +41,8 @@ __all__ = [
     "InProcessExecutor",
     "Objective",
     "Proposer",
+    "RefineConfig",
+    "RefineSummary",
     "SearchConfig",
     "SearchSummary",
     "TrialRequest",
@@ -55,6 +58,7 @@ __all__ = [
     "mask_url",
     "open_storage",
     "pareto_trials",
+    "refine_trial",
     "run_search",
     "study_settings",
     "trial_plan",

@@ -12,7 +12,10 @@ in user attributes, written by the driver only:
   ``windows`` (validation windows evaluated), ``seconds`` (prune / evaluate / bookkeeping / total;
   bookkeeping includes the driver's own ask/cast/record time), ``worker``, ``retries`` (times its
   worker died and it was started again elsewhere), and ``reason`` for
-  trials told FAIL (``orphaned``, ``collapsed``, ``duplicate``, or the worker's error).
+  trials told FAIL (``orphaned``, ``collapsed``, ``duplicate``, or the worker's error);
+- for a trial ``autoprune refine`` added: the same measured attributes, ``refined_from`` (the
+  parent trial, whose parameters it carries although its plan is per-layer) and ``refine`` (the
+  evolution's settings, generations accepted, first and last fitness, seconds).
 
 States: COMPLETE trials were measured on every window; PRUNED trials were stopped early; FAIL
 trials are the rest. Only COMPLETE trials (and only feasible ones under constraints) form the front.

@@ -1,0 +1,368 @@
+"""``autoprune refine``: per-layer evolution of one trial's allocation, at its exact size.
+
+A study's search spaces are a few dozen numbers (a target, per-block and per-projection offsets)
+cast into per-layer sparsities: coarse enough for a sampler to learn, too coarse to give each of
+the hundreds of linear layers its own level. Refinement takes one measured plan and moves
+sparsity between individual layers, EvoPress-style (Sieberling et al., 2025): a (1 + lambda)
+evolutionary search whose only mutation is a *level switch*, which prunes one layer more and
+another less by the same number of weights, so every candidate keeps the parent's exact non-zeros.
+
+Why it is affordable: a layer's pruned weight depends only on its own statistics and its prune
+count, so the parent's pruned layers are kept and a candidate prunes only the few layers its
+switches touched; it costs its forward passes, not a whole-model prune. Why it does not overfit the study's validation windows: candidates are ranked by KL to the
+dense model (which predicts held-out perplexity better than perplexity does, see
+``experiments/proxy_check.py``) on windows drawn afresh every generation from a pool that excludes
+the study's own windows, parent and offspring always on the same windows. The result is then
+measured like any trial (the study's objective, its windows, a fresh prune) and added to the
+study, so ``front`` and ``export`` treat it like the rest.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial, TrialState
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from autoprune.config import CalibrationConfig
+from autoprune.data import validation_windows
+from autoprune.errors import AutopruneError
+from autoprune.measure import reference_logprobs, window_losses
+from autoprune.methods import prune_count
+from autoprune.plan import LayerSpec, Plan
+from autoprune.pruner import Pruner
+from autoprune.study._records import find_trial, study_settings, trial_plan, trial_row
+from autoprune.study._storage import DEFAULT_STORAGE, load_existing_study
+from autoprune.study._worker import TrialRequest, TrialResult, TrialWorker, WorkerSpec
+from search_spaces import MAX_LAYER_SPARSITY
+
+#: Offspring ranked on this many pool windows, each cut to ``screen_tokens``: a cheap first pass.
+SCREEN_WINDOWS = 2
+#: The best offspring of the first pass, and the parent, are compared on this many fresh windows.
+FINALISTS = 2
+SELECT_WINDOWS = 2
+#: How many level switches one offspring carries: mostly one, sometimes a few (EvoPress draws
+#: small mutation counts too; single switches alone get stuck where two moves only pay together).
+SWITCH_COUNTS = (1, 1, 2, 3)
+#: Where Optuna keeps ``trial.set_constraint`` values among a trial's system attributes.
+CONSTRAINTS_PREFIX = "constraints:"
+
+
+class RefineConfig(BaseModel):
+    """What ``autoprune refine`` takes; every key is also a flag."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    storage: str = Field(DEFAULT_STORAGE, description="Optuna storage URL or path of the study")
+    study: str = Field(description="study name")
+    trial: int = Field(description="the complete trial whose plan is refined")
+    generations: Annotated[int, Field(ge=1)] = Field(100, description="evolution steps")
+    offspring: Annotated[int, Field(ge=FINALISTS)] = Field(8, description="candidates per step")
+    step: Annotated[float, Field(gt=0.0, le=0.25)] = Field(
+        0.025, description="sparsity one level switch moves, in the smaller layer's terms"
+    )
+    pool_windows: Annotated[int, Field(ge=SCREEN_WINDOWS + SELECT_WINDOWS)] = Field(
+        32, description="validation windows (beyond the study's own) candidates are ranked on"
+    )
+    screen_tokens: Annotated[int, Field(ge=2)] = Field(
+        256, description="tokens per window in the first, cheap ranking of the offspring"
+    )
+    seed: int = Field(0, description="random seed of the mutations and the windows drawn")
+    cache_dir: str | None = Field(None, description="calibration cache folder")
+    threads: Annotated[int, Field(ge=1)] | None = Field(None, description="torch CPU threads")
+
+
+@dataclass
+class RefineSummary:
+    """The new trial, its parent, and the winner's fitness per generation (each generation on
+    windows of its own, so the series is noisy; compare parent and child on the same windows)."""
+
+    parent: int
+    trial: int
+    generations: int
+    accepted: int
+    seconds: float
+    row: dict[str, Any]
+    fitness: list[float] = field(default_factory=list)
+
+    def line(self) -> str:
+        return (
+            f"refined trial {self.parent} into trial {self.trial}: {self.accepted} of "
+            f"{self.generations} generations improved it, {self.seconds:.0f} s"
+        )
+
+
+@dataclass(frozen=True)
+class LevelSwitch:
+    """Prune ``more_per_row`` more weights in each row of ``sparser`` and ``fewer_per_row`` fewer in
+    each row of ``denser``: the same number of weights in all."""
+
+    sparser: str
+    denser: str
+    more_per_row: int
+    fewer_per_row: int
+
+
+class Allocation:
+    """Per-row prune counts of the layers being refined, and the moves that keep their total.
+
+    ``rows * count`` is what a layer removes; a switch between layers ``a`` and ``b`` moves a
+    multiple of ``lcm(rows_a, rows_b)`` weights, the smallest amount both can move in whole rows,
+    sized so the smaller of the two layers moves about ``step`` of its weights.
+    """
+
+    def __init__(self, counts: dict[str, int], shapes: dict[str, tuple[int, int]], step: float) -> None:
+        self.counts = dict(counts)
+        self.shapes = shapes
+        self.step = step
+
+    def removed(self) -> int:
+        return sum(self.shapes[name][0] * count for name, count in self.counts.items())
+
+    def cap(self, name: str) -> int:
+        """The most a row may lose: the search spaces' per-layer cap, and always one weight kept."""
+        cols = self.shapes[name][1]
+        return min(int(MAX_LAYER_SPARSITY * cols), cols - 1)
+
+    def switch(self, sparser: str, denser: str) -> LevelSwitch | None:
+        """The level switch between two layers, or None where either would leave its range."""
+        (rows_a, cols_a), (rows_b, cols_b) = self.shapes[sparser], self.shapes[denser]
+        unit = math.lcm(rows_a, rows_b)
+        units = max(1, round(self.step * min(rows_a * cols_a, rows_b * cols_b) / unit))
+        more, less = units * unit // rows_a, units * unit // rows_b
+        if self.counts[sparser] + more > self.cap(sparser) or self.counts[denser] - less < 0:
+            return None
+        return LevelSwitch(sparser, denser, more, less)
+
+    def mutated(self, rng: random.Random, switches: int) -> Allocation:
+        """A copy with ``switches`` random level switches applied (fewer if none fits)."""
+        child = Allocation(self.counts, self.shapes, self.step)
+        names = list(self.counts)
+        for _ in range(switches):
+            for _attempt in range(len(names)):
+                move = child.switch(*rng.sample(names, 2))
+                if move is not None:
+                    child.counts[move.sparser] += move.more_per_row
+                    child.counts[move.denser] -= move.fewer_per_row
+                    break
+        return child
+
+    def plan(self, base: Plan) -> Plan:
+        """``base`` with these layers' sparsities (a count over the row width, which prunes
+        exactly that count)."""
+        layers = dict(base.layers)
+        for name, count in self.counts.items():
+            layers[name] = LayerSpec(sparsity=count / self.shapes[name][1])
+        return base.model_copy(update={"layers": layers})
+
+
+def refinable_layers(plan: Plan, pruner: Pruner) -> dict[str, int]:
+    """Per-row prune counts of the plan's unstructured layers in kept blocks (N:M layers keep
+    their pattern; a dense layer can receive sparsity)."""
+    removed = set(plan.removed_blocks)
+    shapes = pruner.layer_shapes()
+    counts = {}
+    for name in pruner.layer_names:
+        if pruner.adapter.split_layer_name(name)[0] in removed:
+            continue
+        spec = plan.layers.get(name, LayerSpec())
+        if spec.nm is None:
+            counts[name] = prune_count(spec.sparsity, shapes[name][1])
+    return counts
+
+
+class LevelSwitchEvolution:
+    """The (1 + lambda) search over one worker's model, with every pruned layer kept."""
+
+    def __init__(self, worker: TrialWorker, base: Plan, config: RefineConfig) -> None:
+        self.worker, self.base, self.config = worker, base, config
+        self.pruner = worker.pruner
+        self.rng = random.Random(config.seed)
+        self.kept: dict[tuple[str, int], torch.Tensor] = {}
+        spec = worker.spec
+        pool = validation_windows(
+            spec.calibration.source,
+            worker.loaded.tokenizer,
+            spec.eval_seq_len,
+            spec.eval_windows + config.pool_windows,
+        )[spec.eval_windows :]
+        if len(pool) < SCREEN_WINDOWS + SELECT_WINDOWS:
+            raise AutopruneError(
+                f"the validation split has {len(pool)} window(s) beyond the study's "
+                f"{spec.eval_windows}; refinement needs {SCREEN_WINDOWS + SELECT_WINDOWS}"
+            )
+        self.pool = pool
+        refined = refinable_layers(base, self.pruner)
+        removed = set(base.removed_blocks)
+        self.fixed = self.pruner.prune_layers(
+            base.method,
+            {
+                name: spec
+                for name, spec in base.layers.items()
+                if name not in refined and self.pruner.adapter.split_layer_name(name)[0] not in removed
+            },
+        )
+        with torch.inference_mode():
+            self.pool_reference = reference_logprobs(worker.loaded.model, pool)
+
+    def run(self, progress: bool = False) -> tuple[Allocation, int, list[float]]:
+        """The final parent, how many generations replaced it, and its fitness per generation."""
+        shapes = self.pruner.layer_shapes()
+        parent = Allocation(refinable_layers(self.base, self.pruner), shapes, self.config.step)
+        accepted, history = 0, []
+        bar = tqdm(range(self.config.generations), desc="refine", unit="gen", disable=not progress)
+        for _ in bar:
+            kids = [
+                parent.mutated(self.rng, self.rng.choice(SWITCH_COUNTS))
+                for _ in range(self.config.offspring)
+            ]
+            screen = self._draw(SCREEN_WINDOWS)
+            ranked = sorted(
+                range(len(kids)),
+                key=lambda i: self._fitness(kids[i], screen, self.config.screen_tokens),
+            )
+            finalists = [parent] + [kids[i] for i in ranked[:FINALISTS]]
+            select = self._draw(SELECT_WINDOWS)
+            scores = [self._fitness(c, select, self.pool.shape[1]) for c in finalists]
+            best = min(range(len(finalists)), key=scores.__getitem__)
+            accepted += best > 0
+            parent = finalists[best]
+            self._forget_all_but(parent)
+            history.append(scores[best])
+            bar.set_postfix(kl=f"{scores[best]:.4f}", accepted=accepted)
+        return parent, accepted, history
+
+    def _draw(self, count: int) -> list[int]:
+        return self.rng.sample(range(len(self.pool)), count)
+
+    @torch.inference_mode()
+    def _fitness(self, allocation: Allocation, windows: list[int], tokens: int) -> float:
+        """Mean per-token KL to the dense model on the first ``tokens`` of those pool windows."""
+        weights = self._weights(allocation)
+        total = 0.0
+        with self.pruner.pointed(weights, self.base.removed_blocks) as model:
+            for loss in window_losses(
+                model, self.pool[windows, :tokens], self.pool_reference[windows, :tokens]
+            ):
+                total += loss.kl
+        return total / (len(windows) * tokens)
+
+    def _weights(self, allocation: Allocation) -> dict[str, torch.Tensor]:
+        """Every layer's weight: the fixed ones pruned once, the refined ones looked up by their
+        count, pruning only the (layer, count) pairs not held yet (one batch per candidate)."""
+        plan = allocation.plan(self.base)
+        missing = {
+            name: plan.layers[name]
+            for name, count in allocation.counts.items()
+            if (name, count) not in self.kept
+        }
+        for name, weight in self.pruner.prune_layers(plan.method, missing).items():
+            self.kept[(name, allocation.counts[name])] = weight
+        held = {name: self.kept[(name, count)] for name, count in allocation.counts.items()}
+        return {**self.fixed, **held}
+
+    def _forget_all_but(self, parent: Allocation) -> None:
+        """Keep the parent's layers only: memory stays near one model's worth, and a candidate
+        re-prunes just the few layers its switches touched (~0.05 s each on SmolLM2, against
+        ~25 s of forward passes per generation)."""
+        self.kept = {
+            key: weight for key, weight in self.kept.items() if parent.counts[key[0]] == key[1]
+        }
+
+
+def refine_trial(config: RefineConfig, progress: bool = False) -> RefineSummary:
+    """Refine one complete trial's plan and add the result to its study as a new trial."""
+    study = load_existing_study(config.storage, config.study)
+    settings = study_settings(study)
+    parent = find_trial(study, config.trial)
+    if parent.state != TrialState.COMPLETE or "plan" not in parent.user_attrs:
+        raise AutopruneError(
+            f"trial {parent.number} is {parent.state.name.lower()}; only complete trials can be refined"
+        )
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    start = time.perf_counter()
+    worker = TrialWorker(
+        WorkerSpec(
+            model=settings["model"],
+            calibration=CalibrationConfig(**settings["calibration"]),
+            objective=settings["objective"],
+            eval_seq_len=settings["eval_seq_len"],
+            eval_windows=settings["eval_windows"],
+            cache_dir=config.cache_dir,
+        ),
+        progress=progress,
+    )
+    base = trial_plan(parent)
+    evolution = LevelSwitchEvolution(worker, base, config)
+    final, accepted, history = evolution.run(progress)
+    plan = final.plan(base)
+    result = worker.run(TrialRequest(len(study.get_trials(deepcopy=False)), plan))
+    if result.status != "complete":
+        raise AutopruneError(f"the refined plan did not measure: {result.status}")
+    seconds = time.perf_counter() - start
+    trial = _record(study, parent, plan, result, config, accepted, history, seconds)
+    return RefineSummary(
+        parent.number, trial.number, config.generations, accepted, seconds, trial_row(trial), history
+    )
+
+
+def _record(
+    study: optuna.Study,
+    parent: FrozenTrial,
+    plan: Plan,
+    result: TrialResult,
+    config: RefineConfig,
+    accepted: int,
+    history: list[float],
+    seconds: float,
+) -> FrozenTrial:
+    """Add the refined plan as a complete trial: the parent's parameters (the space cannot express
+    the plan; ``refined_from`` says so), the measured values, the driver's attributes, and the
+    parent's constraints re-evaluated on the new measurement."""
+    nonzeros = float(result.size["linear_nonzeros"])
+    attrs = {
+        "plan": plan.model_dump(mode="json"),
+        "plan_summary": plan.summary(),
+        "expected_nonzeros": int(nonzeros),
+        "status": result.status,
+        "ppl": result.ppl,
+        "kl": result.kl,
+        "quality": result.quality,
+        "size": result.size,
+        "windows": result.windows,
+        "seconds": result.seconds,
+        "worker": result.worker,
+        "retries": 0,
+        "refined_from": parent.number,
+        "refine": {
+            **config.model_dump(include={"generations", "offspring", "step", "pool_windows", "seed"}),
+            "accepted": accepted,
+            "fitness_first": history[0],
+            "fitness_last": history[-1],
+            "seconds": round(seconds, 1),
+        },
+    }
+    measured = {"max_ppl": result.ppl, "max_nonzeros": nonzeros}
+    parent_measured = {"max_ppl": parent.user_attrs["ppl"], "max_nonzeros": parent.values[0]}
+    constraints = {
+        f"{CONSTRAINTS_PREFIX}{key}": value - parent_measured[key] + measured[key]
+        for key, value in parent.constraints.items()
+    }
+    trial = optuna.trial.create_trial(
+        state=TrialState.COMPLETE,
+        params=parent.params,
+        distributions=parent.distributions,
+        values=[nonzeros, float(result.quality)],
+        user_attrs=attrs,
+        system_attrs=constraints,
+    )
+    study.add_trial(trial)
+    return study.get_trials(deepcopy=False)[-1]

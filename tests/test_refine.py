@@ -1,0 +1,203 @@
+"""`autoprune refine`: level switches keep a plan's exact size, kept layers equal a fresh prune,
+selection keeps the fitter of parent and offspring, and the refined trial joins the study where
+`front` and `export` treat it like any other; bad input is one line with the study untouched."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from autoprune.cli import main
+from autoprune.data import validation_windows
+from autoprune.measure import measure_size, perplexity
+from autoprune.methods import prune_count
+from autoprune.models import ArchitectureAdapter
+from autoprune.plan import LayerSpec, NMPattern, Plan
+from autoprune.study import RefineConfig, SearchConfig, TrialWorker, WorkerSpec, run_search, trial_plan
+from autoprune.study._refine import Allocation, LevelSwitchEvolution, refinable_layers
+
+STUDY = "refine"
+#: SmolLM2's decoder linear shapes (rows, columns): q/o, k/v, gate/up, down.
+SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
+          "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}
+
+
+def removed_by_plan(allocation: Allocation) -> int:
+    layers = allocation.plan(Plan(method="sparsegpt")).layers
+    return sum(SHAPES[name][0] * prune_count(spec.sparsity, SHAPES[name][1]) for name, spec in layers.items())
+
+
+def test_level_switches_keep_the_exact_size_and_the_ranges():
+    start = {name: cols // 2 for name, (_, cols) in SHAPES.items()}
+    parent = Allocation(start, SHAPES, step=0.025)
+    rng = random.Random(0)
+    child = parent
+    for _ in range(300):
+        child = child.mutated(rng, 3)
+        assert child.removed() == parent.removed()
+        assert all(0 <= count <= child.cap(name) for name, count in child.counts.items())
+    assert child.counts != start and parent.counts == start
+    # the plan prunes exactly those counts, so the model has exactly that size
+    assert removed_by_plan(child) == parent.removed()
+    # a switch between a wide and a narrow layer moves whole rows of both, the smaller ~step
+    move = parent.switch("k", "down")
+    assert move.more_per_row * 192 == move.fewer_per_row * 576
+    assert move.more_per_row / 576 == pytest.approx(0.025, abs=0.005)
+
+
+def test_no_switch_leaves_a_layer_out_of_range():
+    cap = Allocation({}, SHAPES, 0.025).cap("o")
+    one_way = Allocation({"q": 0, "o": cap}, SHAPES, 0.025)
+    assert one_way.switch("o", "q") is None  # o is at its cap and q has nothing to give
+    assert one_way.switch("q", "o") is not None
+    for counts in ({"q": 0, "o": 0}, {"q": cap, "o": cap}):
+        stuck = Allocation(counts, SHAPES, 0.025)
+        assert stuck.mutated(random.Random(0), 5).counts == counts
+
+
+@pytest.fixture(scope="module")
+def studied(tiny_llama_dir, data_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("refine")
+    config = SearchConfig(
+        model=str(tiny_llama_dir), data=str(data_dir), storage=f"sqlite:///{folder / 's.db'}",
+        study=STUDY, trials=6, population=4, seeded=False, space="layerwise", method="sparsegpt",
+        sparsity_range=(0.5, 0.7), eval_windows=3, min_windows=1, seq_len=32, calib_samples=8,
+        cache_dir=str(folder / "cache"), objective="kl",
+    )
+    run_search(config, progress=False)
+    return folder, config
+
+
+def refine_config(studied, **overrides) -> RefineConfig:
+    folder, config = studied
+    study = optuna.load_study(study_name=STUDY, storage=config.storage)
+    parent = min((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.values[1])
+    settings = dict(storage=config.storage, study=STUDY, trial=parent.number, generations=6,
+                    offspring=3, pool_windows=6, screen_tokens=16, cache_dir=str(folder / "cache"))
+    return RefineConfig(**{**settings, **overrides})
+
+
+def worker_for(studied) -> TrialWorker:
+    folder, config = studied
+    return TrialWorker(WorkerSpec(model=config.model, calibration=config.calibration(), objective="kl",
+                                  eval_seq_len=32, eval_windows=3, cache_dir=str(folder / "cache")))
+
+
+def with_structure(plan: Plan) -> Plan:
+    """``plan`` with block 1 removed and one layer at 2:4: neither is refined, both must survive."""
+    layers = dict(plan.layers)
+    name = next(name for name in layers if name.startswith("model.layers.2.") and "up_proj" in name)
+    layers[name] = LayerSpec(nm=NMPattern(n=2, m=4))
+    return plan.model_copy(update={"layers": layers, "removed_blocks": [1]})
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_kept_layers_are_what_a_fresh_prune_gives(studied, structured):
+    config = refine_config(studied)
+    study = optuna.load_study(study_name=STUDY, storage=config.storage)
+    base = trial_plan(study.trials[config.trial])
+    base = with_structure(base) if structured else base
+    worker = worker_for(studied)
+    evolution = LevelSwitchEvolution(worker, base, config)
+    refinable = refinable_layers(base, worker.pruner)
+    allocation = Allocation(refinable, worker.pruner.layer_shapes(), 0.1)
+    if structured:
+        assert not any(".1." in name or "up_proj" in name and ".2." in name for name in refinable)
+    for seed in range(3):
+        child = allocation.mutated(random.Random(seed), 4)
+        kept = evolution._weights(child)
+        plan = child.plan(base)
+        fresh = worker.pruner.pruned_weights(plan)
+        assert kept.keys() == fresh.keys()
+        for name in kept:
+            assert kept[name].equal(fresh[name]), name
+        assert plan.removed_blocks == base.removed_blocks
+    # the pool of ranking windows leaves out the study's own windows
+    assert not any(window.equal(own) for window in evolution.pool for own in worker.windows)
+
+
+def test_selection_keeps_the_fitter_of_parent_and_offspring(studied, monkeypatch):
+    """With a fitness that only depends on the allocation (sparsity pushed to the first layer is
+    good), every generation's winner is at least as fit as the last, and the parent is kept
+    when no offspring beats it."""
+    config = refine_config(studied, generations=30)
+    study = optuna.load_study(study_name=STUDY, storage=config.storage)
+    base = trial_plan(study.trials[config.trial])
+    evolution = LevelSwitchEvolution(worker_for(studied), base, config)
+    first = next(iter(refinable_layers(base, evolution.pruner)))
+    monkeypatch.setattr(evolution, "_fitness", lambda a, windows, tokens: -a.counts[first])
+    final, accepted, history = evolution.run()
+    start = refinable_layers(base, evolution.pruner)[first]
+    assert history == sorted(history, reverse=True) and len(history) == 30
+    assert 0 < accepted < 30
+    assert final.counts[first] == -history[-1] > start
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    code = main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_refined_trial_joins_the_study_and_exports_like_any_other(capsys, studied, tmp_path):
+    folder, config = studied
+    settings = refine_config(studied)
+    code, out, err = run_cli(
+        capsys, "refine", "--storage", config.storage, "--study", STUDY, "--trial", settings.trial,
+        "--generations", 6, "--offspring", 3, "--pool-windows", 6, "--screen-tokens", 16,
+        "--cache-dir", folder / "cache", "--format", "json",
+    )
+    assert code == 0, err
+    row = json.loads(out)[0]
+    study = optuna.load_study(study_name=STUDY, storage=config.storage)
+    parent, refined = study.trials[settings.trial], study.trials[row["trial"]]
+    assert refined.state == TrialState.COMPLETE and refined.user_attrs["refined_from"] == parent.number
+    assert refined.values[0] == parent.values[0]  # exactly the parent's size
+    assert refined.params == parent.params
+    assert refined.user_attrs["refine"]["generations"] == 6
+    assert trial_plan(refined) != trial_plan(parent)
+    assert math.isfinite(refined.values[1]) and refined.user_attrs["kl"] == refined.values[1]
+
+    code, out, _ = run_cli(capsys, "front", "--storage", config.storage, "--study", STUDY, "--format", "json")
+    on_front = {r["trial"] for r in json.loads(out)}
+    assert (refined.number in on_front) == (refined.values[1] <= parent.values[1] or parent.number not in on_front)
+
+    exported = tmp_path / "refined"
+    code, out, _ = run_cli(capsys, "export", "--storage", config.storage, "--study", STUDY, "--trial",
+                           refined.number, "--out", exported, "--cache-dir", folder / "cache", "--format", "json")
+    assert code == 0
+    reloaded = AutoModelForCausalLM.from_pretrained(exported)
+    windows = validation_windows(config.data, AutoTokenizer.from_pretrained(exported), 32, 3)
+    assert perplexity(reloaded, windows) == pytest.approx(refined.user_attrs["ppl"], rel=0.01)
+    size = measure_size(reloaded, ArchitectureAdapter.for_model(reloaded))
+    assert size.linear_nonzeros == parent.values[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--trial", 999], "trial 999 is not in study"),
+        (["--trial", "first"], "invalid trial"),
+        (["--generations", 0], "invalid generations"),
+        (["--trials", 3], "unrecognized arguments: --trials"),
+        (["--study", "nope", "--trial", 0], "study 'nope' not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_the_study_alone(capsys, studied, args, message):
+    folder, config = studied
+    before = hashlib.sha256((folder / "s.db").read_bytes()).hexdigest()
+    defaults = {"--study": STUDY, "--trial": 0}
+    given = dict(zip(args[::2], args[1::2], strict=True))
+    flags = [part for key, value in {**defaults, **given}.items() for part in (key, value)]
+    code, _, err = run_cli(capsys, "refine", "--storage", config.storage, *flags)
+    assert code == 2
+    assert err.startswith("autoprune: error:") and len(err.strip().splitlines()) == 1, err
+    assert message in err and "Traceback" not in err
+    assert hashlib.sha256((folder / "s.db").read_bytes()).hexdigest() == before
