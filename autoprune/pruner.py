@@ -49,13 +49,16 @@ class Pruner:
     def pruned_weights(self, plan: Plan) -> dict[str, torch.Tensor]:
         """The weight of every linear layer of every kept block under ``plan``."""
         self.validate(plan)
+        return self.prune_layers(plan.method, self.kept_layers(plan))
+
+    def kept_layers(self, plan: Plan) -> dict[str, LayerSpec]:
+        """The spec of every linear layer in a block ``plan`` keeps (dense where it names none)."""
         removed = set(plan.removed_blocks)
-        kept = {
+        return {
             name: plan.layers.get(name, LayerSpec())
             for name in self._dense
             if self.adapter.split_layer_name(name)[0] not in removed
         }
-        return self.prune_layers(plan.method, kept)
 
     def prune_layers(self, method: MethodName, specs: dict[str, LayerSpec]) -> dict[str, torch.Tensor]:
         """Each named layer's weight under its spec (the dense tensor itself where it stays dense).

@@ -34,7 +34,14 @@ from autoprune.measure import measure_size, perplexity
 from autoprune.models import load_model
 from autoprune.plan import Plan
 from autoprune.pruner import prune_sequentially
-from autoprune.study import RefineConfig, load_existing_study, refine_trial, study_settings, trial_plan
+from autoprune.study import (
+    RECORDED_SETTINGS,
+    RefineConfig,
+    load_existing_study,
+    refine_trial,
+    study_settings,
+    trial_plan,
+)
 
 HERE = Path(__file__).resolve().parent
 REQUIRED_REDUCTION = 0.25
@@ -140,7 +147,7 @@ def best_at(study: optuna.Study, target: float) -> FrozenTrial:
 
 def earlier_refinement(study: optuna.Study, config: RefineConfig) -> FrozenTrial | None:
     """A trial this script already refined from the same parent with the same settings."""
-    wanted = config.model_dump(include={"generations", "offspring", "step", "pool_windows", "seed"})
+    wanted = config.model_dump(include=RECORDED_SETTINGS)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
         done = trial.user_attrs.get("refine", {})
         if trial.user_attrs.get("refined_from") == config.trial and all(

@@ -13,7 +13,7 @@ from autoprune.study._records import (
     trial_recipe,
     trial_row,
 )
-from autoprune.study._refine import RefineConfig, RefineSummary, refine_trial
+from autoprune.study._refine import RECORDED_SETTINGS, RefineConfig, RefineSummary, refine_trial
 from autoprune.study._storage import (
     DEFAULT_STORAGE,
     PASSWORD_ENV,
@@ -36,6 +36,7 @@ __all__ = [
     "EXECUTORS",
     "PASSWORD_ENV",
     "PASSWORD_FILE_ENV",
+    "RECORDED_SETTINGS",
     "SAMPLERS",
     "Executor",
     "InProcessExecutor",

@@ -59,7 +59,6 @@ from autoprune.study._records import (
     ORPHANED,
     SETTINGS_ATTR,
     counts_toward_budget,
-    finite_or_none,
     front_trials,
     trial_plan,
     trial_row,
@@ -330,16 +329,7 @@ class _Loop:
         pending = self.in_flight.pop(result.number)
         start = time.perf_counter()
         trial = pending.trial
-        attrs: dict[str, Any] = {
-            "status": result.status,
-            "ppl": finite_or_none(result.ppl),
-            "kl": finite_or_none(result.kl),
-            "quality": finite_or_none(result.quality),
-            "size": result.size,
-            "windows": result.windows,
-            "worker": result.worker,
-            "retries": result.retries,
-        }
+        attrs = result.record()
         state, values = TrialState.FAIL, None
         if result.status == "complete":
             state = TrialState.COMPLETE

@@ -9,8 +9,10 @@ another less by the same number of weights, so every candidate keeps the parent'
 
 Why it is affordable: a layer's pruned weight depends only on its own statistics and its prune
 count, so the parent's pruned layers are kept and a candidate prunes only the few layers its
-switches touched; it costs its forward passes, not a whole-model prune. Why it does not overfit the study's validation windows: candidates are ranked by KL to the
-dense model (which predicts held-out perplexity better than perplexity does, see
+switches touched; it costs its forward passes, not a whole-model prune.
+
+Why it does not overfit the study's validation windows: candidates are ranked by KL to the dense
+model (which predicts held-out perplexity better than perplexity does, see
 ``experiments/proxy_check.py``) on windows drawn afresh every generation from a pool that excludes
 the study's own windows, parent and offspring always on the same windows. The result is then
 measured like any trial (the study's objective, its windows, a fresh prune) and added to the
@@ -51,6 +53,8 @@ SELECT_WINDOWS = 2
 #: How many level switches one offspring carries: mostly one, sometimes a few (EvoPress draws
 #: small mutation counts too; single switches alone get stuck where two moves only pay together).
 SWITCH_COUNTS = (1, 1, 2, 3)
+#: The settings a refined trial records (and ``experiments/refine_front.py`` matches on).
+RECORDED_SETTINGS = frozenset({"generations", "offspring", "step", "pool_windows", "seed"})
 #: Where Optuna keeps ``trial.set_constraint`` values among a trial's system attributes.
 CONSTRAINTS_PREFIX = "constraints:"
 
@@ -166,16 +170,12 @@ class Allocation:
 def refinable_layers(plan: Plan, pruner: Pruner) -> dict[str, int]:
     """Per-row prune counts of the plan's unstructured layers in kept blocks (N:M layers keep
     their pattern; a dense layer can receive sparsity)."""
-    removed = set(plan.removed_blocks)
     shapes = pruner.layer_shapes()
-    counts = {}
-    for name in pruner.layer_names:
-        if pruner.adapter.split_layer_name(name)[0] in removed:
-            continue
-        spec = plan.layers.get(name, LayerSpec())
-        if spec.nm is None:
-            counts[name] = prune_count(spec.sparsity, shapes[name][1])
-    return counts
+    return {
+        name: prune_count(spec.sparsity, shapes[name][1])
+        for name, spec in pruner.kept_layers(plan).items()
+        if spec.nm is None
+    }
 
 
 class LevelSwitchEvolution:
@@ -199,14 +199,15 @@ class LevelSwitchEvolution:
                 f"{spec.eval_windows}; refinement needs {SCREEN_WINDOWS + SELECT_WINDOWS}"
             )
         self.pool = pool
-        refined = refinable_layers(base, self.pruner)
-        removed = set(base.removed_blocks)
+        self.start = Allocation(
+            refinable_layers(base, self.pruner), self.pruner.layer_shapes(), config.step
+        )
         self.fixed = self.pruner.prune_layers(
             base.method,
             {
                 name: spec
-                for name, spec in base.layers.items()
-                if name not in refined and self.pruner.adapter.split_layer_name(name)[0] not in removed
+                for name, spec in self.pruner.kept_layers(base).items()
+                if name not in self.start.counts
             },
         )
         with torch.inference_mode():
@@ -214,9 +215,7 @@ class LevelSwitchEvolution:
 
     def run(self, progress: bool = False) -> tuple[Allocation, int, list[float]]:
         """The final parent, how many generations replaced it, and its fitness per generation."""
-        shapes = self.pruner.layer_shapes()
-        parent = Allocation(refinable_layers(self.base, self.pruner), shapes, self.config.step)
-        accepted, history = 0, []
+        parent, accepted, history = self.start, 0, []
         bar = tqdm(range(self.config.generations), desc="refine", unit="gen", disable=not progress)
         for _ in bar:
             kids = [
@@ -332,18 +331,11 @@ def _record(
         "plan": plan.model_dump(mode="json"),
         "plan_summary": plan.summary(),
         "expected_nonzeros": int(nonzeros),
-        "status": result.status,
-        "ppl": result.ppl,
-        "kl": result.kl,
-        "quality": result.quality,
-        "size": result.size,
-        "windows": result.windows,
+        **result.record(),
         "seconds": result.seconds,
-        "worker": result.worker,
-        "retries": 0,
         "refined_from": parent.number,
         "refine": {
-            **config.model_dump(include={"generations", "offspring", "step", "pool_windows", "seed"}),
+            **config.model_dump(include=RECORDED_SETTINGS),
             "accepted": accepted,
             "fitness_first": history[0],
             "fitness_last": history[-1],

@@ -12,7 +12,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -23,6 +23,7 @@ from autoprune.data import validation_windows
 from autoprune.measure import SizeMeter, ppl_from_nll, reference_logprobs, window_losses
 from autoprune.plan import MethodName, Plan
 from autoprune.pruner import Pruner
+from autoprune.study._records import finite_or_none
 from search_spaces import SpaceContext
 
 Objective = Literal["ppl", "kl"]
@@ -74,6 +75,20 @@ class TrialResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def record(self) -> dict[str, Any]:
+        """The user attributes a study keeps of this measurement (see ``_records``); JSON-safe,
+        non-finite qualities as None."""
+        return {
+            "status": self.status,
+            "ppl": finite_or_none(self.ppl),
+            "kl": finite_or_none(self.kl),
+            "quality": finite_or_none(self.quality),
+            "size": self.size,
+            "windows": self.windows,
+            "worker": self.worker,
+            "retries": self.retries,
+        }
 
 
 class TrialWorker:
