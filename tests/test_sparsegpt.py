@@ -3,11 +3,12 @@ applied without the update."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from autoprune.calibration import LinearStats
-from autoprune.methods import LayerJob, SparseGPT
-from autoprune.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune
+from autoprune.methods import LayerJob, SparseGPT, prune_count
+from autoprune.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune, sparsegpt_prune_columns_
 from autoprune.plan import LayerSpec, NMPattern
 
 
@@ -62,3 +63,50 @@ def test_selection_breaks_ties_by_column_like_a_stable_sort():
         for row in range(24):
             expected[batch, row, order[batch, row, : counts[batch, row]]] = True
     assert torch.equal(pruned, expected)
+
+
+def naive_sparsegpt(weight: torch.Tensor, hinv: torch.Tensor, sparsity: float, mask_block: int) -> torch.Tensor:
+    """The textbook sweep on one matrix: every column updates all later ones at once, no lazy
+    batching; the mask of each block is chosen per row on the weights as updated so far."""
+    w = weight.clone()
+    rows, cols = w.shape
+    row_sparsity = torch.full((rows,), sparsity)
+    pruned = torch.zeros_like(w, dtype=torch.bool)
+    for column in range(cols):
+        if column % mask_block == 0:
+            end = min(column + mask_block, cols)
+            saliency = w[:, column:end] ** 2 / torch.diagonal(hinv)[column:end] ** 2
+            order = torch.argsort(saliency, dim=1, stable=True)
+            count = prune_count(row_sparsity, end) - prune_count(row_sparsity, column)
+            for row in range(rows):
+                pruned[row, column + order[row, : count[row]]] = True
+        error = w[:, column] * pruned[:, column] / hinv[column, column]
+        w[:, column:] -= error[:, None] * hinv[column, column:][None, :]
+    return w.masked_fill(pruned, 0.0)
+
+
+def test_lazy_updates_are_exact_whatever_the_block_sizes() -> None:
+    """Both tiers of lazy updates (within a mask block, beyond it) only reorder the arithmetic."""
+    x = correlated_inputs(512, 64, seed=7)
+    factor = inverse_hessian_factor(2 * x.T @ x / len(x))
+    weight = torch.randn(24, 64, generator=torch.Generator().manual_seed(8))
+    expected = naive_sparsegpt(weight, factor, 0.6, mask_block=32)
+    sparsity = torch.full((1, 24), 0.6)
+    for update_block in (1, 4, 8, 32):
+        result = sparsegpt_prune(weight[None], factor[None], sparsity, mask_block=32, update_block=update_block)
+        torch.testing.assert_close(result[0], expected, rtol=1e-4, atol=1e-4)
+        assert torch.equal(result[0] == 0, expected == 0)
+
+
+def test_the_pure_form_leaves_its_input_and_the_in_place_form_needs_column_major() -> None:
+    weight = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(9))
+    before = weight.clone()
+    identity = torch.eye(16).expand(2, 16, 16).contiguous()
+    sparsity = torch.full((2, 8), 0.5)
+    pruned = sparsegpt_prune(weight, identity, sparsity)
+    assert torch.equal(weight, before)
+    columns = weight.transpose(1, 2).contiguous()
+    sparsegpt_prune_columns_(columns, identity, sparsity)
+    assert torch.equal(columns.transpose(1, 2), pruned)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        sparsegpt_prune_columns_(weight.transpose(1, 2), identity, sparsity)
