@@ -35,7 +35,6 @@ from autoprune.models import load_model
 from autoprune.plan import Plan
 from autoprune.pruner import prune_sequentially
 from autoprune.study import (
-    RECORDED_SETTINGS,
     RefineConfig,
     load_existing_study,
     refine_trial,
@@ -57,6 +56,7 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=100)
     parser.add_argument("--offspring", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--select-windows", type=int, default=2)
     parser.add_argument("--test-windows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -73,12 +73,11 @@ def main() -> None:
         parent = best_at(study, target) if args.parents is None else study.trials[args.parents[index]]
         config = RefineConfig(storage=args.storage, study=args.study, trial=parent.number,
                               generations=args.generations, offspring=args.offspring, seed=args.seed,
+                              select_windows=args.select_windows,
                               threads=args.threads)
-        child = earlier_refinement(load_existing_study(args.storage, args.study), config)
-        if child is None:
-            summary = refine_trial(config, progress=True)
-            print(summary.line(), flush=True)
-            child = load_existing_study(args.storage, args.study).trials[summary.trial]
+        summary = refine_trial(config, progress=True)  # finds an earlier run with these settings
+        print(summary.line(), flush=True)
+        child = load_existing_study(args.storage, args.study).trials[summary.trial]
         refined[target] = (parent, child)
 
     study = load_existing_study(args.storage, args.study)
@@ -126,7 +125,8 @@ def main() -> None:
     choice = "best validation score" if args.parents is None else "given by --parents"
     result = {"study": args.study, "objective": settings["objective"], "parent_choice": choice,
               "generations": args.generations,
-              "offspring": args.offspring, "seed": args.seed, "test_windows": int(windows.shape[0]),
+              "offspring": args.offspring, "seed": args.seed,
+              "select_windows": args.select_windows, "test_windows": int(windows.shape[0]),
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "refine_front.json").write_text(json.dumps(result, indent=2))
@@ -143,18 +143,6 @@ def best_at(study: optuna.Study, target: float) -> FrozenTrial:
     if not here:
         raise SystemExit(f"no complete trial at target {target}")
     return min(here, key=lambda t: t.values[1])
-
-
-def earlier_refinement(study: optuna.Study, config: RefineConfig) -> FrozenTrial | None:
-    """A trial this script already refined from the same parent with the same settings."""
-    wanted = config.model_dump(include=RECORDED_SETTINGS)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        done = trial.user_attrs.get("refine", {})
-        if trial.user_attrs.get("refined_from") == config.trial and all(
-            done.get(key) == value for key, value in wanted.items()
-        ):
-            return trial
-    return None
 
 
 def recorded_comparison(study: str, model: str) -> dict[float, dict]:
@@ -176,7 +164,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"Study `{result['study']}` (objective {result['objective']}): one trial at each target "
         f"({result['parent_choice']}) refined per layer ({result['generations']} generations of "
-        f"{result['offspring']} offspring, seed {result['seed']}), WikiText-2 test perplexity on "
+        f"{result['offspring']} offspring, finalists on {result['select_windows']} windows, "
+        f"seed {result['seed']}), WikiText-2 test perplexity on "
         f"{result['test_windows']} windows; best uniform, OWL and the searched front (its member "
         "chosen on test, one-shot / `--sequential`) from `search_vs_baselines.py` on the same windows.",
         "",

@@ -1,6 +1,7 @@
 """`autoprune refine`: level switches keep a plan's exact size, kept layers equal a fresh prune,
-selection keeps the fitter of parent and offspring, and the refined trial joins the study where
-`front` and `export` treat it like any other; bad input is one line with the study untouched."""
+selection keeps the fitter of parent and offspring, a stopped refinement resumes exactly, and the
+refined trial joins the study where `front` and `export` treat it like any other; bad input is one
+line with the study untouched."""
 
 from __future__ import annotations
 
@@ -20,8 +21,17 @@ from autoprune.measure import measure_size, perplexity
 from autoprune.methods import prune_count
 from autoprune.models import ArchitectureAdapter
 from autoprune.plan import LayerSpec, NMPattern, Plan
-from autoprune.study import RefineConfig, SearchConfig, TrialWorker, WorkerSpec, run_search, trial_plan
-from autoprune.study._refine import Allocation, LevelSwitchEvolution, refinable_layers
+from autoprune.errors import AutopruneError
+from autoprune.study import (
+    RefineConfig,
+    SearchConfig,
+    TrialWorker,
+    WorkerSpec,
+    refine_trial,
+    run_search,
+    trial_plan,
+)
+from autoprune.study._refine import CHECKPOINT_PREFIX, Allocation, LevelSwitchEvolution, refinable_layers
 
 STUDY = "refine"
 #: SmolLM2's decoder linear shapes (rows, columns): q/o, k/v, gate/up, down.
@@ -133,11 +143,53 @@ def test_selection_keeps_the_fitter_of_parent_and_offspring(studied, monkeypatch
     evolution = LevelSwitchEvolution(worker_for(studied), base, config)
     first = next(iter(refinable_layers(base, evolution.pruner)))
     monkeypatch.setattr(evolution, "_fitness", lambda a, windows, tokens: -a.counts[first])
-    final, accepted, history = evolution.run()
+    final = evolution.run()
     start = refinable_layers(base, evolution.pruner)[first]
-    assert history == sorted(history, reverse=True) and len(history) == 30
-    assert 0 < accepted < 30
-    assert final.counts[first] == -history[-1] > start
+    assert final.history == sorted(final.history, reverse=True) and len(final.history) == 30
+    assert 0 < final.accepted < 30 and final.generation == 30
+    assert final.counts[first] == -final.history[-1] > start
+
+
+def test_a_stopped_refinement_goes_on_where_it_stopped(studied, tmp_path, monkeypatch):
+    """Killed right after its second generation's checkpoint and run again, a refinement ends
+    exactly where an uninterrupted one does; a third run finds the trial instead of adding one,
+    and asking for fewer generations than the checkpoint holds is refused."""
+    folder, search = studied
+    copies = {}
+    for name in ("whole", "stopped"):
+        copies[name] = tmp_path / f"{name}.db"
+        copies[name].write_bytes((folder / "s.db").read_bytes())
+    settings = dict(generations=4, seed=5)
+    whole = refine_trial(refine_config(studied, storage=f"sqlite:///{copies['whole']}", **settings))
+    config = refine_config(studied, storage=f"sqlite:///{copies['stopped']}", **settings)
+
+    write = optuna.Study.set_user_attr
+
+    def killed_after_second(study, key, value):
+        write(study, key, value)
+        if key.startswith(CHECKPOINT_PREFIX) and value["generation"] == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(optuna.Study, "set_user_attr", killed_after_second)
+        with pytest.raises(KeyboardInterrupt):
+            refine_trial(config)
+    study = optuna.load_study(study_name=STUDY, storage=config.storage)
+    trials_before = len(study.trials)
+    assert not any(t.user_attrs.get("refine", {}).get("seed") == 5 for t in study.trials)
+
+    resumed = refine_trial(config)
+    study = optuna.load_study(study_name=STUDY, storage=config.storage)
+    original = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{copies['whole']}")
+    assert len(study.trials) == trials_before + 1 and not resumed.found
+    assert trial_plan(study.trials[resumed.trial]) == trial_plan(original.trials[whole.trial])
+    assert (resumed.accepted, resumed.fitness) == (whole.accepted, whole.fitness)
+
+    again = refine_trial(config)
+    assert again.found and again.trial == resumed.trial
+    assert len(optuna.load_study(study_name=STUDY, storage=config.storage).trials) == trials_before + 1
+    with pytest.raises(AutopruneError, match="stopped at generation 4, past --generations 3"):
+        refine_trial(config.model_copy(update={"generations": 3}))
 
 
 def run_cli(capsys, *args) -> tuple[int, str, str]:

@@ -2,8 +2,9 @@
 each row absorb the error, through the inverse layer Hessian (optimal brain surgeon updates).
 
 The core, :func:`sparsegpt_prune`, works on a batch of layers at once: the layers reading one input
-share an inverse Hessian, so their rows are stacked, and blocks of equal width are stacked along a
-batch dimension. A whole model then takes one column loop per input width instead of one per layer.
+share an inverse Hessian, so their rows are stacked, and blocks of equal shape are stacked along a
+batch dimension. A whole model then takes one column loop per stacked shape (four on LLaMA: q/k/v,
+o, gate/up, down) instead of one per layer.
 """
 
 from __future__ import annotations
@@ -222,11 +223,15 @@ class SparseGPT(PruningMethod):
             self._factors[stats.group] = inverse_hessian_factor(stats.hessian, self.dampening)
         return self._factors[stats.group]
 
-    def _stacked_factors(self, key: tuple[int, int, str | None], stats: list[LinearStats]) -> torch.Tensor:
+    def _stacked_factors(
+        self, key: tuple[int, int, str | None], stats: list[LinearStats], device: torch.device
+    ) -> torch.Tensor:
+        """The batch's factors on the weights' device (statistics load on the CPU)."""
         names = tuple(group.group for group in stats)
         if key not in self._stacked or self._stacked[key][0] != names:
-            self._stacked[key] = (names, torch.stack([self._factor(group) for group in stats]))
-        return self._stacked[key][1]
+            stacked = torch.stack([self._factor(group) for group in stats]).to(device)
+            self._stacked[key] = (names, stacked)
+        return self._stacked[key][1].to(device)
 
     def _prune_batch(
         self, key: tuple[int, int, str | None], groups: list[list[LayerJob]]
@@ -240,13 +245,13 @@ class SparseGPT(PruningMethod):
         rows = sum(job.weight.shape[0] for job in groups[0])
         first = groups[0][0].weight
         columns = first.new_empty(len(groups), first.shape[1], rows, dtype=torch.float32)
-        sparsity = torch.zeros(len(groups), rows)
+        sparsity = torch.zeros(len(groups), rows, device=columns.device)
         for index, group in enumerate(groups):
             for job, offset in _offsets(group):
                 height = job.weight.shape[0]
                 columns[index, :, offset : offset + height] = job.weight.T
                 sparsity[index, offset : offset + height] = job.spec.sparsity
-        hinv = self._stacked_factors(key, [group[0].stats for group in groups])
+        hinv = self._stacked_factors(key, [group[0].stats for group in groups], columns.device)
         pattern = key[2]
         nm = NMPattern.parse(pattern) if pattern is not None else None
         sparsegpt_prune_columns_(

@@ -13,7 +13,13 @@ from autoprune.study._records import (
     trial_recipe,
     trial_row,
 )
-from autoprune.study._refine import RECORDED_SETTINGS, RefineConfig, RefineSummary, refine_trial
+from autoprune.study._refine import (
+    EvolutionState,
+    RefineConfig,
+    RefineSummary,
+    find_refinement,
+    refine_trial,
+)
 from autoprune.study._storage import (
     DEFAULT_STORAGE,
     PASSWORD_ENV,
@@ -34,9 +40,9 @@ from autoprune.study._worker import (
 __all__ = [
     "DEFAULT_STORAGE",
     "EXECUTORS",
+    "EvolutionState",
     "PASSWORD_ENV",
     "PASSWORD_FILE_ENV",
-    "RECORDED_SETTINGS",
     "SAMPLERS",
     "Executor",
     "InProcessExecutor",
@@ -52,6 +58,7 @@ __all__ = [
     "TrialWorker",
     "WorkerSpec",
     "counts_toward_budget",
+    "find_refinement",
     "find_trial",
     "front_size",
     "front_trials",

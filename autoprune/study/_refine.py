@@ -21,16 +21,19 @@ study, so ``front`` and ``export`` treat it like the rest.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any
 
 import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm.auto import tqdm
 
 from autoprune.config import CalibrationConfig
@@ -47,14 +50,19 @@ from search_spaces import MAX_LAYER_SPARSITY
 
 #: Offspring ranked on this many pool windows, each cut to ``screen_tokens``: a cheap first pass.
 SCREEN_WINDOWS = 2
-#: The best offspring of the first pass, and the parent, are compared on this many fresh windows.
+#: The best offspring of the first pass go on to be compared with the parent on fresh windows.
 FINALISTS = 2
-SELECT_WINDOWS = 2
 #: How many level switches one offspring carries: mostly one, sometimes a few (EvoPress draws
 #: small mutation counts too; single switches alone get stuck where two moves only pay together).
 SWITCH_COUNTS = (1, 1, 2, 3)
-#: The settings a refined trial records (and ``experiments/refine_front.py`` matches on).
-RECORDED_SETTINGS = frozenset({"generations", "offspring", "step", "pool_windows", "seed"})
+#: The settings that decide an evolution's path: a checkpoint is resumed only under the same ones.
+PATH_SETTINGS = frozenset(
+    {"offspring", "step", "pool_windows", "screen_tokens", "select_windows", "seed"}
+)
+#: The settings a refined trial records: a rerun with the same ones finds it instead of refining again.
+RECORDED_SETTINGS = PATH_SETTINGS | {"generations"}
+#: Study attribute prefix of the checkpoints a refinement writes after every generation.
+CHECKPOINT_PREFIX = "refine_checkpoint:"
 #: Where Optuna keeps ``trial.set_constraint`` values among a trial's system attributes.
 CONSTRAINTS_PREFIX = "constraints:"
 
@@ -72,15 +80,24 @@ class RefineConfig(BaseModel):
     step: Annotated[float, Field(gt=0.0, le=0.25)] = Field(
         0.025, description="sparsity one level switch moves, in the smaller layer's terms"
     )
-    pool_windows: Annotated[int, Field(ge=SCREEN_WINDOWS + SELECT_WINDOWS)] = Field(
+    pool_windows: Annotated[int, Field(ge=SCREEN_WINDOWS + 1)] = Field(
         32, description="validation windows (beyond the study's own) candidates are ranked on"
     )
     screen_tokens: Annotated[int, Field(ge=2)] = Field(
         256, description="tokens per window in the first, cheap ranking of the offspring"
     )
+    select_windows: Annotated[int, Field(ge=1)] = Field(
+        2, description="fresh whole windows the finalists and the parent are compared on"
+    )
     seed: int = Field(0, description="random seed of the mutations and the windows drawn")
     cache_dir: str | None = Field(None, description="calibration cache folder")
     threads: Annotated[int, Field(ge=1)] | None = Field(None, description="torch CPU threads")
+
+    @model_validator(mode="after")
+    def _pool_holds_both_draws(self) -> RefineConfig:
+        if self.pool_windows < SCREEN_WINDOWS + self.select_windows:
+            raise ValueError(f"pool_windows must be at least {SCREEN_WINDOWS} + select_windows")
+        return self
 
 
 @dataclass
@@ -95,12 +112,39 @@ class RefineSummary:
     seconds: float
     row: dict[str, Any]
     fitness: list[float] = field(default_factory=list)
+    #: True when the study already held this refinement and nothing ran.
+    found: bool = False
 
     def line(self) -> str:
+        if self.found:
+            return (
+                f"trial {self.parent} was already refined into trial {self.trial} with these "
+                "settings; nothing ran"
+            )
         return (
             f"refined trial {self.parent} into trial {self.trial}: {self.accepted} of "
             f"{self.generations} generations improved it, {self.seconds:.0f} s"
         )
+
+
+@dataclass
+class EvolutionState:
+    """Where an evolution stands after ``generation`` generations: all it needs to go on exactly as
+    if it had never stopped (the random state included), small enough to keep in the study."""
+
+    generation: int
+    counts: dict[str, int]
+    accepted: int = 0
+    history: list[float] = field(default_factory=list)
+    #: ``random.Random.getstate()`` as JSON lists; None before the first generation.
+    random_state: list[Any] | None = None
+    #: Time spent in generations, summed over every run that contributed.
+    seconds: float = 0.0
+
+    def restore_random(self, rng: random.Random) -> None:
+        if self.random_state is not None:
+            version, internal, gauss = self.random_state
+            rng.setstate((version, tuple(internal), gauss))
 
 
 @dataclass(frozen=True)
@@ -193,10 +237,11 @@ class LevelSwitchEvolution:
             spec.eval_seq_len,
             spec.eval_windows + config.pool_windows,
         )[spec.eval_windows :]
-        if len(pool) < SCREEN_WINDOWS + SELECT_WINDOWS:
+        needed = SCREEN_WINDOWS + config.select_windows
+        if len(pool) < needed:
             raise AutopruneError(
                 f"the validation split has {len(pool)} window(s) beyond the study's "
-                f"{spec.eval_windows}; refinement needs {SCREEN_WINDOWS + SELECT_WINDOWS}"
+                f"{spec.eval_windows}; refinement needs {needed}"
             )
         self.pool = pool
         self.start = Allocation(
@@ -213,11 +258,24 @@ class LevelSwitchEvolution:
         with torch.inference_mode():
             self.pool_reference = reference_logprobs(worker.loaded.model, pool)
 
-    def run(self, progress: bool = False) -> tuple[Allocation, int, list[float]]:
-        """The final parent, how many generations replaced it, and its fitness per generation."""
-        parent, accepted, history = self.start, 0, []
-        bar = tqdm(range(self.config.generations), desc="refine", unit="gen", disable=not progress)
-        for _ in bar:
+    def run(
+        self,
+        state: EvolutionState | None = None,
+        save: Callable[[EvolutionState], None] | None = None,
+        progress: bool = False,
+    ) -> EvolutionState:
+        """Generations from ``state`` (the trial's own allocation when None) up to the configured
+        number; ``save`` receives the state after each one, so a stopped run can go on from it."""
+        state = state or EvolutionState(0, dict(self.start.counts))
+        state.restore_random(self.rng)
+        parent = Allocation(state.counts, self.start.shapes, self.config.step)
+        total = self.config.generations
+        bar = tqdm(
+            range(state.generation, total), initial=state.generation, total=total,
+            desc="refine", unit="gen", disable=not progress,
+        )
+        for generation in bar:
+            began = time.perf_counter()
             kids = [
                 parent.mutated(self.rng, self.rng.choice(SWITCH_COUNTS))
                 for _ in range(self.config.offspring)
@@ -228,15 +286,24 @@ class LevelSwitchEvolution:
                 key=lambda i: self._fitness(kids[i], screen, self.config.screen_tokens),
             )
             finalists = [parent] + [kids[i] for i in ranked[:FINALISTS]]
-            select = self._draw(SELECT_WINDOWS)
+            select = self._draw(self.config.select_windows)
             scores = [self._fitness(c, select, self.pool.shape[1]) for c in finalists]
             best = min(range(len(finalists)), key=scores.__getitem__)
-            accepted += best > 0
             parent = finalists[best]
             self._forget_all_but(parent)
-            history.append(scores[best])
-            bar.set_postfix(kl=f"{scores[best]:.4f}", accepted=accepted)
-        return parent, accepted, history
+            version, internal, gauss = self.rng.getstate()
+            state = EvolutionState(
+                generation=generation + 1,
+                counts=dict(parent.counts),
+                accepted=state.accepted + (best > 0),
+                history=[*state.history, scores[best]],
+                random_state=[version, list(internal), gauss],
+                seconds=state.seconds + time.perf_counter() - began,
+            )
+            if save is not None:
+                save(state)
+            bar.set_postfix(kl=f"{scores[best]:.4f}", accepted=state.accepted)
+        return state
 
     def _draw(self, count: int) -> list[int]:
         return self.rng.sample(range(len(self.pool)), count)
@@ -277,13 +344,32 @@ class LevelSwitchEvolution:
 
 
 def refine_trial(config: RefineConfig, progress: bool = False) -> RefineSummary:
-    """Refine one complete trial's plan and add the result to its study as a new trial."""
+    """Refine one complete trial's plan and add the result to its study as a new trial.
+
+    The same command is safe to run again: a refinement the study already holds is reported, not
+    repeated, and one that was stopped goes on from its last generation (each generation leaves a
+    checkpoint in the study; the trial is only added at the end, so the study never holds half a
+    refinement)."""
     study = load_existing_study(config.storage, config.study)
     settings = study_settings(study)
     parent = find_trial(study, config.trial)
     if parent.state != TrialState.COMPLETE or "plan" not in parent.user_attrs:
         raise AutopruneError(
             f"trial {parent.number} is {parent.state.name.lower()}; only complete trials can be refined"
+        )
+    done = find_refinement(study, config)
+    if done is not None:
+        info = done.user_attrs["refine"]
+        return RefineSummary(
+            parent.number, done.number, config.generations, info["accepted"], info["seconds"],
+            trial_row(done), found=True,
+        )
+    key = checkpoint_key(config)
+    saved = EvolutionState(**study.user_attrs[key]) if key in study.user_attrs else None
+    if saved is not None and saved.generation > config.generations:
+        raise AutopruneError(
+            f"this refinement stopped at generation {saved.generation}, past --generations "
+            f"{config.generations}; ask for {saved.generation} or more"
         )
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -301,16 +387,38 @@ def refine_trial(config: RefineConfig, progress: bool = False) -> RefineSummary:
     )
     base = trial_plan(parent)
     evolution = LevelSwitchEvolution(worker, base, config)
-    final, accepted, history = evolution.run(progress)
-    plan = final.plan(base)
+    state = evolution.run(saved, lambda state: study.set_user_attr(key, asdict(state)), progress)
+    plan = Allocation(state.counts, evolution.start.shapes, config.step).plan(base)
     result = worker.run(TrialRequest(len(study.get_trials(deepcopy=False)), plan))
     if result.status != "complete":
         raise AutopruneError(f"the refined plan did not measure: {result.status}")
-    seconds = time.perf_counter() - start
-    trial = _record(study, parent, plan, result, config, accepted, history, seconds)
+    seconds = time.perf_counter() - start + (saved.seconds if saved is not None else 0.0)
+    trial = _record(study, parent, plan, result, config, state, seconds)
     return RefineSummary(
-        parent.number, trial.number, config.generations, accepted, seconds, trial_row(trial), history
+        parent.number, trial.number, config.generations, state.accepted, seconds, trial_row(trial),
+        state.history,
     )
+
+
+def checkpoint_key(config: RefineConfig) -> str:
+    """The study attribute holding this refinement's last generation: one per parent and path
+    settings, so a different seed or step starts afresh instead of resuming a foreign walk."""
+    path = json.dumps(config.model_dump(include=PATH_SETTINGS), sort_keys=True)
+    return f"{CHECKPOINT_PREFIX}{config.trial}:{hashlib.sha256(path.encode()).hexdigest()[:12]}"
+
+
+def find_refinement(study: optuna.Study, config: RefineConfig) -> FrozenTrial | None:
+    """The trial the study holds from refining ``config.trial`` with the same settings (a setting
+    an older record lacks counts as its default)."""
+    wanted = config.model_dump(include=RECORDED_SETTINGS)
+    defaults = {key: RefineConfig.model_fields[key].default for key in RECORDED_SETTINGS}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        done = trial.user_attrs.get("refine", {})
+        if trial.user_attrs.get("refined_from") == config.trial and all(
+            done.get(key, defaults[key]) == value for key, value in wanted.items()
+        ):
+            return trial
+    return None
 
 
 def _record(
@@ -319,8 +427,7 @@ def _record(
     plan: Plan,
     result: TrialResult,
     config: RefineConfig,
-    accepted: int,
-    history: list[float],
+    state: EvolutionState,
     seconds: float,
 ) -> FrozenTrial:
     """Add the refined plan as a complete trial: the parent's parameters (the space cannot express
@@ -336,9 +443,9 @@ def _record(
         "refined_from": parent.number,
         "refine": {
             **config.model_dump(include=RECORDED_SETTINGS),
-            "accepted": accepted,
-            "fitness_first": history[0],
-            "fitness_last": history[-1],
+            "accepted": state.accepted,
+            "fitness_first": state.history[0],
+            "fitness_last": state.history[-1],
             "seconds": round(seconds, 1),
         },
     }
