@@ -228,10 +228,11 @@ class SparseGPT(PruningMethod):
     ) -> torch.Tensor:
         """The batch's factors on the weights' device (statistics load on the CPU)."""
         names = tuple(group.group for group in stats)
-        if key not in self._stacked or self._stacked[key][0] != names:
-            stacked = torch.stack([self._factor(group) for group in stats]).to(device)
-            self._stacked[key] = (names, stacked)
-        return self._stacked[key][1].to(device)
+        cached = self._stacked.get(key)
+        if cached is None or cached[0] != names or cached[1].device != device:
+            cached = (names, torch.stack([self._factor(group) for group in stats]).to(device))
+            self._stacked[key] = cached
+        return cached[1]
 
     def _prune_batch(
         self, key: tuple[int, int, str | None], groups: list[list[LayerJob]]
