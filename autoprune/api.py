@@ -50,11 +50,11 @@ def prepare(
     progress: bool = True,
 ) -> tuple[LoadedModel, CalibrationStats, bool]:
     """Load ``model`` and its calibration statistics (from the cache when available)."""
-    loaded, _, stats, cached = _prepare(model, calibration, cache_dir, progress)
+    loaded, _, stats, cached = prepare_with_windows(model, calibration, cache_dir, progress)
     return loaded, stats, cached
 
 
-def _prepare(
+def prepare_with_windows(
     model: str, calibration: CalibrationConfig, cache_dir: Path | None, progress: bool
 ) -> tuple[LoadedModel, torch.Tensor, CalibrationStats, bool]:
     """:func:`prepare`, also returning the calibration windows (sequential pruning reads them
@@ -116,7 +116,7 @@ def prune(
         check_source(source)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    loaded, calib_windows, stats, cached = _prepare(model, calibration, cache_dir, progress)
+    loaded, calib_windows, stats, cached = prepare_with_windows(model, calibration, cache_dir, progress)
     timings["load_and_calibrate"] = time.perf_counter() - start
     if isinstance(plan, PlanRequest):
         plan = plan.build(loaded, stats)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 
-from autoprune.calibration import CalibrationStats, LinearStats, block_passes
+from autoprune.calibration import BlockEdit, CalibrationStats, LinearStats, block_passes, calibrate
 from autoprune.errors import AutopruneError
 from autoprune.methods import LayerJob, PruningMethod
 from autoprune.models import LoadedModel
@@ -141,6 +143,43 @@ def prune_sequentially(
     """
     model, adapter = loaded.model, loaded.adapter
     validate_plan(plan, adapter.all_layer_names(model), adapter.num_blocks(model))
+    removed = frozenset(plan.removed_blocks)
+    edit = sequential_edit(loaded, plan)
+    for _block_statistics in block_passes(loaded, windows, torch.device(device), batch_size, progress, edit, removed):
+        pass  # the edits are what counts
+    adapter.remove_blocks(model, plan.removed_blocks)
+    return model
+
+
+def sequential_statistics(
+    pruner: Pruner,
+    windows: torch.Tensor,
+    plan: Plan,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+) -> CalibrationStats:
+    """The statistics :func:`prune_sequentially` prunes ``plan`` from: each layer's inputs in the
+    model whose earlier blocks ``plan`` has already pruned. Pruning ``plan`` from them gives the
+    sequential weights, and pruning a plan near ``plan`` from them nearly its own sequential
+    weights, at a one-shot prune's cost: how ``autoprune refine`` ranks candidates for the
+    sequential recipe without a calibration pass per candidate. Cached like any statistics, keyed
+    by the plan; ``pruner``'s model is dense again afterwards."""
+    pruner.validate(plan)
+    digest = hashlib.sha256(plan.model_dump_json().encode()).hexdigest()[:16]
+    edit = (f"sequential-{digest}", sequential_edit(pruner.loaded, plan))
+    device = next(pruner.loaded.model.parameters()).device
+    with pruner.pointed({}):  # the pass prunes the model's weights; leaving restores the dense ones
+        result = calibrate(
+            pruner.loaded, windows, cache_dir, device, progress=progress, edit=edit,
+            skip=frozenset(plan.removed_blocks),
+        )
+    return result.stats
+
+
+def sequential_edit(loaded: LoadedModel, plan: Plan) -> BlockEdit:
+    """The block edit of sequential pruning: prune the block's layers to ``plan`` from the
+    statistics of the inputs the block gets, in place."""
+    adapter = loaded.adapter
     method = PruningMethod.named(plan.method)
 
     def prune_block(index: int, block: torch.nn.Module, groups: dict[str, LinearStats]) -> None:
@@ -156,9 +195,4 @@ def prune_sequentially(
         for name, weight in method.prune(jobs).items():
             modules[name].weight.data = weight.to(modules[name].weight.device).contiguous()
 
-    removed = frozenset(plan.removed_blocks)
-    passes = block_passes(loaded, windows, torch.device(device), batch_size, progress, prune_block, removed)
-    for _block_statistics in passes:  # the edits are what counts
-        pass
-    adapter.remove_blocks(model, plan.removed_blocks)
-    return model
+    return prune_block

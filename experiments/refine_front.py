@@ -15,6 +15,10 @@ A rerun reuses a refined trial of the same parent and settings instead of refini
 Writes ``refine_front.json`` and ``.md`` under ``--out``.
 
     python experiments/refine_front.py --targets 0.6 0.7 --parents 151 10 --generations 100 --threads 2
+
+``--sequential-every N`` refines for the ``--sequential`` recipe instead (``autoprune refine
+--sequential-every``): candidates pruned from the parent's sequential statistics, refreshed every N
+generations.
 """
 
 from __future__ import annotations
@@ -57,6 +61,8 @@ def main() -> None:
     parser.add_argument("--offspring", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--select-windows", type=int, default=2)
+    parser.add_argument("--sequential-every", type=int, default=None,
+                        help="refine for the --sequential recipe (statistics refreshed every N generations)")
     parser.add_argument("--test-windows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -74,7 +80,7 @@ def main() -> None:
         config = RefineConfig(storage=args.storage, study=args.study, trial=parent.number,
                               generations=args.generations, offspring=args.offspring, seed=args.seed,
                               select_windows=args.select_windows,
-                              threads=args.threads)
+                              sequential_every=args.sequential_every, threads=args.threads)
         summary = refine_trial(config, progress=True)  # finds an earlier run with these settings
         print(summary.line(), flush=True)
         child = load_existing_study(args.storage, args.study).trials[summary.trial]
@@ -126,7 +132,8 @@ def main() -> None:
     result = {"study": args.study, "objective": settings["objective"], "parent_choice": choice,
               "generations": args.generations,
               "offspring": args.offspring, "seed": args.seed,
-              "select_windows": args.select_windows, "test_windows": int(windows.shape[0]),
+              "select_windows": args.select_windows, "sequential_every": args.sequential_every,
+              "test_windows": int(windows.shape[0]),
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "refine_front.json").write_text(json.dumps(result, indent=2))
@@ -161,11 +168,15 @@ def markdown(result: dict) -> str:
     def number(value: float | None) -> str:
         return "-" if value is None else f"{value:.2f}"
 
+    every = result.get("sequential_every")
+    sequential = (
+        f", ranked for `--sequential` on statistics refreshed every {every} generations" if every else ""
+    )
     lines = [
         f"Study `{result['study']}` (objective {result['objective']}): one trial at each target "
         f"({result['parent_choice']}) refined per layer ({result['generations']} generations of "
         f"{result['offspring']} offspring, finalists on {result['select_windows']} windows, "
-        f"seed {result['seed']}), WikiText-2 test perplexity on "
+        f"seed {result['seed']}{sequential}), WikiText-2 test perplexity on "
         f"{result['test_windows']} windows; best uniform, OWL and the searched front (its member "
         "chosen on test, one-shot / `--sequential`) from `search_vs_baselines.py` on the same windows.",
         "",

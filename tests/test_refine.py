@@ -12,6 +12,7 @@ import random
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -19,7 +20,8 @@ from autoprune.cli import main
 from autoprune.data import validation_windows
 from autoprune.measure import measure_size, perplexity
 from autoprune.methods import prune_count
-from autoprune.models import ArchitectureAdapter
+from autoprune.models import ArchitectureAdapter, load_model
+from autoprune.pruner import prune_sequentially
 from autoprune.plan import LayerSpec, NMPattern, Plan
 from autoprune.errors import AutopruneError
 from autoprune.study import (
@@ -150,16 +152,44 @@ def test_selection_keeps_the_fitter_of_parent_and_offspring(studied, monkeypatch
     assert final.counts[first] == -final.history[-1] > start
 
 
-def test_a_stopped_refinement_goes_on_where_it_stopped(studied, tmp_path, monkeypatch):
+def test_sequential_ranking_prunes_the_parent_as_prune_sequentially_does(studied):
+    """With ``sequential_every``, the parent is ranked on exactly the weights ``prune --sequential``
+    gives its plan (a candidate on weights from the parent's statistics); the model stays dense
+    between candidates, and statistics replaced by a refresh leave the cache."""
+    folder, search = studied
+    config = refine_config(studied, sequential_every=1)
+    study = optuna.load_study(study_name=STUDY, storage=config.storage)
+    base = trial_plan(study.trials[config.trial])
+    worker = worker_for(studied)
+    dense = {name: weight.clone() for name, weight in worker.pruner.pruned_weights(Plan(method="sparsegpt")).items()}
+    evolution = LevelSwitchEvolution(worker, base, config)
+    evolution._use_statistics(evolution.start.counts, progress=False)
+    ranked = evolution._weights(evolution.start)
+    sequential = prune_sequentially(load_model(search.model), worker.calibration_windows, base, progress=False)
+    for name, weight in ranked.items():
+        torch.testing.assert_close(weight, sequential.get_submodule(name).weight.data, rtol=0, atol=1e-6)
+    one_shot = worker.pruner.pruned_weights(base)
+    assert any(not one_shot[name].equal(ranked[name]) for name in ranked if ".layers.0." not in name)
+    for name, weight in dense.items():
+        assert worker.loaded.model.get_submodule(name).weight.data.equal(weight), name
+    first = evolution.pruner.stats.folder
+    child = evolution.start.mutated(random.Random(0), 2)
+    evolution._use_statistics(child.counts, progress=False)
+    assert not first.exists() and evolution.pruner.stats.folder.is_dir()
+
+
+@pytest.mark.parametrize("sequential_every", [None, 3])
+def test_a_stopped_refinement_goes_on_where_it_stopped(studied, tmp_path, monkeypatch, sequential_every):
     """Killed right after its second generation's checkpoint and run again, a refinement ends
-    exactly where an uninterrupted one does; a third run finds the trial instead of adding one,
-    and asking for fewer generations than the checkpoint holds is refused."""
+    exactly where an uninterrupted one does (with sequential statistics too, refreshed after the
+    stop); a third run finds the trial instead of adding one, and asking for fewer generations
+    than the checkpoint holds is refused."""
     folder, search = studied
     copies = {}
     for name in ("whole", "stopped"):
         copies[name] = tmp_path / f"{name}.db"
         copies[name].write_bytes((folder / "s.db").read_bytes())
-    settings = dict(generations=4, seed=5)
+    settings = dict(generations=4, seed=5, sequential_every=sequential_every)
     whole = refine_trial(refine_config(studied, storage=f"sqlite:///{copies['whole']}", **settings))
     config = refine_config(studied, storage=f"sqlite:///{copies['stopped']}", **settings)
 

@@ -50,17 +50,30 @@ def calibrate(
     device: str | torch.device = "cpu",
     batch_size: int = 8,
     progress: bool = True,
+    edit: tuple[str, BlockEdit] | None = None,
+    skip: frozenset[int] = frozenset(),
 ) -> CalibrationResult:
     """Statistics of ``loaded`` on ``windows``, read from the cache when the same model (by content)
-    met the same tokens before, computed block by block and cached otherwise."""
+    met the same tokens before, computed block by block and cached otherwise.
+
+    ``edit`` (a name for the cache key and a :data:`BlockEdit`) gives instead the statistics of the
+    model that edit makes, block after block: each block's layers see the inputs of the blocks
+    edited before it (sequential pruning's statistics). The edit changes ``loaded.model``'s weights
+    when the statistics are computed, not when they are cached: the caller restores them. Blocks in
+    ``skip`` are not run (removed blocks); their statistics are absent.
+    """
     key = f"{loaded.fingerprint()}-{windows_fingerprint(windows)}-v{STATS_FORMAT_VERSION}"
+    if edit is not None:
+        key += f"-{edit[0]}"
     folder = (cache_dir or default_cache_dir()) / "stats" / key
     if (folder / "meta.json").is_file():
         return CalibrationResult(CalibrationStats(folder), from_cache=True)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".partial-"))
     try:
-        _collect(loaded, windows, staging, key, torch.device(device), batch_size, progress)
+        block_edit = edit[1] if edit is not None else None
+        passes = block_passes(loaded, windows, torch.device(device), batch_size, progress, block_edit, skip)
+        _collect(loaded, passes, staging, key, windows)
         staging.rename(folder)
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
@@ -79,20 +92,20 @@ def calibrate(
 BlockEdit = Callable[[int, nn.Module, dict[str, LinearStats]], None]
 
 
-@torch.no_grad()
 def _collect(
     loaded: LoadedModel,
-    windows: torch.Tensor,
+    passes: Iterator[tuple[int, dict[str, LinearStats], float]],
     folder: Path,
     key: str,
-    device: torch.device,
-    batch_size: int,
-    progress: bool,
+    windows: torch.Tensor,
 ) -> None:
+    """Write each block's statistics as ``passes`` yields them, then the index of them all. A
+    skipped block keeps influence 0: removed, it leaves its input unchanged."""
     adapter = loaded.adapter
-    group_of, block_of_group, influence = {}, {}, []
-    for index, groups, block_influence in block_passes(loaded, windows, device, batch_size, progress):
-        influence.append(block_influence)
+    group_of, block_of_group = {}, {}
+    influence = [0.0] * adapter.num_blocks(loaded.model)
+    for index, groups, block_influence in passes:
+        influence[index] = block_influence
         for group in adapter.input_groups:
             leader = adapter.layer_name(index, group[0])
             block_of_group[leader] = index
@@ -139,6 +152,7 @@ def block_passes(
     for index in tqdm(range(len(blocks)), desc="calibrating blocks", disable=not progress):
         if index in skip:
             continue
+        home = next(blocks[index].parameters()).device
         block = blocks[index].to(device)
         accumulators = {
             adapter.layer_name(index, group[0]): _InputAccumulator(
@@ -159,7 +173,7 @@ def block_passes(
         if edit is not None:
             edit(index, block, groups)
             outputs = _run_block(block, hidden, block_kwargs)
-        blocks[index].to("cpu")
+        blocks[index].to(home)  # back where it lives: the CPU, or the device of a model kept there
         cosine_sum = sum(
             torch.cosine_similarity(inputs, output, dim=-1).float().sum().item()
             for inputs, output in zip(hidden, outputs)

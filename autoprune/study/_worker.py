@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from autoprune.api import prepare
+from autoprune.api import prepare_with_windows
 from autoprune.config import CalibrationConfig
 from autoprune.data import validation_windows
 from autoprune.measure import SizeMeter, ppl_from_nll, reference_logprobs, window_losses
@@ -98,8 +98,11 @@ class TrialWorker:
         if spec.threads is not None:
             torch.set_num_threads(spec.threads)
         self.spec = spec
-        cache_dir = Path(spec.cache_dir) if spec.cache_dir else None
-        self.loaded, self.stats, _ = prepare(spec.model, spec.calibration, cache_dir, progress)
+        self.cache_dir = Path(spec.cache_dir) if spec.cache_dir else None
+        # The calibration windows are kept for sequential statistics (``refine --sequential-every``).
+        self.loaded, self.calibration_windows, self.stats, _ = prepare_with_windows(
+            spec.model, spec.calibration, self.cache_dir, progress
+        )
         self.loaded.model.to(spec.device)
         self.pruner = Pruner(self.loaded, self.stats)
         self.windows = validation_windows(
