@@ -13,6 +13,7 @@ import random
 import optuna
 import pytest
 import torch
+import yaml
 from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -260,6 +261,39 @@ def test_refined_trial_joins_the_study_and_exports_like_any_other(capsys, studie
     assert perplexity(reloaded, windows) == pytest.approx(refined.user_attrs["ppl"], rel=0.01)
     size = measure_size(reloaded, ArchitectureAdapter.for_model(reloaded))
     assert size.linear_nonzeros == parent.values[0]
+
+
+def test_a_trial_refined_for_sequential_exports_as_prune_sequential_makes_it(capsys, studied, tmp_path):
+    """Exported plainly, a trial refined with ``--sequential-every`` is the one-shot variant the
+    study measured (and a note says so); with ``--sequential`` it is exactly what
+    ``prune --sequential`` makes of its plan, and the recipe says sequential."""
+    folder, config = studied
+    settings = refine_config(studied)
+    code, out, err = run_cli(
+        capsys, "refine", "--storage", config.storage, "--study", STUDY, "--trial", settings.trial,
+        "--generations", 2, "--offspring", 3, "--pool-windows", 6, "--screen-tokens", 16,
+        "--sequential-every", 1, "--cache-dir", folder / "cache", "--format", "json",
+    )
+    assert code == 0, err
+    refined = optuna.load_study(study_name=STUDY, storage=config.storage).trials[json.loads(out)[0]["trial"]]
+    assert refined.user_attrs["refine"]["sequential_every"] == 1
+    export = ["export", "--storage", config.storage, "--study", STUDY, "--trial", refined.number,
+              "--cache-dir", folder / "cache"]
+    code, _, err = run_cli(capsys, *export, "--out", tmp_path / "one-shot")
+    assert code == 0 and f"trial {refined.number} was refined for --sequential" in err
+    code, _, err = run_cli(capsys, *export, "--out", tmp_path / "sequential", "--sequential")
+    assert code == 0 and "refined for" not in err
+    assert yaml.safe_load((tmp_path / "sequential" / "recipe.yaml").read_text())["sequential"] is True
+    expected = prune_sequentially(load_model(config.model), worker_for(studied).calibration_windows,
+                                  trial_plan(refined), progress=False)
+    one_shot = AutoModelForCausalLM.from_pretrained(tmp_path / "one-shot")
+    sequential = AutoModelForCausalLM.from_pretrained(tmp_path / "sequential")
+    names = [name for name, module in expected.named_modules() if ".layers.1." in name and hasattr(module, "weight") and module.weight.dim() == 2]
+    for name in names:
+        torch.testing.assert_close(sequential.get_submodule(name).weight, expected.get_submodule(name).weight, rtol=0, atol=1e-6)
+    assert any(not one_shot.get_submodule(name).weight.equal(sequential.get_submodule(name).weight) for name in names)
+    size = measure_size(sequential, ArchitectureAdapter.for_model(sequential))
+    assert size.linear_nonzeros == refined.values[0]
 
 
 @pytest.mark.parametrize(

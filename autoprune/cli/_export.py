@@ -2,7 +2,8 @@
 
 ``DIR`` becomes the checkpoint (loadable with plain transformers) with ``DIR/recipe.yaml`` beside
 it; ``autoprune prune --recipe DIR/recipe.yaml --out OTHER`` rebuilds the same model. The recipe
-holds the model, the calibration settings and the plan, never the storage URL.
+holds the model, the calibration settings and the plan, never the storage URL. ``--sequential``
+exports the variant ``prune --sequential`` makes of the trial's plan (and says so in the recipe).
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--trial", type=int, required=True, help="trial number (see autoprune front)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="calibration cache folder")
+    parser.add_argument(
+        "--sequential", action="store_true",
+        help="prune block after block from the already-pruned model's statistics (the recipe "
+        "keeps it): what `refine --sequential-every` tunes a trial for, not what the study measured",
+    )
     add_format(parser)
     parser.set_defaults(run=run)
 
@@ -41,8 +47,15 @@ def run(args: argparse.Namespace) -> int:
         raise AutopruneError(
             f"trial {trial.number} is {trial.state.name.lower()}; only complete trials can be exported"
         )
-    recipe = trial_recipe(study, trial)
-    report = prune(recipe.model, recipe.calibration, recipe.plan, args.out, cache_dir=args.cache_dir)
+    if trial.user_attrs.get("refine", {}).get("sequential_every") and not args.sequential:
+        print(
+            f"autoprune: note: trial {trial.number} was refined for --sequential; exporting it "
+            "one-shot, as the study measured it",
+            file=sys.stderr,
+        )
+    recipe = trial_recipe(study, trial).model_copy(update={"sequential": args.sequential})
+    report = prune(recipe.model, recipe.calibration, recipe.plan, args.out,
+                   cache_dir=args.cache_dir, sequential=recipe.sequential)
     recipe.save(args.out / RECIPE_FILE)
     recorded = trial.user_attrs["size"]["linear_nonzeros"]
     if report.size.linear_nonzeros != recorded:
