@@ -177,6 +177,9 @@ def test_sequential_ranking_prunes_the_parent_as_prune_sequentially_does(studied
     child = evolution.start.mutated(random.Random(0), 2)
     evolution._use_statistics(child.counts, progress=False)
     assert not first.exists() and evolution.pruner.stats.folder.is_dir()
+    second = evolution.pruner.stats.folder
+    evolution.release_statistics()
+    assert not second.exists() and evolution.pruner is worker.pruner
 
 
 @pytest.mark.parametrize("sequential_every", [None, 3])
@@ -264,17 +267,19 @@ def test_refined_trial_joins_the_study_and_exports_like_any_other(capsys, studie
 
 
 def test_a_trial_refined_for_sequential_exports_as_prune_sequential_makes_it(capsys, studied, tmp_path):
-    """Exported plainly, a trial refined with ``--sequential-every`` is the one-shot variant the
-    study measured (and a note says so); with ``--sequential`` it is exactly what
-    ``prune --sequential`` makes of its plan, and the recipe says sequential."""
+    """A refinement with ``--sequential-every`` leaves no statistics behind. Exported plainly, its
+    trial is the one-shot variant the study measured (and a note says so); with ``--sequential``
+    it is exactly what ``prune --sequential`` makes of its plan, and the recipe says sequential."""
     folder, config = studied
     settings = refine_config(studied)
+    cached = set((folder / "cache" / "stats").iterdir())
     code, out, err = run_cli(
         capsys, "refine", "--storage", config.storage, "--study", STUDY, "--trial", settings.trial,
         "--generations", 2, "--offspring", 3, "--pool-windows", 6, "--screen-tokens", 16,
         "--sequential-every", 1, "--cache-dir", folder / "cache", "--format", "json",
     )
     assert code == 0, err
+    assert set((folder / "cache" / "stats").iterdir()) == cached  # its statistics are gone
     refined = optuna.load_study(study_name=STUDY, storage=config.storage).trials[json.loads(out)[0]["trial"]]
     assert refined.user_attrs["refine"]["sequential_every"] == 1
     export = ["export", "--storage", config.storage, "--study", STUDY, "--trial", refined.number,

@@ -339,7 +339,7 @@ class LevelSwitchEvolution:
         """Prune candidates from the sequential statistics of the allocation ``counts`` from now
         on; layers pruned from the previous statistics are dropped, and so are those statistics
         (a model's worth of Hessians on disk; a resumed run recomputes them)."""
-        previous = self.pruner.stats if self.statistics_from is not None else None
+        previous = self.pruner.stats.folder if self.statistics_from is not None else None
         plan = Allocation(counts, self.start.shapes, self.config.step).plan(self.base)
         stats = sequential_statistics(
             self.worker.pruner, self.worker.calibration_windows, plan, self.worker.cache_dir, progress
@@ -349,7 +349,14 @@ class LevelSwitchEvolution:
         self.fixed = self._prune_fixed()
         self.statistics_from = dict(counts)
         if previous is not None:
-            shutil.rmtree(previous.folder, ignore_errors=True)
+            shutil.rmtree(previous, ignore_errors=True)
+
+    def release_statistics(self) -> None:
+        """Delete the sequential statistics in use, once the refinement is recorded and no resume
+        needs them (for a 7B model they are ~20 GB of Hessians)."""
+        if self.statistics_from is not None:
+            shutil.rmtree(self.pruner.stats.folder, ignore_errors=True)
+            self.pruner, self.statistics_from = self.worker.pruner, None
 
     def _draw(self, count: int) -> list[int]:
         return self.rng.sample(range(len(self.pool)), count)
@@ -440,6 +447,7 @@ def refine_trial(config: RefineConfig, progress: bool = False) -> RefineSummary:
         raise AutopruneError(f"the refined plan did not measure: {result.status}")
     seconds = time.perf_counter() - start + (saved.seconds if saved is not None else 0.0)
     trial = _record(study, parent, plan, result, config, state, seconds)
+    evolution.release_statistics()
     return RefineSummary(
         parent.number, trial.number, config.generations, state.accepted, seconds, trial_row(trial),
         state.history,
