@@ -9,7 +9,14 @@ from pathlib import Path
 
 import torch
 
-from autoprune.calibration import BlockEdit, CalibrationStats, LinearStats, block_passes, calibrate
+from autoprune.calibration import (
+    BlockEdit,
+    CalibrationStats,
+    LinearStats,
+    block_passes,
+    calibrate,
+    statistics_folder,
+)
 from autoprune.errors import AutopruneError
 from autoprune.methods import LayerJob, PruningMethod
 from autoprune.models import LoadedModel
@@ -165,8 +172,7 @@ def sequential_statistics(
     sequential recipe without a calibration pass per candidate. Cached like any statistics, keyed
     by the plan; ``pruner``'s model is dense again afterwards."""
     pruner.validate(plan)
-    digest = hashlib.sha256(plan.model_dump_json().encode()).hexdigest()[:16]
-    edit = (f"sequential-{digest}", sequential_edit(pruner.loaded, plan))
+    edit = (_sequential_name(plan), sequential_edit(pruner.loaded, plan))
     device = next(pruner.loaded.model.parameters()).device
     with pruner.pointed({}):  # the pass prunes the model's weights; leaving restores the dense ones
         result = calibrate(
@@ -174,6 +180,17 @@ def sequential_statistics(
             skip=frozenset(plan.removed_blocks),
         )
     return result.stats
+
+
+def sequential_statistics_folder(
+    pruner: Pruner, windows: torch.Tensor, plan: Plan, cache_dir: Path | None = None
+) -> Path:
+    """Where :func:`sequential_statistics` caches ``plan``'s statistics, computed or not."""
+    return statistics_folder(pruner.loaded, windows, cache_dir, _sequential_name(plan))
+
+
+def _sequential_name(plan: Plan) -> str:
+    return f"sequential-{hashlib.sha256(plan.model_dump_json().encode()).hexdigest()[:16]}"
 
 
 def sequential_edit(loaded: LoadedModel, plan: Plan) -> BlockEdit:

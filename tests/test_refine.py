@@ -182,13 +182,14 @@ def test_sequential_ranking_prunes_the_parent_as_prune_sequentially_does(studied
     assert not second.exists() and evolution.pruner is worker.pruner
 
 
-@pytest.mark.parametrize("sequential_every", [None, 3])
-def test_a_stopped_refinement_goes_on_where_it_stopped(studied, tmp_path, monkeypatch, sequential_every):
-    """Killed right after its second generation's checkpoint and run again, a refinement ends
-    exactly where an uninterrupted one does (with sequential statistics too, refreshed after the
-    stop); a third run finds the trial instead of adding one, and asking for fewer generations
-    than the checkpoint holds is refused."""
+@pytest.mark.parametrize(("sequential_every", "killed_at"), [(None, 2), (3, 3), (3, 2)])
+def test_a_stopped_refinement_goes_on_where_it_stopped(studied, tmp_path, monkeypatch, sequential_every, killed_at):
+    """Killed right after a generation's checkpoint and run again, a refinement ends exactly where
+    an uninterrupted one does (with sequential statistics too: stopped where they are refreshed,
+    or between refreshes) and leaves no statistics behind; a third run finds the trial instead of
+    adding one, and asking for fewer generations than the checkpoint holds is refused."""
     folder, search = studied
+    cached = set((folder / "cache" / "stats").iterdir())
     copies = {}
     for name in ("whole", "stopped"):
         copies[name] = tmp_path / f"{name}.db"
@@ -201,7 +202,7 @@ def test_a_stopped_refinement_goes_on_where_it_stopped(studied, tmp_path, monkey
 
     def killed_after_second(study, key, value):
         write(study, key, value)
-        if key.startswith(CHECKPOINT_PREFIX) and value["generation"] == 2:
+        if key.startswith(CHECKPOINT_PREFIX) and value["generation"] == killed_at:
             raise KeyboardInterrupt
 
     with monkeypatch.context() as patched:
@@ -218,6 +219,7 @@ def test_a_stopped_refinement_goes_on_where_it_stopped(studied, tmp_path, monkey
     assert len(study.trials) == trials_before + 1 and not resumed.found
     assert trial_plan(study.trials[resumed.trial]) == trial_plan(original.trials[whole.trial])
     assert (resumed.accepted, resumed.fitness) == (whole.accepted, whole.fitness)
+    assert set((folder / "cache" / "stats").iterdir()) == cached
 
     again = refine_trial(config)
     assert again.found and again.trial == resumed.trial

@@ -6,6 +6,7 @@ from autoprune.calibration._collect import (
     block_passes,
     calibrate,
     default_cache_dir,
+    statistics_folder,
 )
 from autoprune.calibration._self_text import self_calibration_windows
 from autoprune.calibration._stats import CalibrationStats, LinearStats
@@ -19,4 +20,5 @@ __all__ = [
     "calibrate",
     "default_cache_dir",
     "self_calibration_windows",
+    "statistics_folder",
 ]

@@ -43,6 +43,17 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("AUTOPRUNE_CACHE", Path.home() / ".cache" / "autoprune"))
 
 
+def statistics_folder(
+    loaded: LoadedModel, windows: torch.Tensor, cache_dir: Path | None = None, edit_name: str | None = None
+) -> Path:
+    """Where :func:`calibrate` caches the statistics of ``loaded`` on ``windows`` (of the model the
+    edit named ``edit_name`` makes): the same model by content and the same tokens share them."""
+    key = f"{loaded.fingerprint()}-{windows_fingerprint(windows)}-v{STATS_FORMAT_VERSION}"
+    if edit_name is not None:
+        key += f"-{edit_name}"
+    return (cache_dir or default_cache_dir()) / "stats" / key
+
+
 def calibrate(
     loaded: LoadedModel,
     windows: torch.Tensor,
@@ -62,10 +73,8 @@ def calibrate(
     when the statistics are computed, not when they are cached: the caller restores them. Blocks in
     ``skip`` are not run (removed blocks); their statistics are absent.
     """
-    key = f"{loaded.fingerprint()}-{windows_fingerprint(windows)}-v{STATS_FORMAT_VERSION}"
-    if edit is not None:
-        key += f"-{edit[0]}"
-    folder = (cache_dir or default_cache_dir()) / "stats" / key
+    folder = statistics_folder(loaded, windows, cache_dir, edit[0] if edit is not None else None)
+    key = folder.name
     if (folder / "meta.json").is_file():
         return CalibrationResult(CalibrationStats(folder), from_cache=True)
     folder.parent.mkdir(parents=True, exist_ok=True)

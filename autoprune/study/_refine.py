@@ -37,6 +37,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Annotated, Any
 
 import optuna
@@ -51,7 +52,7 @@ from autoprune.errors import AutopruneError
 from autoprune.measure import reference_logprobs, window_losses
 from autoprune.methods import prune_count
 from autoprune.plan import LayerSpec, Plan
-from autoprune.pruner import Pruner, sequential_statistics
+from autoprune.pruner import Pruner, sequential_statistics, sequential_statistics_folder
 from autoprune.study._records import find_trial, study_settings, trial_plan, trial_row
 from autoprune.study._storage import DEFAULT_STORAGE, load_existing_study
 from autoprune.study._worker import TrialRequest, TrialResult, TrialWorker, WorkerSpec
@@ -281,6 +282,11 @@ class LevelSwitchEvolution:
         parent = Allocation(state.counts, self.start.shapes, self.config.step)
         statistics_from = state.statistics_from
         every = self.config.sequential_every
+        if (
+            every is not None and statistics_from is not None
+            and state.generation % every == 0 and statistics_from != state.counts
+        ):  # resumed where the statistics are refreshed: the checkpoint's are not needed again
+            shutil.rmtree(self._statistics_folder(statistics_from), ignore_errors=True)
         total = self.config.generations
         bar = tqdm(
             range(state.generation, total), initial=state.generation, total=total,
@@ -340,9 +346,9 @@ class LevelSwitchEvolution:
         on; layers pruned from the previous statistics are dropped, and so are those statistics
         (a model's worth of Hessians on disk; a resumed run recomputes them)."""
         previous = self.pruner.stats.folder if self.statistics_from is not None else None
-        plan = Allocation(counts, self.start.shapes, self.config.step).plan(self.base)
         stats = sequential_statistics(
-            self.worker.pruner, self.worker.calibration_windows, plan, self.worker.cache_dir, progress
+            self.worker.pruner, self.worker.calibration_windows, self._plan_of(counts),
+            self.worker.cache_dir, progress,
         )
         self.pruner = Pruner(self.worker.loaded, stats)
         self.kept = {}
@@ -350,6 +356,15 @@ class LevelSwitchEvolution:
         self.statistics_from = dict(counts)
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
+
+    def _plan_of(self, counts: dict[str, int]) -> Plan:
+        return Allocation(counts, self.start.shapes, self.config.step).plan(self.base)
+
+    def _statistics_folder(self, counts: dict[str, int]) -> Path:
+        return sequential_statistics_folder(
+            self.worker.pruner, self.worker.calibration_windows, self._plan_of(counts),
+            self.worker.cache_dir,
+        )
 
     def release_statistics(self) -> None:
         """Delete the sequential statistics in use, once the refinement is recorded and no resume
