@@ -347,7 +347,7 @@ class LevelSwitchEvolution:
         (a model's worth of Hessians on disk; a resumed run recomputes them)."""
         previous = self.pruner.stats.folder if self.statistics_from is not None else None
         stats = sequential_statistics(
-            self.worker.pruner, self.worker.calibration_windows, self._plan_of(counts),
+            self.worker.pruner, self.worker.calibration_windows, self.plan_of(counts),
             self.worker.cache_dir, progress,
         )
         self.pruner = Pruner(self.worker.loaded, stats)
@@ -357,12 +357,13 @@ class LevelSwitchEvolution:
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
 
-    def _plan_of(self, counts: dict[str, int]) -> Plan:
+    def plan_of(self, counts: dict[str, int]) -> Plan:
+        """The refined trial's plan with these per-row prune counts."""
         return Allocation(counts, self.start.shapes, self.config.step).plan(self.base)
 
     def _statistics_folder(self, counts: dict[str, int]) -> Path:
         return sequential_statistics_folder(
-            self.worker.pruner, self.worker.calibration_windows, self._plan_of(counts),
+            self.worker.pruner, self.worker.calibration_windows, self.plan_of(counts),
             self.worker.cache_dir,
         )
 
@@ -456,7 +457,7 @@ def refine_trial(config: RefineConfig, progress: bool = False) -> RefineSummary:
     base = trial_plan(parent)
     evolution = LevelSwitchEvolution(worker, base, config)
     state = evolution.run(saved, lambda state: study.set_user_attr(key, asdict(state)), progress)
-    plan = Allocation(state.counts, evolution.start.shapes, config.step).plan(base)
+    plan = evolution.plan_of(state.counts)
     result = worker.run(TrialRequest(len(study.get_trials(deepcopy=False)), plan))
     if result.status != "complete":
         raise AutopruneError(f"the refined plan did not measure: {result.status}")
