@@ -33,8 +33,15 @@ from autoprune.study import (
     refine_trial,
     run_search,
     trial_plan,
+    trial_row,
 )
-from autoprune.study._refine import CHECKPOINT_PREFIX, Allocation, LevelSwitchEvolution, refinable_layers
+from autoprune.study._refine import (
+    CHECKPOINT_PREFIX,
+    Allocation,
+    EvolutionState,
+    LevelSwitchEvolution,
+    refinable_layers,
+)
 
 STUDY = "refine"
 #: SmolLM2's decoder linear shapes (rows, columns): q/o, k/v, gate/up, down.
@@ -182,6 +189,36 @@ def test_sequential_ranking_prunes_the_parent_as_prune_sequentially_does(studied
     assert not second.exists() and evolution.pruner is worker.pruner
 
 
+def test_the_sequential_measurement_is_the_final_plans_own(studied):
+    """The trial's ``--sequential`` measurement is made from the final allocation's own
+    statistics, not those it was last ranked on (which differ once a switch touched an earlier
+    block), on the study's windows. Run as a resumed refinement with no generation left does
+    it, the checkpoint's statistics are deleted although that run never loaded them."""
+    folder, search = studied
+    config = refine_config(studied, sequential_every=5)
+    study = optuna.load_study(study_name=STUDY, storage=config.storage)
+    base = trial_plan(study.trials[config.trial])
+    worker = worker_for(studied)
+    cached = set((folder / "cache" / "stats").iterdir())
+    killed = LevelSwitchEvolution(worker, base, config)
+    start = killed.start
+    children = (start.mutated(random.Random(seed), 1) for seed in range(100))
+    final = next(c for c in children if any(c.counts[n] != start.counts[n] for n in c.counts if ".layers.0." in n))
+    killed._use_statistics(start.counts, progress=False)  # the statistics a killed run ranked on last
+    with killed.pruner.applied(final.plan(base)) as model:
+        stale_ppl = perplexity(model, worker.windows)
+
+    resumed = LevelSwitchEvolution(worker, base, config)
+    state = EvolutionState(generation=5, counts=final.counts, statistics_from=dict(start.counts))
+    measured = resumed.measure_sequential(state, number=0)
+    sequential = prune_sequentially(load_model(search.model), worker.calibration_windows,
+                                    final.plan(base), progress=False)
+    assert measured.ppl == pytest.approx(perplexity(sequential, worker.windows), rel=1e-5)
+    assert measured.ppl != pytest.approx(stale_ppl, rel=1e-5)
+    resumed.release_statistics()
+    assert set((folder / "cache" / "stats").iterdir()) == cached
+
+
 @pytest.mark.parametrize(("sequential_every", "killed_at"), [(None, 2), (3, 3), (3, 2)])
 def test_a_stopped_refinement_goes_on_where_it_stopped(studied, tmp_path, monkeypatch, sequential_every, killed_at):
     """Killed right after a generation's checkpoint and run again, a refinement ends exactly where
@@ -271,25 +308,31 @@ def test_refined_trial_joins_the_study_and_exports_like_any_other(capsys, studie
 def test_a_trial_refined_for_sequential_exports_as_prune_sequential_makes_it(capsys, studied, tmp_path):
     """A refinement with ``--sequential-every`` leaves no statistics behind. Exported plainly, its
     trial is the one-shot variant the study measured (and a note says so); with ``--sequential``
-    it is exactly what ``prune --sequential`` makes of its plan, and the recipe says sequential."""
+    it is exactly what ``prune --sequential`` makes of its plan, the recipe says sequential, and
+    the trial's recorded sequential perplexity is that model's on the study's windows."""
     folder, config = studied
     settings = refine_config(studied)
     cached = set((folder / "cache" / "stats").iterdir())
     code, out, err = run_cli(
         capsys, "refine", "--storage", config.storage, "--study", STUDY, "--trial", settings.trial,
-        "--generations", 2, "--offspring", 3, "--pool-windows", 6, "--screen-tokens", 16,
-        "--sequential-every", 1, "--cache-dir", folder / "cache", "--format", "json",
+        "--generations", 3, "--offspring", 3, "--pool-windows", 6, "--screen-tokens", 16,
+        "--sequential-every", 2, "--cache-dir", folder / "cache", "--format", "json",
     )
     assert code == 0, err
     assert set((folder / "cache" / "stats").iterdir()) == cached  # its statistics are gone
     refined = optuna.load_study(study_name=STUDY, storage=config.storage).trials[json.loads(out)[0]["trial"]]
-    assert refined.user_attrs["refine"]["sequential_every"] == 1
+    assert refined.user_attrs["refine"]["sequential_every"] == 2
     export = ["export", "--storage", config.storage, "--study", STUDY, "--trial", refined.number,
-              "--cache-dir", folder / "cache"]
-    code, _, err = run_cli(capsys, *export, "--out", tmp_path / "one-shot")
+              "--cache-dir", folder / "cache", "--format", "json"]
+    code, out, err = run_cli(capsys, *export, "--out", tmp_path / "one-shot")
     assert code == 0 and f"trial {refined.number} was refined for --sequential" in err
-    code, _, err = run_cli(capsys, *export, "--out", tmp_path / "sequential", "--sequential")
+    assert json.loads(out)[0]["recorded_ppl"] == refined.user_attrs["ppl"]
+    code, out, err = run_cli(capsys, *export, "--out", tmp_path / "sequential", "--sequential")
     assert code == 0 and "refined for" not in err
+    recorded = refined.user_attrs["sequential"]["ppl"]
+    assert json.loads(out)[0]["recorded_ppl"] == recorded != refined.user_attrs["ppl"]
+    assert trial_row(refined)["ppl_sequential"] == recorded
+    assert trial_row(optuna.load_study(study_name=STUDY, storage=config.storage).trials[settings.trial])["ppl_sequential"] is None
     assert yaml.safe_load((tmp_path / "sequential" / "recipe.yaml").read_text())["sequential"] is True
     expected = prune_sequentially(load_model(config.model), worker_for(studied).calibration_windows,
                                   trial_plan(refined), progress=False)
@@ -301,6 +344,8 @@ def test_a_trial_refined_for_sequential_exports_as_prune_sequential_makes_it(cap
     assert any(not one_shot.get_submodule(name).weight.equal(sequential.get_submodule(name).weight) for name in names)
     size = measure_size(sequential, ArchitectureAdapter.for_model(sequential))
     assert size.linear_nonzeros == refined.values[0]
+    windows = validation_windows(config.data, AutoTokenizer.from_pretrained(tmp_path / "sequential"), 32, 3)
+    assert perplexity(sequential, windows) == pytest.approx(recorded, rel=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -3,8 +3,9 @@
 ``DIR`` becomes the checkpoint (loadable with plain transformers) with ``DIR/recipe.yaml`` beside
 it; ``autoprune prune --recipe DIR/recipe.yaml --out OTHER`` rebuilds the same model. The recipe
 holds the model, the calibration settings and the plan, never the storage URL. ``--sequential``
-exports the variant ``prune --sequential`` makes of the trial's plan (and says so in the recipe).
-"""
+exports the variant ``prune --sequential`` makes of the trial's plan (and says so in the recipe);
+its ``recorded_ppl`` is then the study's measurement of that variant, which only trials refined for
+it have (empty for the rest: the study never measured it)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,13 @@ from autoprune.api import prune
 from autoprune.cli._common import add_format, render
 from autoprune.errors import AutopruneError
 from autoprune.export import check_output_dir
-from autoprune.study import DEFAULT_STORAGE, find_trial, load_existing_study, trial_recipe
+from autoprune.study import (
+    DEFAULT_STORAGE,
+    find_trial,
+    load_existing_study,
+    recorded_sequential_ppl,
+    trial_recipe,
+)
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -71,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         "sparsity": round(report.size.sparsity, 6),
         "nonzeros": report.size.linear_nonzeros,
         "recorded_nonzeros": recorded,
-        "recorded_ppl": trial.user_attrs.get("ppl"),
+        "recorded_ppl": recorded_sequential_ppl(trial) if args.sequential else trial.user_attrs.get("ppl"),
     }
     print(render([row], args.format))
     return 0

@@ -14,8 +14,10 @@ in user attributes, written by the driver only:
   worker died and it was started again elsewhere), and ``reason`` for
   trials told FAIL (``orphaned``, ``collapsed``, ``duplicate``, or the worker's error);
 - for a trial ``autoprune refine`` added: the same measured attributes, ``refined_from`` (the
-  parent trial, whose parameters it carries although its plan is per-layer) and ``refine`` (the
-  evolution's settings, generations accepted, first and last fitness, seconds).
+  parent trial, whose parameters it carries although its plan is per-layer), ``refine`` (the
+  evolution's settings, generations accepted, first and last fitness, seconds) and, when refined
+  for the sequential recipe, ``sequential`` (``ppl``, ``kl``, ``quality`` of the plan pruned
+  block after block, on the same windows: what ``export --sequential`` gives).
 
 States: COMPLETE trials were measured on every window; PRUNED trials were stopped early; FAIL
 trials are the rest. Only COMPLETE trials (and only feasible ones under constraints) form the front.
@@ -114,10 +116,17 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
         "nonzeros": size.get("linear_nonzeros"),
         "ppl": attrs.get("ppl"),
         "kl": attrs.get("kl"),
+        "ppl_sequential": recorded_sequential_ppl(trial),
         "bytes_sparse": size.get("bytes_sparse"),
         "baseline": attrs.get("baseline"),
         "plan": attrs.get("plan_summary"),
     }
+
+
+def recorded_sequential_ppl(trial: FrozenTrial) -> float | None:
+    """The perplexity of the trial's ``--sequential`` variant, where the study measured it (trials
+    refined for it); None elsewhere."""
+    return (trial.user_attrs.get("sequential") or {}).get("ppl")
 
 
 def finite_or_none(value: float | None) -> float | None:

@@ -357,6 +357,17 @@ class LevelSwitchEvolution:
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
 
+    def measure_sequential(self, state: EvolutionState, number: int) -> TrialResult:
+        """The final allocation as ``export --sequential`` makes it, measured like the trial: its
+        own sequential statistics (one more calibration pass), then the study's windows. The
+        statistics it was ranked on last (the checkpoint's, after a resume) are deleted first."""
+        stale = state.statistics_from
+        if stale is not None and stale != state.counts:
+            shutil.rmtree(self._statistics_folder(stale), ignore_errors=True)
+        if self.statistics_from != state.counts:
+            self._use_statistics(state.counts, progress=False)
+        return self.worker.run(TrialRequest(number, self.plan_of(state.counts)), self.pruner)
+
     def plan_of(self, counts: dict[str, int]) -> Plan:
         """The refined trial's plan with these per-row prune counts."""
         return Allocation(counts, self.start.shapes, self.config.step).plan(self.base)
@@ -458,11 +469,16 @@ def refine_trial(config: RefineConfig, progress: bool = False) -> RefineSummary:
     evolution = LevelSwitchEvolution(worker, base, config)
     state = evolution.run(saved, lambda state: study.set_user_attr(key, asdict(state)), progress)
     plan = evolution.plan_of(state.counts)
-    result = worker.run(TrialRequest(len(study.get_trials(deepcopy=False)), plan))
-    if result.status != "complete":
-        raise AutopruneError(f"the refined plan did not measure: {result.status}")
+    number = len(study.get_trials(deepcopy=False))
+    result = worker.run(TrialRequest(number, plan))
+    sequential = (
+        evolution.measure_sequential(state, number) if config.sequential_every is not None else None
+    )
+    for measured in (result, sequential):
+        if measured is not None and measured.status != "complete":
+            raise AutopruneError(f"the refined plan did not measure: {measured.status}")
     seconds = time.perf_counter() - start + (saved.seconds if saved is not None else 0.0)
-    trial = _record(study, parent, plan, result, config, state, seconds)
+    trial = _record(study, parent, plan, result, config, state, seconds, sequential)
     evolution.release_statistics()
     return RefineSummary(
         parent.number, trial.number, config.generations, state.accepted, seconds, trial_row(trial),
@@ -499,10 +515,14 @@ def _record(
     config: RefineConfig,
     state: EvolutionState,
     seconds: float,
+    sequential: TrialResult | None,
 ) -> FrozenTrial:
     """Add the refined plan as a complete trial: the parent's parameters (the space cannot express
     the plan; ``refined_from`` says so), the measured values, the driver's attributes, and the
-    parent's constraints re-evaluated on the new measurement."""
+    parent's constraints re-evaluated on the new measurement. A refinement for the sequential
+    recipe also keeps that variant's measurement (``sequential``: what ``export --sequential``
+    gives); the objective values stay one-shot, like every other trial's, so the front compares
+    like with like."""
     nonzeros = float(result.size["linear_nonzeros"])
     attrs = {
         "plan": plan.model_dump(mode="json"),
@@ -519,6 +539,8 @@ def _record(
             "seconds": round(seconds, 1),
         },
     }
+    if sequential is not None:
+        attrs["sequential"] = {key: sequential.record()[key] for key in ("ppl", "kl", "quality")}
     measured = {"max_ppl": result.ppl, "max_nonzeros": nonzeros}
     parent_measured = {"max_ppl": parent.user_attrs["ppl"], "max_nonzeros": parent.values[0]}
     constraints = {

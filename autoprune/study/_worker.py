@@ -117,12 +117,14 @@ class TrialWorker:
         """The search space's view of the loaded model, so the driver needs no copy of its own."""
         return SpaceContext.from_model(self.loaded, self.stats, method, sparsity_range)
 
-    def run(self, request: TrialRequest) -> TrialResult:
-        """Prune to the plan, measure size and quality; a collapsed model is a result, not a crash."""
+    def run(self, request: TrialRequest, pruner: Pruner | None = None) -> TrialResult:
+        """Prune to the plan, measure size and quality; a collapsed model is a result, not a crash.
+        ``pruner`` prunes from other statistics of the same model than the worker's own (a
+        refinement's sequential ones), so both variants of a plan are measured alike."""
         start = time.perf_counter()
         timings: dict[str, float] = {}
         weights_start = time.perf_counter()
-        with self.pruner.applied(request.plan) as model:
+        with (pruner or self.pruner).applied(request.plan) as model:
             timings["prune"] = time.perf_counter() - weights_start
             size = self.size_meter(model).as_dict()
             eval_start = time.perf_counter()
