@@ -357,7 +357,7 @@ class LevelSwitchEvolution:
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
 
-    def measure_sequential(self, state: EvolutionState, number: int) -> TrialResult:
+    def measure_sequential(self, state: EvolutionState, number: int, progress: bool = False) -> TrialResult:
         """The final allocation as ``export --sequential`` makes it, measured like the trial: its
         own sequential statistics (one more calibration pass), then the study's windows. The
         statistics it was ranked on last (the checkpoint's, after a resume) are deleted first."""
@@ -365,7 +365,7 @@ class LevelSwitchEvolution:
         if stale is not None and stale != state.counts:
             shutil.rmtree(self._statistics_folder(stale), ignore_errors=True)
         if self.statistics_from != state.counts:
-            self._use_statistics(state.counts, progress=False)
+            self._use_statistics(state.counts, progress)
         return self.worker.run(TrialRequest(number, self.plan_of(state.counts)), self.pruner)
 
     def plan_of(self, counts: dict[str, int]) -> Plan:
@@ -472,11 +472,13 @@ def refine_trial(config: RefineConfig, progress: bool = False) -> RefineSummary:
     number = len(study.get_trials(deepcopy=False))
     result = worker.run(TrialRequest(number, plan))
     sequential = (
-        evolution.measure_sequential(state, number) if config.sequential_every is not None else None
+        evolution.measure_sequential(state, number, progress)
+        if config.sequential_every is not None
+        else None
     )
-    for measured in (result, sequential):
+    for variant, measured in (("refined plan", result), ("refined plan --sequential", sequential)):
         if measured is not None and measured.status != "complete":
-            raise AutopruneError(f"the refined plan did not measure: {measured.status}")
+            raise AutopruneError(f"the {variant} did not measure: {measured.status}")
     seconds = time.perf_counter() - start + (saved.seconds if saved is not None else 0.0)
     trial = _record(study, parent, plan, result, config, state, seconds, sequential)
     evolution.release_statistics()
