@@ -357,7 +357,9 @@ class LevelSwitchEvolution:
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
 
-    def measure_sequential(self, state: EvolutionState, number: int, progress: bool = False) -> TrialResult:
+    def measure_sequential(
+        self, state: EvolutionState, number: int, progress: bool = False
+    ) -> TrialResult:
         """The final allocation as ``export --sequential`` makes it, measured like the trial: its
         own sequential statistics (one more calibration pass), then the study's windows. The
         statistics it was ranked on last (the checkpoint's, after a resume) are deleted first."""
