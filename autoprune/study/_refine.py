@@ -544,7 +544,8 @@ def _record(
         },
     }
     if sequential is not None:
-        attrs["sequential"] = {key: sequential.record()[key] for key in ("ppl", "kl", "quality")}
+        record = sequential.record()
+        attrs["sequential"] = {key: record[key] for key in ("ppl", "kl", "quality")}
     measured = {"max_ppl": result.ppl, "max_nonzeros": nonzeros}
     parent_measured = {"max_ppl": parent.user_attrs["ppl"], "max_nonzeros": parent.values[0]}
     constraints = {
