@@ -61,6 +61,9 @@ def main() -> None:
     parser.add_argument("--offspring", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--select-windows", type=int, default=2)
+    parser.add_argument("--pool-windows", type=int,
+                        default=RefineConfig.model_fields["pool_windows"].default,
+                        help="validation windows candidates are ranked on (drawn from afresh)")
     parser.add_argument("--sequential-every", type=int, default=None,
                         help="refine for the --sequential recipe (statistics refreshed every N generations)")
     parser.add_argument("--test-windows", type=int, default=16)
@@ -79,7 +82,7 @@ def main() -> None:
         parent = best_at(study, target) if args.parents is None else study.trials[args.parents[index]]
         config = RefineConfig(storage=args.storage, study=args.study, trial=parent.number,
                               generations=args.generations, offspring=args.offspring, seed=args.seed,
-                              select_windows=args.select_windows,
+                              select_windows=args.select_windows, pool_windows=args.pool_windows,
                               sequential_every=args.sequential_every, threads=args.threads)
         summary = refine_trial(config, progress=True)  # finds an earlier run with these settings
         print(summary.line(), flush=True)
@@ -132,7 +135,8 @@ def main() -> None:
     result = {"study": args.study, "objective": settings["objective"], "parent_choice": choice,
               "generations": args.generations,
               "offspring": args.offspring, "seed": args.seed,
-              "select_windows": args.select_windows, "sequential_every": args.sequential_every,
+              "select_windows": args.select_windows, "pool_windows": args.pool_windows,
+              "sequential_every": args.sequential_every,
               "test_windows": int(windows.shape[0]),
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -175,7 +179,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"Study `{result['study']}` (objective {result['objective']}): one trial at each target "
         f"({result['parent_choice']}) refined per layer ({result['generations']} generations of "
-        f"{result['offspring']} offspring, finalists on {result['select_windows']} windows, "
+        f"{result['offspring']} offspring, finalists on {result['select_windows']} of "
+        f"{result['pool_windows']} pool windows, "
         f"seed {result['seed']}{sequential}), WikiText-2 test perplexity on "
         f"{result['test_windows']} windows; best uniform, OWL and the searched front (its member "
         "chosen on test, one-shot / `--sequential`) from `search_vs_baselines.py` on the same windows.",
