@@ -57,12 +57,12 @@ def main() -> None:
     parser.add_argument("--targets", nargs="+", type=float, default=[0.6, 0.7])
     parser.add_argument("--parents", nargs="+", type=int, default=None,
                         help="trial to refine at each target (default: the best validation score)")
-    parser.add_argument("--generations", type=int, default=100)
-    parser.add_argument("--offspring", type=int, default=8)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--select-windows", type=int, default=2)
-    parser.add_argument("--pool-windows", type=int,
-                        default=RefineConfig.model_fields["pool_windows"].default,
+    refine_default = {name: field.default for name, field in RefineConfig.model_fields.items()}
+    parser.add_argument("--generations", type=int, default=refine_default["generations"])
+    parser.add_argument("--offspring", type=int, default=refine_default["offspring"])
+    parser.add_argument("--seed", type=int, default=refine_default["seed"])
+    parser.add_argument("--select-windows", type=int, default=refine_default["select_windows"])
+    parser.add_argument("--pool-windows", type=int, default=refine_default["pool_windows"],
                         help="validation windows candidates are ranked on (drawn from afresh)")
     parser.add_argument("--sequential-every", type=int, default=None,
                         help="refine for the --sequential recipe (statistics refreshed every N generations)")
