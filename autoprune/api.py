@@ -15,7 +15,7 @@ from autoprune.data import SELF, calibration_windows, check_source, evaluation_w
 from autoprune.errors import AutopruneError
 from autoprune.export import check_output_dir, read_metadata, save_checkpoint
 from autoprune.measure import SizeReport, measure_size, perplexity
-from autoprune.models import LoadedModel, load_model
+from autoprune.models import LoadedModel, compute_device, load_model
 from autoprune.plan import MethodName, NMPattern, Plan, Recipe
 from autoprune.pruner import Pruner, prune_sequentially
 
@@ -48,17 +48,24 @@ def prepare(
     calibration: CalibrationConfig,
     cache_dir: Path | None = None,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> tuple[LoadedModel, CalibrationStats, bool]:
-    """Load ``model`` and its calibration statistics (from the cache when available)."""
-    loaded, _, stats, cached = prepare_with_windows(model, calibration, cache_dir, progress)
+    """Load ``model`` and its calibration statistics (from the cache when available, else
+    computed on ``device``)."""
+    loaded, _, stats, cached = prepare_with_windows(model, calibration, cache_dir, progress, device)
     return loaded, stats, cached
 
 
 def prepare_with_windows(
-    model: str, calibration: CalibrationConfig, cache_dir: Path | None, progress: bool
+    model: str,
+    calibration: CalibrationConfig,
+    cache_dir: Path | None,
+    progress: bool,
+    device: str | torch.device = "cpu",
 ) -> tuple[LoadedModel, torch.Tensor, CalibrationStats, bool]:
     """:func:`prepare`, also returning the calibration windows (sequential pruning reads them
-    again; for ``self`` data they are generated text, too costly to make twice)."""
+    again; for ``self`` data they are generated text, too costly to make twice). Uncached
+    statistics are computed on ``device``, one block there at a time; the model stays on the CPU."""
     loaded = load_model(model)
     if calibration.source == SELF:
         windows, _ = self_calibration_windows(
@@ -69,7 +76,7 @@ def prepare_with_windows(
             calibration.source, loaded.tokenizer, calibration.n_samples, calibration.seq_len,
             calibration.seed,
         )
-    result = calibrate(loaded, windows, cache_dir=cache_dir, progress=progress)
+    result = calibrate(loaded, windows, cache_dir=cache_dir, device=device, progress=progress)
     return loaded, windows, result.stats, result.from_cache
 
 
@@ -102,32 +109,39 @@ def prune(
     cache_dir: Path | None = None,
     progress: bool = True,
     sequential: bool = False,
+    device: str = "cpu",
 ) -> PruneReport:
     """Calibrate ``model`` (cached), prune it to ``plan``, measure, and save to ``out`` if given.
 
     ``sequential`` prunes block after block from the statistics of the already-pruned model
     (:func:`autoprune.pruner.prune_sequentially`): better, slower, and not what a study measured.
-    Everything checkable without the model (output folder, data path) is checked first, so a
-    mistake costs no model load.
+    Calibration, pruning and evaluation run on ``device``. Everything checkable without the
+    model (output folder, data path, device) is checked first, so a mistake costs no model load.
     """
     if out is not None:
         check_output_dir(out)
     for source in (calibration.source, evaluation.source if evaluation else SELF):
         check_source(source)
+    compute = compute_device(device)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    loaded, calib_windows, stats, cached = prepare_with_windows(model, calibration, cache_dir, progress)
+    loaded, calib_windows, stats, cached = prepare_with_windows(
+        model, calibration, cache_dir, progress, compute
+    )
     timings["load_and_calibrate"] = time.perf_counter() - start
     if isinstance(plan, PlanRequest):
         plan = plan.build(loaded, stats)
     recipe = Recipe(model=model, calibration=calibration, plan=plan, sequential=sequential)
-    pruner = Pruner(loaded, stats)
-    dense_linear = pruner.dense_linear_params
     start = time.perf_counter()
-    if sequential:
-        model = prune_sequentially(loaded, calib_windows, recipe.plan, progress=progress)
+    if sequential:  # the model stays on the CPU, its blocks visit the device one at a time
+        dense_linear = Pruner(loaded, stats).dense_linear_params
+        model = prune_sequentially(loaded, calib_windows, recipe.plan, compute, progress=progress)
     else:
+        loaded.model.to(compute)
+        pruner = Pruner(loaded, stats)
+        dense_linear = pruner.dense_linear_params
         model = pruner.materialize(recipe.plan)
+    model.to(compute)  # evaluated where it was pruned
     timings["prune"] = time.perf_counter() - start
     size = measure_size(model, loaded.adapter, dense_linear)
     ppl = None

@@ -208,8 +208,8 @@ def sequential_edit(loaded: LoadedModel, plan: Plan) -> BlockEdit:
                 spec = plan.layers.get(name)
                 if spec is not None and not spec.is_dense:
                     modules[name] = block.get_submodule(member)
-                    jobs.append(LayerJob(name, modules[name].weight.data.cpu(), stats, spec))
-        for name, weight in method.prune(jobs).items():
-            modules[name].weight.data = weight.to(modules[name].weight.device).contiguous()
+                    jobs.append(LayerJob(name, modules[name].weight.data, stats, spec))
+        for name, weight in method.prune(jobs).items():  # pruned where the block computes
+            modules[name].weight.data = weight.contiguous()
 
     return prune_block

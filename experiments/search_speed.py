@@ -9,6 +9,7 @@ The issue's target: prune + bookkeeping under 25% of a trial's wall time. Writes
 ``results/search_speed.json`` and ``results/search_speed.md``.
 
     python experiments/search_speed.py [--methods wanda sparsegpt] [--trials 6] [--eval-windows 8]
+        [--device cuda]
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ def main() -> None:
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--device", default="cpu", help="where the trials run (cpu, cuda)")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     if args.threads:
@@ -52,6 +54,7 @@ def main() -> None:
         "seq_len": args.seq_len,
         "calib_samples": args.calib_samples,
         "threads": torch.get_num_threads(),
+        "device": device_name(args.device),
         "methods": {method: measure(method, args) for method in args.methods},
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -66,7 +69,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
             model=args.model, data=args.data, storage=f"sqlite:///{tmp}/speed.db", study=method,
             trials=args.trials, space="layerwise", method=method, eval_windows=args.eval_windows,
             seq_len=args.seq_len, calib_samples=args.calib_samples, early_stop_margin=None,
-            threads=args.threads,
+            threads=args.threads, device=args.device,
         )
         start = time.perf_counter()
         run_search(config, progress=True)
@@ -87,11 +90,17 @@ def measure(method: str, args: argparse.Namespace) -> dict:
     }
 
 
+def device_name(device: str) -> str:
+    """The device as a reader of the results needs it: the GPU's model, or the CPU."""
+    return torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu"
+
+
 def markdown(result: dict) -> str:
     lines = [
         f"{result['model']}, layer-wise space, {result['eval_windows']} validation windows of "
-        f"{result['seq_len']} tokens per trial, {result['threads']} torch threads; steady-state "
-        "means (first trial, which builds per-model caches, excluded).",
+        f"{result['seq_len']} tokens per trial, {result['threads']} torch threads, device "
+        f"{result['device']}; steady-state means (first trial, which builds per-model "
+        "caches, excluded).",
         "",
         "| method | trials | prune s | evaluate s | bookkeeping s | total s | prune+bookkeeping share "
         "| s per window | first trial s | start-up s |",

@@ -102,6 +102,8 @@ def test_owl_prune_keeps_the_average_sparsity(capsys, tiny_llama_dir, data_dir, 
         (["--nm", "2:4", "--owl"], "OWL"),
         (["--sparsity", "0.5", "--data", "/no/such/data"], "data path not found: /no/such/data"),
         (["--sparsity", "0.5", "--recipe", "/no/recipe.yaml"], "recipe file not found"),
+        (["--sparsity", "0.5", "--device", "gpu"], "unknown device 'gpu'"),
+        (["--sparsity", "0.5", "--device", "cuda:64"], "device 'cuda:64' is not on this machine"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(capsys, tiny_llama_dir, data_dir, tmp_path, flags, message):

@@ -133,13 +133,21 @@ def bad_commands(folder, config) -> dict[str, list]:
             "cannot open storage postgresql://me:***@127.0.0.1:1/db",
         ),
         "bad plot": (["front", "--storage", storage, "--study", STUDY, "--plot", folder / "f.gif"], "--plot"),
+        "unknown device": (
+            ["search", "--config", folder / "search.yaml", "--device", "gpu"], "unknown device 'gpu'"
+        ),
+        "absent device": (
+            ["search", "--config", folder / "search.yaml", "--device", "cuda:64"],
+            "device 'cuda:64' is not on this machine",
+        ),
     }
 
 
 @pytest.mark.parametrize(
     "case",
     ["unknown key", "wrong type", "broken yaml", "changed space", "missing study",
-     "export missing study", "missing trial", "missing storage", "unreachable storage", "bad plot"],
+     "export missing study", "missing trial", "missing storage", "unreachable storage", "bad plot",
+     "unknown device", "absent device"],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_the_study_alone(capsys, searched, case):
     folder, _ = searched

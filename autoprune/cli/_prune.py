@@ -31,6 +31,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_data_flags(parser)
     parser.add_argument("--out", type=Path, help="output folder (must not exist or be empty)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="calibration cache folder")
+    parser.add_argument(
+        "--device", default="cpu", help="where to calibrate, prune and evaluate (cpu, cuda, cuda:N)"
+    )
     add_format(parser)
     parser.set_defaults(run=run)
 
@@ -59,12 +62,13 @@ def run(args: argparse.Namespace) -> int:
     if args.recipe is not None:
         recipe = Recipe.load(args.recipe)
         report = prune(recipe.model, recipe.calibration, recipe.plan, args.out, evaluation,
-                       args.cache_dir, sequential=recipe.sequential or args.sequential)
+                       args.cache_dir, sequential=recipe.sequential or args.sequential,
+                       device=args.device)
     else:
         if args.model is None:
             raise AutopruneError("prune needs --model (or --recipe)")
         report = prune(args.model, calibration_config(args), plan_request(args), args.out,
-                       evaluation, args.cache_dir, sequential=args.sequential)
+                       evaluation, args.cache_dir, sequential=args.sequential, device=args.device)
     result = report.as_dict()
     print(render([_row(result)], "table") if args.format == "table" else json.dumps(result, indent=2))
     return 0

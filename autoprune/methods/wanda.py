@@ -9,8 +9,9 @@ from autoprune.methods._scored import ScoredPruningMethod
 
 
 def wanda_scores(weight: torch.Tensor, act_norm: torch.Tensor) -> torch.Tensor:
-    """Weight magnitude times the L2 norm of the input channel it multiplies."""
-    return weight.abs() * act_norm.to(weight.dtype).unsqueeze(0)
+    """Weight magnitude times the L2 norm of the input channel it multiplies. Statistics load on
+    the CPU; the norms follow the weight, which lives on the compute device."""
+    return weight.abs() * act_norm.to(device=weight.device, dtype=weight.dtype).unsqueeze(0)
 
 
 class Wanda(ScoredPruningMethod):

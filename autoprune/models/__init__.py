@@ -6,6 +6,7 @@ from autoprune.models._adapter import (
     LlamaFamilyAdapter,
     OPTAdapter,
 )
+from autoprune.models._device import compute_device
 from autoprune.models._loading import ALIASES, LoadedModel, load_model, resolve_alias
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "LlamaFamilyAdapter",
     "LoadedModel",
     "OPTAdapter",
+    "compute_device",
     "load_model",
     "resolve_alias",
 ]

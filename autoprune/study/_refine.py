@@ -107,6 +107,7 @@ class RefineConfig(BaseModel):
     )
     cache_dir: str | None = Field(None, description="calibration cache folder")
     threads: Annotated[int, Field(ge=1)] | None = Field(None, description="torch CPU threads")
+    device: str = Field("cpu", description="torch device of the evolution (cpu, cuda, cuda:N)")
 
     @model_validator(mode="after")
     def _pool_holds_both_draws(self) -> RefineConfig:
@@ -464,6 +465,7 @@ def refine_trial(config: RefineConfig, progress: bool = False) -> RefineSummary:
             eval_seq_len=settings["eval_seq_len"],
             eval_windows=settings["eval_windows"],
             cache_dir=config.cache_dir,
+            device=config.device,
         ),
         progress=progress,
     )

@@ -21,6 +21,7 @@ from autoprune.api import prepare_with_windows
 from autoprune.config import CalibrationConfig
 from autoprune.data import validation_windows
 from autoprune.measure import SizeMeter, ppl_from_nll, reference_logprobs, window_losses
+from autoprune.models import compute_device
 from autoprune.plan import MethodName, Plan
 from autoprune.pruner import Pruner
 from autoprune.study._records import finite_or_none
@@ -100,8 +101,9 @@ class TrialWorker:
         self.spec = spec
         self.cache_dir = Path(spec.cache_dir) if spec.cache_dir else None
         # The calibration windows are kept for sequential statistics (``refine --sequential-every``).
+        compute_device(spec.device)
         self.loaded, self.calibration_windows, self.stats, _ = prepare_with_windows(
-            spec.model, spec.calibration, self.cache_dir, progress
+            spec.model, spec.calibration, self.cache_dir, progress, spec.device
         )
         self.loaded.model.to(spec.device)
         self.pruner = Pruner(self.loaded, self.stats)
