@@ -132,16 +132,16 @@ def prune(
     if isinstance(plan, PlanRequest):
         plan = plan.build(loaded, stats)
     recipe = Recipe(model=model, calibration=calibration, plan=plan, sequential=sequential)
+    if not sequential:  # one-shot prunes where the weights are; sequential moves a block at a time
+        loaded.model.to(compute)
+    pruner = Pruner(loaded, stats)
+    dense_linear = pruner.dense_linear_params
     start = time.perf_counter()
-    if sequential:  # the model stays on the CPU, its blocks visit the device one at a time
-        dense_linear = Pruner(loaded, stats).dense_linear_params
+    if sequential:
         model = prune_sequentially(loaded, calib_windows, recipe.plan, compute, progress=progress)
     else:
-        loaded.model.to(compute)
-        pruner = Pruner(loaded, stats)
-        dense_linear = pruner.dense_linear_params
         model = pruner.materialize(recipe.plan)
-    model.to(compute)  # evaluated where it was pruned
+    model.to(compute)  # measured and evaluated on the device too
     timings["prune"] = time.perf_counter() - start
     size = measure_size(model, loaded.adapter, dense_linear)
     ppl = None

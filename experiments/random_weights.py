@@ -32,7 +32,7 @@ def main() -> None:
     location, extra = (str(gguf.parent), {"gguf_file": gguf.name}) if gguf else (args.source, {})
     config = AutoConfig.from_pretrained(location, **extra)
     tokenizer = AutoTokenizer.from_pretrained(location, **extra)
-    if hasattr(config, "quantization_config"):  # a GGUF origin that a plain checkpoint must not claim
+    if hasattr(config, "quantization_config"):  # a GGUF origin a plain checkpoint must not claim
         del config.quantization_config
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(args.out)

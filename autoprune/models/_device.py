@@ -17,5 +17,7 @@ def compute_device(name: str) -> torch.device:
     if device.type == "cuda":
         available = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if (device.index or 0) >= available:
-            raise AutopruneError(f"device {name!r} is not on this machine ({available} CUDA devices)")
+            raise AutopruneError(
+                f"device {name!r} is not on this machine ({available} CUDA devices)"
+            )
     return device

@@ -100,8 +100,8 @@ class TrialWorker:
             torch.set_num_threads(spec.threads)
         self.spec = spec
         self.cache_dir = Path(spec.cache_dir) if spec.cache_dir else None
+        compute_device(spec.device)  # an unknown or absent device fails before the model loads
         # The calibration windows are kept for sequential statistics (``refine --sequential-every``).
-        compute_device(spec.device)
         self.loaded, self.calibration_windows, self.stats, _ = prepare_with_windows(
             spec.model, spec.calibration, self.cache_dir, progress, spec.device
         )
