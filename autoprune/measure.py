@@ -168,26 +168,32 @@ def window_losses(
     reference: torch.Tensor | None = None,
     progress: bool = False,
     desc: str = "evaluating",
+    batch_size: int = 1,
 ) -> Iterator[WindowLoss]:
-    """Per window, from one forward pass, its NLL and (with ``reference``, see
-    :func:`reference_logprobs`) its KL sums.
+    """Per window, its NLL and (with ``reference``, see :func:`reference_logprobs`) its KL sums,
+    from one forward pass per ``batch_size`` windows.
 
-    One window at a time, so a caller can stop early (multi-fidelity) and memory stays at one
-    window's logits; NLL and KL share the forward, so a KL objective costs what perplexity does.
+    Yielded window by window, so a caller can stop early (multi-fidelity, wasting at most the rest
+    of a batch); NLL and KL share the forward, so a KL objective costs what perplexity does. On a
+    CPU one window per pass holds one window's logits and loses nothing; on an H200 a 512-token
+    window of SmolLM2 took 0.03 s, about a hundred times its arithmetic, so there passes are bound
+    by kernel launches, which a batch shares.
     """
     device = next(model.parameters()).device
-    references = reference if reference is not None else [None] * len(windows)
-    pairs = zip(windows, references, strict=True)
-    for window, ref in tqdm(pairs, total=len(windows), desc=desc, disable=not progress, leave=False):
-        ids = window.unsqueeze(0).to(device)
-        logits = model(ids, use_cache=False).logits[0].float()
-        nll = float(F.cross_entropy(logits[:-1], ids[0, 1:], reduction="sum").double())
-        if ref is None:
-            yield WindowLoss(nll)
+    starts = range(0, len(windows), batch_size)
+    for start in tqdm(starts, desc=desc, disable=not progress, leave=False, unit="batch"):
+        ids = windows[start : start + batch_size].to(device)
+        logits = model(ids, use_cache=False).logits.float()
+        predicted = logits[:, :-1].reshape(-1, logits.shape[-1])
+        nll = F.cross_entropy(predicted, ids[:, 1:].reshape(-1), reduction="none")
+        nll = nll.view(len(ids), -1).sum(1)
+        if reference is None:
+            yield from (WindowLoss(value) for value in nll.double().tolist())
             continue
-        ref = ref.to(device).float()
-        logp = F.log_softmax(logits, -1)
-        yield WindowLoss(nll, float((ref.exp() * (ref - logp)).sum().double()))
+        ref = reference[start : start + batch_size].to(device).float()
+        kl = (ref.exp() * (ref - F.log_softmax(logits, -1))).sum(dim=(1, 2))
+        pairs = zip(nll.double().tolist(), kl.double().tolist(), strict=True)
+        yield from (WindowLoss(n, k) for n, k in pairs)
 
 
 def perplexity(model: nn.Module, windows: torch.Tensor, progress: bool = False) -> float:

@@ -9,7 +9,7 @@ The issue's target: prune + bookkeeping under 25% of a trial's wall time. Writes
 ``results/search_speed.json`` and ``results/search_speed.md``.
 
     python experiments/search_speed.py [--methods wanda sparsegpt] [--trials 6] [--eval-windows 8]
-        [--device cuda]
+        [--device cuda] [--eval-batch 8]
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--device", default="cpu", help="where the trials run (cpu, cuda)")
+    parser.add_argument("--eval-batch", type=int, default=1, help="validation windows per forward")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
     if args.threads:
@@ -51,6 +52,7 @@ def main() -> None:
     result = {
         "model": args.model,
         "eval_windows": args.eval_windows,
+        "eval_batch": args.eval_batch,
         "seq_len": args.seq_len,
         "calib_samples": args.calib_samples,
         "threads": torch.get_num_threads(),
@@ -69,7 +71,7 @@ def measure(method: str, args: argparse.Namespace) -> dict:
             model=args.model, data=args.data, storage=f"sqlite:///{tmp}/speed.db", study=method,
             trials=args.trials, space="layerwise", method=method, eval_windows=args.eval_windows,
             seq_len=args.seq_len, calib_samples=args.calib_samples, early_stop_margin=None,
-            threads=args.threads, device=args.device,
+            threads=args.threads, device=args.device, eval_batch=args.eval_batch,
         )
         start = time.perf_counter()
         run_search(config, progress=True)
@@ -98,7 +100,8 @@ def device_name(device: str) -> str:
 def markdown(result: dict) -> str:
     lines = [
         f"{result['model']}, layer-wise space, {result['eval_windows']} validation windows of "
-        f"{result['seq_len']} tokens per trial, {result['threads']} torch threads, device "
+        f"{result['seq_len']} tokens per trial ({result['eval_batch']} per forward pass), "
+        f"{result['threads']} torch threads, device "
         f"{result['device']}; steady-state means (first trial, which builds per-model "
         "caches, excluded).",
         "",

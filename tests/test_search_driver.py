@@ -25,7 +25,7 @@ from autoprune.study import (
     run_search,
     study_settings,
 )
-from autoprune.measure import kl_to_reference, perplexity
+from autoprune.measure import kl_to_reference, perplexity, window_losses
 from search_spaces import SearchSpace, SpaceContext
 
 RECORD_KEYS = {
@@ -283,3 +283,34 @@ def test_a_kl_trial_reads_each_window_once_and_stops_early_on_kl(tiny_llama_dir,
     assert kl_to_reference(worker.loaded.model, worker.windows, worker.reference) == pytest.approx(0, abs=1e-3)
     stopped = worker.run(TrialRequest(1, plan, stop_above=result.kl / 10))
     assert (stopped.status, stopped.windows) == ("stopped_early", 2) and stopped.quality == stopped.kl
+
+
+def test_batched_windows_give_each_window_its_own_losses(tiny_llama_dir, data_dir, tmp_path):
+    """``eval_batch`` windows share a forward pass (how a GPU evaluates fast), yet every window's
+    NLL and KL, the running quality and where a trial stops early are what one window per pass
+    gives; a batch that runs past the stopping window costs a pass, not a different result."""
+    spec = tiny_config(tiny_llama_dir, data_dir, tmp_path, objective="kl", eval_windows=5).worker_spec()
+    worker = TrialWorker(spec)
+    plan = SearchSpace.named("uniform").cast({"target": 0.5}, worker.space_context("wanda", (0.3, 0.7)))
+    with worker.pruner.applied(plan) as model:
+        single = list(window_losses(model, worker.windows, worker.reference))
+        batched = list(window_losses(model, worker.windows, worker.reference, batch_size=3))
+    assert len(batched) == len(single) == 5
+    for one, many in zip(single, batched, strict=True):
+        assert many.nll == pytest.approx(one.nll, rel=1e-5) and many.kl == pytest.approx(one.kl, rel=1e-4)
+    complete = worker.run(TrialRequest(0, plan))
+    stop_above = complete.kl * 1.5  # above the final KL, below the running KL of the first windows
+    worker.spec = spec.model_copy(update={"eval_batch": 3})
+    forwards = []
+    hook = worker.loaded.model.register_forward_hook(lambda *_: forwards.append(1))
+    batched_complete = worker.run(TrialRequest(1, plan))
+    hook.remove()
+    assert len(forwards) == 2 and batched_complete.windows == 5
+    assert batched_complete.kl == pytest.approx(complete.kl, rel=1e-4)
+    assert batched_complete.ppl == pytest.approx(complete.ppl, rel=1e-5)
+    for request in (TrialRequest(2, plan, stop_above=stop_above), TrialRequest(3, plan, stop_above=0.0)):
+        worker.spec = spec
+        one_by_one = worker.run(request)
+        worker.spec = spec.model_copy(update={"eval_batch": 3})
+        together = worker.run(request)
+        assert (together.status, together.windows) == (one_by_one.status, one_by_one.windows)

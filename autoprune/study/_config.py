@@ -96,6 +96,9 @@ class SearchConfig(BaseModel):
     )
     eval_windows: Annotated[int, Field(ge=1)] = Field(8, description="validation windows per trial")
     min_windows: Annotated[int, Field(ge=1)] = Field(2, description="windows before a trial may stop early")
+    eval_batch: Annotated[int, Field(ge=1)] = Field(
+        1, description="validation windows per forward pass (for a GPU; the same losses, more memory)"
+    )
     early_stop_margin: Annotated[float, Field(ge=1.0)] | None = Field(
         1.2,
         description="stop a trial whose running quality (ppl or KL) exceeds the front's by this "
@@ -187,6 +190,7 @@ class SearchConfig(BaseModel):
             eval_seq_len=self.seq_len,
             eval_windows=self.eval_windows,
             min_windows=self.min_windows,
+            eval_batch=self.eval_batch,
             cache_dir=self.cache_dir,
             device=self.device,
             threads=self.threads,

@@ -108,6 +108,9 @@ class RefineConfig(BaseModel):
     cache_dir: str | None = Field(None, description="calibration cache folder")
     threads: Annotated[int, Field(ge=1)] | None = Field(None, description="torch CPU threads")
     device: str = Field("cpu", description="torch device of the evolution (cpu, cuda, cuda:N)")
+    eval_batch: Annotated[int, Field(ge=1)] = Field(
+        1, description="windows per forward pass (for a GPU; the same losses, more memory)"
+    )
 
     @model_validator(mode="after")
     def _pool_holds_both_draws(self) -> RefineConfig:
@@ -398,7 +401,8 @@ class LevelSwitchEvolution:
         total = 0.0
         with self.pruner.pointed(weights, self.base.removed_blocks) as model:
             for loss in window_losses(
-                model, self.pool[windows, :tokens], self.pool_reference[windows, :tokens]
+                model, self.pool[windows, :tokens], self.pool_reference[windows, :tokens],
+                batch_size=self.worker.spec.eval_batch,
             ):
                 total += loss.kl
         return total / (len(windows) * tokens)
@@ -466,6 +470,7 @@ def refine_trial(config: RefineConfig, progress: bool = False) -> RefineSummary:
             eval_windows=settings["eval_windows"],
             cache_dir=config.cache_dir,
             device=config.device,
+            eval_batch=config.eval_batch,
         ),
         progress=progress,
     )

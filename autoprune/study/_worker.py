@@ -42,6 +42,7 @@ class WorkerSpec(BaseModel):
     eval_seq_len: Annotated[int, Field(ge=2)] = 512
     eval_windows: Annotated[int, Field(ge=1)] = 8
     min_windows: Annotated[int, Field(ge=1)] = 2
+    eval_batch: Annotated[int, Field(ge=1)] = 1
     cache_dir: str | None = None
     device: str = "cpu"
     threads: Annotated[int, Field(ge=1)] | None = None
@@ -138,12 +139,13 @@ class TrialWorker:
         return result
 
     def _measure(self, model: torch.nn.Module, request: TrialRequest, size: dict) -> TrialResult:
-        """Window after window, one forward each: the running perplexity and, with the KL
-        objective, the running KL; the objective's running value is what ``stop_above`` bounds
-        once ``min_windows`` windows are in."""
+        """Window after window (``eval_batch`` to a forward pass): the running perplexity and,
+        with the KL objective, the running KL; the objective's running value is what
+        ``stop_above`` bounds once ``min_windows`` windows are in."""
         total_nll = total_kl = 0.0
         ppl, kl = math.inf, None
-        for count, loss in enumerate(window_losses(model, self.windows, self.reference), start=1):
+        losses = window_losses(model, self.windows, self.reference, batch_size=self.spec.eval_batch)
+        for count, loss in enumerate(losses, start=1):
             total_nll += loss.nll
             ppl = ppl_from_nll(total_nll, count * (self.windows.shape[1] - 1))
             if loss.kl is not None:
