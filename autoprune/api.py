@@ -163,9 +163,14 @@ def prune(
     return report
 
 
-def evaluate(model: str, evaluation: EvaluationConfig, progress: bool = True) -> dict:
-    """Perplexity and size of a checkpoint (pruned or not) as plain transformers loads it."""
+def evaluate(
+    model: str, evaluation: EvaluationConfig, progress: bool = True, device: str = "cpu"
+) -> dict:
+    """Perplexity and size of a checkpoint (pruned or not) as plain transformers loads it, on
+    ``device``."""
+    compute = compute_device(device)
     loaded = load_model(model)
+    loaded.model.to(compute)
     windows = evaluation_windows(
         evaluation.source, loaded.tokenizer, evaluation.seq_len, evaluation.max_windows
     )

@@ -124,6 +124,12 @@ def test_existing_output_folder_is_never_overwritten(capsys, tiny_llama_dir, dat
     assert (out / "keep.txt").read_text() == "precious"
 
 
+def test_eval_refuses_a_device_it_lacks_before_loading(capsys, tiny_llama_dir, data_dir):
+    code, _, stderr = run_cli(capsys, "eval", "--model", str(tiny_llama_dir), "--data", str(data_dir),
+                              "--device", "cuda:64")
+    assert code == 2 and stderr.count("\n") == 1 and "device 'cuda:64' is not on this machine" in stderr
+
+
 def test_broken_recipe_yaml_is_one_line(capsys, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("model: [unclosed\n")

@@ -123,6 +123,13 @@ def test_prune_on_cuda_saves_the_cpu_checkpoint(capsys, tiny_llama_dir, data_dir
     assert reports["cuda"]["ppl"] == pytest.approx(reports["cpu"]["ppl"], rel=0.01)
     if "wanda" in flags:  # no weight update: the very same checkpoint
         assert all(torch.equal(weights["cuda"][key], weights["cpu"][key]) for key in weights["cpu"])
+    evaluated = {}
+    for device in ("cpu", "cuda"):
+        assert main(["eval", "--model", str(tmp_path / "cuda"), "--data", str(data_dir), "--seq-len",
+                     "32", "--eval-windows", "4", "--device", device, "--format", "json"]) == 0
+        evaluated[device] = json.loads(capsys.readouterr().out)[0]
+    assert evaluated["cuda"]["ppl"] == pytest.approx(evaluated["cpu"]["ppl"], rel=1e-3)
+    assert evaluated["cuda"]["ppl"] == pytest.approx(reports["cuda"]["ppl"], rel=1e-3)
 
 
 def test_a_refinement_on_cuda_walks_the_cpu_path(studied, tmp_path) -> None:  # noqa: F811

@@ -28,6 +28,10 @@ def add_format(parser: argparse.ArgumentParser, choices: Sequence[str] = ("table
     parser.add_argument("--format", choices=choices, default="table", help="output format")
 
 
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="where the model computes (cpu, cuda, cuda:N)")
+
+
 def add_field_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
     """One flag per field of a pydantic settings model (``sparsity_range`` is ``--sparsity-range
     LO HI``), described by the field: generated, so flags and settings can never disagree.

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from autoprune.api import PlanRequest, prune
-from autoprune.cli._common import add_format, parse_fraction, render
+from autoprune.cli._common import add_device_flag, add_format, parse_fraction, render
 from autoprune.config import CalibrationConfig, EvaluationConfig
 from autoprune.data import SELF
 from autoprune.errors import AutopruneError
@@ -31,9 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_data_flags(parser)
     parser.add_argument("--out", type=Path, help="output folder (must not exist or be empty)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="calibration cache folder")
-    parser.add_argument(
-        "--device", default="cpu", help="where to calibrate, prune and evaluate (cpu, cuda, cuda:N)"
-    )
+    add_device_flag(parser)
     add_format(parser)
     parser.set_defaults(run=run)
 
