@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -24,8 +25,9 @@ import torch
 from autoprune import PlanRequest, Pruner, prepare
 from autoprune.config import CalibrationConfig
 from autoprune.data import calibration_windows, evaluation_windows
-from autoprune.measure import measure_size, perplexity
+from autoprune.measure import SizeReport, measure_size, perplexity
 from autoprune.models import load_model
+from autoprune.plan import Plan
 from autoprune.pruner import prune_sequentially
 from autoprune.study import load_existing_study, study_settings, trial_plan
 
@@ -56,7 +58,7 @@ def main() -> None:
     result = {"model": settings["model"], "test_windows": len(windows),
               "test_tokens": int(windows.numel()), "target": args.target, "rows": []}
 
-    def record(name: str, measure) -> None:
+    def record(name: str, measure: Callable[[], tuple[float, SizeReport]]) -> None:
         start = time.perf_counter()
         ppl, size = measure()
         result["rows"].append({
@@ -66,14 +68,14 @@ def main() -> None:
         write(result, args.out)
         print(f"{name}: ppl {ppl:.2f} at {size.linear_nonzeros} non-zeros", flush=True)
 
-    def one_shot(plan):
-        def measure():
+    def one_shot(plan: Plan) -> Callable[[], tuple[float, SizeReport]]:
+        def measure() -> tuple[float, SizeReport]:
             with pruner.applied(plan) as model:
                 size = measure_size(model, loaded.adapter, pruner.dense_linear_params)
                 return perplexity(model, windows, progress=True), size
         return measure
 
-    def sequential():
+    def sequential() -> tuple[float, SizeReport]:
         calib = calibration_windows(calibration.source, loaded.tokenizer, calibration.n_samples,
                                     calibration.seq_len, calibration.seed)
         model = prune_sequentially(load_model(settings["model"]), calib, uniform)
