@@ -1,7 +1,7 @@
 """On a CUDA device autoprune computes what it computes on the CPU: calibration statistics, every
 method's pruned weights, sequential pruning, a saved checkpoint, a search's records and a
-refinement. Skipped where no CUDA device
-is present (CI has none); on a GPU machine: ``pytest tests/test_cuda.py``."""
+refinement. Skipped where no CUDA device is present (CI has none); on a GPU machine:
+``pytest tests/test_cuda.py``."""
 
 from __future__ import annotations
 
