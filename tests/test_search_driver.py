@@ -5,6 +5,8 @@ thresholds and the proposer hook (the last ones through a scripted executor)."""
 from __future__ import annotations
 
 import json
+import sqlite3
+from pathlib import Path
 
 import optuna
 import pytest
@@ -161,6 +163,24 @@ def test_every_status_is_recorded_and_only_complete_trials_reach_the_front(
     assert study.trials[3].user_attrs["ppl"] is None
     assert {3, 4, 5}.isdisjoint(row["trial"] for row in summary.front)
     assert (summary.complete, summary.stopped_early, summary.failed) == (5, 1, 2)
+
+
+def test_trials_run_on_a_write_ahead_file_and_the_search_leaves_a_plain_one(
+    tiny_llama_dir, data_dir, tmp_path, tiny_ctx
+):
+    path = tmp_path / "study.db"
+    modes = []
+
+    def script(number, nonzeros):
+        with sqlite3.connect(path) as connection:
+            modes.append(connection.execute("PRAGMA journal_mode").fetchone()[0])
+        return "complete", 1e-3 * nonzeros
+
+    scripted_run(tiny_llama_dir, data_dir, tmp_path, tiny_ctx, script, trials=4)
+    assert modes == ["wal"] * 4
+    with sqlite3.connect(path) as connection:
+        assert connection.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert not Path(f"{path}-wal").exists()
 
 
 def test_constraints_are_set_and_the_front_is_feasible(tiny_llama_dir, data_dir, tmp_path, tiny_ctx):

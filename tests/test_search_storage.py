@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import socket
+import sqlite3
 import subprocess
 import tempfile
 import time
@@ -24,7 +25,9 @@ from autoprune.study import (
     load_existing_study,
     mask_url,
     open_storage,
+    opened_storage,
     run_search,
+    write_ahead,
 )
 
 PASSWORD = "s3cret-Pa55"
@@ -59,6 +62,33 @@ def test_plain_paths_and_journal_files_hold_studies(tmp_path):
         assert load_existing_study(url, "s").trials[0].system_attrs["fixed_params"] == {"x": 1.0}
         with pytest.raises(AutopruneError, match=r"study .other. not found .*\(studies there: s\)"):
             load_existing_study(url, "other")
+
+
+def test_a_search_writes_ahead_and_leaves_a_plain_file(tmp_path):
+    """WAL while a search holds the file (fast commits), an ordinary rollback-journal file with
+    every write in it once the search lets go; queries change no file's mode."""
+    path = tmp_path / "old.db"
+    rollback = optuna.storages.RDBStorage(f"sqlite:///{path}")  # Optuna's own file: rollback mode
+    optuna.create_study(storage=rollback, study_name="s").enqueue_trial({"x": 1.0})
+    rollback.engine.dispose()
+    with opened_storage(str(path)) as query:
+        optuna.load_study(study_name="s", storage=query)
+    assert _journal_mode(path) == "delete"
+    with opened_storage(str(path), create=True) as storage:
+        assert _journal_mode(path) == "delete"  # opening writes nothing yet
+        write_ahead(storage)
+        assert _journal_mode(path) == "wal"
+        optuna.load_study(study_name="s", storage=storage).enqueue_trial({"x": 2.0})
+    assert _journal_mode(path) == "delete"
+    assert not Path(f"{path}-wal").exists()
+    copy = tmp_path / "copy.db"
+    copy.write_bytes(path.read_bytes())
+    assert [t.system_attrs["fixed_params"]["x"] for t in load_existing_study(str(copy), "s").trials] == [1.0, 2.0]
+
+
+def _journal_mode(path: Path) -> str:
+    with sqlite3.connect(path) as connection:
+        return connection.execute("PRAGMA journal_mode").fetchone()[0]
 
 
 def test_a_file_that_is_no_database_is_a_clean_error(tmp_path):

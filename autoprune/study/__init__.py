@@ -28,6 +28,8 @@ from autoprune.study._storage import (
     load_existing_study,
     mask_url,
     open_storage,
+    opened_storage,
+    write_ahead,
 )
 from autoprune.study._worker import (
     Objective,
@@ -66,6 +68,7 @@ __all__ = [
     "load_existing_study",
     "mask_url",
     "open_storage",
+    "opened_storage",
     "pareto_trials",
     "recorded_sequential_ppl",
     "refine_trial",
@@ -74,4 +77,5 @@ __all__ = [
     "trial_plan",
     "trial_recipe",
     "trial_row",
+    "write_ahead",
 ]

@@ -63,7 +63,7 @@ from autoprune.study._records import (
     trial_plan,
     trial_row,
 )
-from autoprune.study._storage import mask_url, open_storage, storage_url
+from autoprune.study._storage import mask_url, opened_storage, storage_url, write_ahead
 from autoprune.study._worker import TrialRequest, TrialResult
 from search_spaces import SearchSpace, SpaceContext
 
@@ -113,38 +113,39 @@ def run_search(
     """
     start = time.perf_counter()
     check_source(config.data)
-    storage = open_storage(config.storage, create=True)
-    space = SearchSpace.named(config.space)
-    resumed = _check_existing(storage, config)
-    owned = executor is None
-    executor = executor or config.make_executor(progress)
-    try:
-        ctx = _space_context(config, executor, progress)
-        distributions = space.distributions(ctx)
-        if proposer is None and config.predictor == "on":
-            from predictors import PredictorProposer  # predictors builds on this package
+    with opened_storage(config.storage, create=True) as storage:
+        space = SearchSpace.named(config.space)
+        resumed = _check_existing(storage, config)
+        owned = executor is None
+        executor = executor or config.make_executor(progress)
+        try:
+            ctx = _space_context(config, executor, progress)
+            distributions = space.distributions(ctx)
+            if proposer is None and config.predictor == "on":
+                from predictors import PredictorProposer  # predictors builds on this package
 
-            proposer = PredictorProposer.for_search(
-                config, space, ctx, distributions, progress, executor.local_model()
+                proposer = PredictorProposer.for_search(
+                    config, space, ctx, distributions, progress, executor.local_model()
+                )
+            write_ahead(storage)  # checks done: from here on the study is written
+            study = optuna.create_study(
+                storage=storage, study_name=config.study, directions=DIRECTIONS, load_if_exists=True
             )
-        study = optuna.create_study(
-            storage=storage, study_name=config.study, directions=DIRECTIONS, load_if_exists=True
-        )
-        if not resumed:
-            study.set_user_attr(SETTINGS_ATTR, config.study_settings())
-        study.sampler = config.make_sampler(seed_offset=len(study.get_trials(deepcopy=False)))
-        orphans = _requeue_orphans(study)
-        if not study.user_attrs.get(BASELINES_ATTR):
-            for label, params in space.baselines(ctx, config.targets).items():
-                study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
-            for label, params in space.seeds(ctx, config.targets).items() if config.seeded else ():
-                study.enqueue_trial(params, user_attrs={"seed": label}, skip_if_exists=True)
-            study.set_user_attr(BASELINES_ATTR, True)
-        _Loop(study, space, ctx, distributions, config, executor, proposer).run(progress)
-    finally:
-        if owned:
-            executor.shutdown()
-    return _summary(study, config, orphans, resumed, time.perf_counter() - start)
+            if not resumed:
+                study.set_user_attr(SETTINGS_ATTR, config.study_settings())
+            study.sampler = config.make_sampler(seed_offset=len(study.get_trials(deepcopy=False)))
+            orphans = _requeue_orphans(study)
+            if not study.user_attrs.get(BASELINES_ATTR):
+                for label, params in space.baselines(ctx, config.targets).items():
+                    study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
+                for label, params in space.seeds(ctx, config.targets).items() if config.seeded else ():
+                    study.enqueue_trial(params, user_attrs={"seed": label}, skip_if_exists=True)
+                study.set_user_attr(BASELINES_ATTR, True)
+            _Loop(study, space, ctx, distributions, config, executor, proposer).run(progress)
+        finally:
+            if owned:
+                executor.shutdown()
+        return _summary(study, config, orphans, resumed, time.perf_counter() - start)
 
 
 def _check_existing(storage: optuna.storages.BaseStorage, config: SearchConfig) -> bool:

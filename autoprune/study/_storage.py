@@ -11,6 +11,15 @@ holds the URL at all.
 
 Queries (``front``, ``export``) open with ``create=False``: a file that does not exist is an error,
 never a new empty storage, so a typo cannot leave debris or touch a study.
+
+A search writes a SQLite file dozens of times per trial (Optuna commits every suggested parameter
+and every user attribute on its own), and in SQLite's default rollback-journal mode every commit
+waits for the disk twice. While a search runs, its file is therefore in write-ahead-log mode with
+``synchronous=NORMAL``: a commit is an append, and what a commit wrote survives the process being
+killed (only a power cut can drop the last commits, never corrupt the file). A search that ends
+puts the file back in rollback-journal mode, so a finished study is one self-contained file that
+any SQLite reader opens, even from a read-only folder; a killed one leaves ``FILE-wal`` beside it,
+which the next search or query folds back in. Queries leave a file's mode as they find it.
 """
 
 from __future__ import annotations
@@ -18,13 +27,18 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from autoprune.errors import AutopruneError
 
@@ -83,6 +97,59 @@ def open_storage(url: str, create: bool = False) -> BaseStorage:
     except Exception as error:  # drivers raise their own types; all mean "cannot open"
         secret = str(parsed.password) if parsed.password is not None else None
         raise _cannot_open(shown, error, secret) from None
+
+
+@contextmanager
+def opened_storage(url: str, create: bool = False) -> Iterator[BaseStorage]:
+    """:func:`open_storage` whose connections are closed on leaving; a SQLite file a search
+    opened (``create``) is first put back in rollback-journal mode if :func:`write_ahead` (or a
+    killed search) left it in WAL mode."""
+    storage = open_storage(url, create)
+    try:
+        yield storage
+    finally:
+        if create and _is_sqlite_file(storage):
+            _leave_write_ahead(storage)
+        if isinstance(storage, RDBStorage):
+            storage.engine.dispose()
+
+
+def write_ahead(storage: BaseStorage) -> None:
+    """Put ``storage``, if a SQLite file, in WAL mode with ``synchronous=NORMAL`` for every
+    connection from now on (a no-op for other storages). A search calls it once its checks have
+    passed, so a refused run leaves the file's bytes as they were."""
+    if not _is_sqlite_file(storage):
+        return
+
+    def configure(connection: DBAPIConnection, _record: ConnectionPoolEntry) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    event.listen(storage.engine, "connect", configure)
+    storage.engine.dispose()  # the connections opened so far are in the old mode
+    with storage.engine.connect():  # the file is in WAL mode from here, not from Optuna's next write
+        pass
+
+
+def _leave_write_ahead(storage: RDBStorage) -> None:
+    """Fold a write-ahead log back into the file and return it to rollback-journal mode (nothing
+    is written for a file already in that mode)."""
+    storage.engine.dispose()  # SQLite changes the mode only for its one open connection
+    try:
+        with storage.engine.connect() as connection:
+            connection.exec_driver_sql("PRAGMA journal_mode=DELETE")
+    except SQLAlchemyError:
+        pass  # another process has the file open: it stays in WAL mode, which every reader reads
+
+
+def _is_sqlite_file(storage: BaseStorage) -> bool:
+    return (
+        isinstance(storage, RDBStorage)
+        and storage.engine.dialect.name == "sqlite"
+        and storage.engine.url.database not in (None, "", ":memory:")
+    )
 
 
 def load_existing_study(url: str, name: str) -> optuna.Study:
