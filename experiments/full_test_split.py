@@ -5,9 +5,11 @@ The other experiments report perplexity on the first 16 windows of 512 tokens (8
 compromise with this machine's speed; the literature reports the whole split (~290k tokens). This
 measures, on every window of it, the given ``--trials`` as the study measured them (one-shot,
 from the study's statistics) and uniform SparseGPT at ``--target``: ``--sequential`` by default
-(the best uniform baseline on SmolLM2), with ``--uniform one-shot`` also as a search trial prunes.
-A model costs ~15 minutes of evaluation here; results are written after each one, so a stopped
-run keeps what it measured.
+(the best uniform baseline on SmolLM2), with ``--uniform one-shot`` also as a search trial prunes;
+``--owl one-shot`` (as the study's OWL baselines) and ``--owl sequential`` add OWL's allocation of
+SparseGPT. A model costs ~15 minutes of evaluation here; results are written after each one, and a
+run into the same ``--out`` (same model, target and windows) reuses the rows already there, so a
+stopped run resumes and a new row costs only its own model.
 
     python experiments/full_test_split.py --trials 257 --target 0.6 --threads 2
 """
@@ -42,6 +44,8 @@ def main() -> None:
     parser.add_argument("--target", type=float, required=True, help="uniform baselines' sparsity")
     parser.add_argument("--uniform", nargs="+", choices=("sequential", "one-shot"),
                         default=["sequential"], help="uniform SparseGPT variants to measure")
+    parser.add_argument("--owl", nargs="+", choices=("sequential", "one-shot"), default=[],
+                        help="OWL allocations of SparseGPT to measure")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=HERE / "results" / "full_test_split")
     args = parser.parse_args()
@@ -57,8 +61,12 @@ def main() -> None:
     uniform = PlanRequest("sparsegpt", args.target).build(loaded, stats)
     result = {"model": settings["model"], "test_windows": len(windows),
               "test_tokens": int(windows.numel()), "target": args.target, "rows": []}
+    result["rows"] = earlier_rows(args.out, result)
 
     def record(name: str, measure: Callable[[], tuple[float, SizeReport]]) -> None:
+        if any(row["model"] == name for row in result["rows"]):
+            print(f"{name}: measured before, kept", flush=True)
+            return
         start = time.perf_counter()
         ppl, size = measure()
         result["rows"].append({
@@ -75,19 +83,33 @@ def main() -> None:
                 return perplexity(model, windows, progress=True), size
         return measure
 
-    def sequential() -> tuple[float, SizeReport]:
-        calib = calibration_windows(calibration.source, loaded.tokenizer, calibration.n_samples,
-                                    calibration.seq_len, calibration.seed)
-        model = prune_sequentially(load_model(settings["model"]), calib, uniform)
-        size = measure_size(model, loaded.adapter, pruner.dense_linear_params)
-        return perplexity(model, windows, progress=True), size
+    def sequential(plan: Plan) -> Callable[[], tuple[float, SizeReport]]:
+        def measure() -> tuple[float, SizeReport]:
+            calib = calibration_windows(calibration.source, loaded.tokenizer, calibration.n_samples,
+                                        calibration.seq_len, calibration.seed)
+            model = prune_sequentially(load_model(settings["model"]), calib, plan)
+            size = measure_size(model, loaded.adapter, pruner.dense_linear_params)
+            return perplexity(model, windows, progress=True), size
+        return measure
 
     for number in args.trials:
         record(f"trial {number}", one_shot(trial_plan(study.trials[number])))
-    if "sequential" in args.uniform:
-        record(f"uniform SparseGPT {args.target:.0%} --sequential", sequential)
-    if "one-shot" in args.uniform:
-        record(f"uniform SparseGPT {args.target:.0%} one-shot", one_shot(uniform))
+    owl = PlanRequest("sparsegpt", args.target, owl=True).build(loaded, stats)
+    for label, plan, variants in (("uniform", uniform, args.uniform), ("OWL", owl, args.owl)):
+        for variant in variants:
+            measure = sequential(plan) if variant == "sequential" else one_shot(plan)
+            suffix = "--sequential" if variant == "sequential" else "one-shot"
+            record(f"{label} SparseGPT {args.target:.0%} {suffix}", measure)
+
+
+def earlier_rows(out: Path, result: dict) -> list[dict]:
+    """The rows an earlier run wrote into ``out`` for the same model, target and windows."""
+    path = out / "full_test_split.json"
+    if not path.exists():
+        return []
+    earlier = json.loads(path.read_text())
+    same = all(earlier[key] == result[key] for key in ("model", "test_windows", "test_tokens", "target"))
+    return earlier["rows"] if same else []
 
 
 def write(result: dict, out: Path) -> None:
@@ -102,8 +124,8 @@ def write(result: dict, out: Path) -> None:
         "|---|---:|---:|---:|---:|",
     ]
     for row in result["rows"]:
-        searched = best is not None and not row["model"].startswith("uniform")
-        below = f"{100 * (1 - row['ppl'] / best):.1f}%" if searched else ""
+        compared = best is not None and not row["model"].startswith("uniform")
+        below = f"{100 * (1 - row['ppl'] / best):.1f}%" if compared else ""
         lines.append(f"| {row['model']} | {row['ppl']:.2f} | {row['sparsity']:.4f} | "
                      f"{row['linear_nonzeros']} | {below} |")
     out.mkdir(parents=True, exist_ok=True)
