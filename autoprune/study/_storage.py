@@ -136,12 +136,12 @@ def write_ahead(storage: BaseStorage) -> None:
 def _leave_write_ahead(storage: RDBStorage) -> None:
     """Fold a write-ahead log back into the file and return it to rollback-journal mode (nothing
     is written for a file already in that mode)."""
-    storage.engine.dispose()  # SQLite changes the mode only for its one open connection
+    storage.engine.dispose()  # SQLite leaves WAL mode only from the file's one open connection
     try:
         with storage.engine.connect() as connection:
             connection.exec_driver_sql("PRAGMA journal_mode=DELETE")
     except SQLAlchemyError:
-        pass  # another process has the file open: it stays in WAL mode, which every reader reads
+        pass  # another connection has the file open: it stays in WAL mode, which every reader reads
 
 
 def _is_sqlite_file(storage: BaseStorage) -> bool:
