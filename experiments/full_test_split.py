@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
-from autoprune import PlanRequest, Pruner, prepare
+from autoprune import PlanRequest, Pruner
+from autoprune.api import prepare_with_windows
 from autoprune.config import CalibrationConfig
-from autoprune.data import calibration_windows, evaluation_windows
+from autoprune.data import evaluation_windows
 from autoprune.measure import SizeReport, measure_size, perplexity
 from autoprune.models import load_model
 from autoprune.plan import Plan
@@ -55,7 +56,7 @@ def main() -> None:
     study = load_existing_study(args.storage, args.study)
     settings = study_settings(study)
     calibration = CalibrationConfig(**settings["calibration"])
-    loaded, stats, _ = prepare(settings["model"], calibration)
+    loaded, calib, stats, _ = prepare_with_windows(settings["model"], calibration, None, True)
     pruner = Pruner(loaded, stats)
     windows = evaluation_windows(calibration.source, loaded.tokenizer, settings["eval_seq_len"])
     uniform = PlanRequest("sparsegpt", args.target).build(loaded, stats)
@@ -85,8 +86,6 @@ def main() -> None:
 
     def sequential(plan: Plan) -> Callable[[], tuple[float, SizeReport]]:
         def measure() -> tuple[float, SizeReport]:
-            calib = calibration_windows(calibration.source, loaded.tokenizer, calibration.n_samples,
-                                        calibration.seq_len, calibration.seed)
             model = prune_sequentially(load_model(settings["model"]), calib, plan)
             size = measure_size(model, loaded.adapter, pruner.dense_linear_params)
             return perplexity(model, windows, progress=True), size

@@ -31,9 +31,10 @@ import optuna
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
-from autoprune import Pruner, prepare
+from autoprune import Pruner
+from autoprune.api import prepare_with_windows
 from autoprune.config import CalibrationConfig
-from autoprune.data import calibration_windows, evaluation_windows
+from autoprune.data import evaluation_windows
 from autoprune.measure import measure_size, perplexity
 from autoprune.models import load_model
 from autoprune.plan import Plan
@@ -92,12 +93,10 @@ def main() -> None:
     study = load_existing_study(args.storage, args.study)
     settings = study_settings(study)
     calibration = CalibrationConfig(**settings["calibration"])
-    loaded, stats, _ = prepare(settings["model"], calibration)
+    loaded, calib, stats, _ = prepare_with_windows(settings["model"], calibration, None, True)
     pruner = Pruner(loaded, stats)
     windows = evaluation_windows(calibration.source, loaded.tokenizer, settings["eval_seq_len"],
                                  args.test_windows)
-    calib = calibration_windows(calibration.source, loaded.tokenizer, calibration.n_samples,
-                                calibration.seq_len, calibration.seed)
     baselines = recorded_comparison(args.study, settings["model"])
 
     def one_shot(plan: Plan) -> tuple[float, float, int]:

@@ -35,7 +35,7 @@ import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
 from sqlalchemy import event
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.pool import ConnectionPoolEntry
@@ -81,7 +81,7 @@ def open_storage(url: str, create: bool = False) -> BaseStorage:
         raise AutopruneError(f"invalid storage URL {shown}") from None
     engine_kwargs: dict = {}
     if parsed.get_backend_name() == "sqlite":
-        if parsed.database not in (None, "", ":memory:"):
+        if _names_a_file(parsed):
             _check_file(Path(parsed.database), create, shown)
     else:
         if parsed.password is None:
@@ -148,8 +148,13 @@ def _is_sqlite_file(storage: BaseStorage) -> bool:
     return (
         isinstance(storage, RDBStorage)
         and storage.engine.dialect.name == "sqlite"
-        and storage.engine.url.database not in (None, "", ":memory:")
+        and _names_a_file(storage.engine.url)
     )
+
+
+def _names_a_file(url: URL) -> bool:
+    """Whether a SQLite URL names a database file (not an in-memory database)."""
+    return url.database not in (None, "", ":memory:")
 
 
 def load_existing_study(url: str, name: str) -> optuna.Study:
