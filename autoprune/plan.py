@@ -22,7 +22,7 @@ from autoprune.errors import AutopruneError
 
 PLAN_SCHEMA_VERSION = 1
 
-MethodName = Literal["magnitude", "wanda", "sparsegpt"]
+MethodName = Literal["magnitude", "wanda", "sparsegpt", "admm"]
 
 
 class NMPattern(BaseModel):

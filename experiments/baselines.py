@@ -16,8 +16,9 @@ either differs from autoprune's. Writes ``results/baselines.json`` and ``results
 they were measured on the same calibration and evaluation settings) and runs only llm-compressor.
 ``--peer-from-results`` is the converse: it measures every autoprune row again and keeps the
 llm-compressor rows of the existing ``results/baselines.json`` (same checks), which cost CPU-hours.
-``--peer-dir`` keeps each peer run's JSON there and reuses one already present for the same windows,
-so an interrupted run resumes.
+``--add-method admm`` measures one method's one-shot rows (50/60/70%, 2:4) and keeps every other row
+of ``results/baselines.json`` (same checks). ``--peer-dir`` keeps each peer run's JSON there and
+reuses one already present for the same windows, so an interrupted run resumes.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from autoprune import CalibrationConfig, PlanRequest, Pruner, prepare
 from autoprune.data import SELF, calibration_windows, evaluation_windows, windows_fingerprint
 from autoprune.export import save_checkpoint
 from autoprune.measure import SizeReport, measure_size, perplexity
+from autoprune.methods import PruningMethod
 from autoprune.models import load_model
 from autoprune.plan import NMPattern
 from autoprune.pruner import prune_sequentially
@@ -72,6 +74,10 @@ def main() -> None:
         "--peer-from-results", action="store_true",
         help="run autoprune only; keep the llm-compressor rows of results/baselines.json",
     )
+    peer_mode.add_argument(
+        "--add-method", choices=PruningMethod.available(), default=None,
+        help="measure only this method's autoprune rows; keep every other row of results/baselines.json",
+    )
     parser.add_argument("--peer-threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--peer-dir", type=Path, default=None, help="keep/reuse peer run JSONs")
     parser.add_argument(
@@ -83,6 +89,9 @@ def main() -> None:
     calibration = CalibrationConfig(
         source=args.data, n_samples=args.calib_samples, seq_len=args.seq_len
     )
+    if args.add_method:
+        add_method(args, calibration)
+        return
     if args.peer_only:
         previous = json.loads((RESULTS / "baselines.json").read_text())
         loaded = load_model(args.model)
@@ -162,6 +171,29 @@ def main() -> None:
     print(markdown(result))
 
 
+def add_method(args: argparse.Namespace, calibration: CalibrationConfig) -> None:
+    """``--add-method``: the method's one-shot rows at every setting, measured on the windows of
+    ``results/baselines.json`` (checked by fingerprint) and put in place of any earlier ones; the
+    other rows and the comparison stay as they were measured."""
+    previous = json.loads((RESULTS / "baselines.json").read_text())
+    loaded, stats, _ = prepare(args.model, calibration)
+    calib = calibration_windows(
+        calibration.source, loaded.tokenizer, calibration.n_samples, calibration.seq_len, calibration.seed,
+    )
+    windows = evaluation_windows(args.data, loaded.tokenizer, args.seq_len, args.eval_windows)
+    check_same_setting(previous, args.model, calibration, calib, windows)
+    pruner = Pruner(loaded, stats)
+    rows = [row for row in previous["rows"] if (row["tool"], row["method"]) != ("autoprune", args.add_method)]
+    for label, sparsity, nm in SETTINGS:
+        request = PlanRequest(args.add_method, sparsity, NMPattern.parse(nm) if nm else None)
+        rows.append(measure(pruner, args.add_method, label, request, windows, pruner.dense_linear_params))
+    added = sorted({*previous.get("added_methods", []), args.add_method})
+    result = {**previous, "rows": rows, "added_methods": added}
+    (RESULTS / "baselines.json").write_text(json.dumps(result, indent=2))
+    (RESULTS / "baselines.md").write_text(markdown(result))
+    print(markdown(result))
+
+
 def check_same_setting(previous: dict, model: str, calibration, calib, windows) -> None:
     """Refuse to merge with autoprune rows measured on other windows."""
     problems = []
@@ -184,10 +216,9 @@ def measure(
 ) -> dict:
     plan = request.build(pruner.loaded, pruner.stats)
     start = time.perf_counter()
-    weights = pruner.pruned_weights(plan)  # timed on its own: the first call also builds caches
+    weights = pruner.pruned_weights(plan)  # the first call of a method also builds its caches
     prune_seconds = time.perf_counter() - start
-    del weights
-    with pruner.applied(plan) as model:
+    with pruner.pointed(weights, plan.removed_blocks) as model:
         ppl = perplexity(model, windows, progress=True)
         size = measure_size(model, pruner.loaded.adapter, dense_linear)
     return autoprune_row(tool, method, label, ppl, size, prune_seconds)
@@ -348,6 +379,9 @@ def markdown(result: dict) -> str:
             "non-zeros.",
             "",
         ]
+        if result.get("added_methods"):
+            lines += [f"autoprune {', '.join(result['added_methods'])} rows: measured by a later run "
+                      "(`--add-method`) on the same windows (fingerprints checked).", ""]
         if peer.get("not_run"):
             lines += [f"llm-compressor not run yet: {', '.join(peer['not_run'])}.", ""]
         for side in ("autoprune", "peer"):

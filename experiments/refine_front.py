@@ -16,6 +16,9 @@ Writes ``refine_front.json`` and ``.md`` under ``--out``.
 
     python experiments/refine_front.py --targets 0.6 0.7 --parents 151 10 --generations 100 --threads 2
 
+``--method admm`` prunes the refined allocation with ADMM instead of the parent's method (a costlier
+prune than a search trial affords, here only the layers a candidate changes).
+
 ``--sequential-every N`` refines for the ``--sequential`` recipe instead (``autoprune refine
 --sequential-every``): candidates pruned from the parent's sequential statistics, refreshed every N
 generations.
@@ -36,6 +39,7 @@ from autoprune.api import prepare_with_windows
 from autoprune.config import CalibrationConfig
 from autoprune.data import evaluation_windows
 from autoprune.measure import measure_size, perplexity
+from autoprune.methods import PruningMethod
 from autoprune.models import load_model
 from autoprune.plan import Plan
 from autoprune.pruner import prune_sequentially
@@ -67,6 +71,8 @@ def main() -> None:
                         help="validation windows candidates are ranked on (drawn from afresh)")
     parser.add_argument("--sequential-every", type=int, default=None,
                         help="refine for the --sequential recipe (statistics refreshed every N generations)")
+    parser.add_argument("--method", default=None, choices=PruningMethod.available(),
+                        help="prune the refined allocation with this method instead of the parent's")
     parser.add_argument("--test-windows", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=HERE / "results")
@@ -84,7 +90,8 @@ def main() -> None:
         config = RefineConfig(storage=args.storage, study=args.study, trial=parent.number,
                               generations=args.generations, offspring=args.offspring, seed=args.seed,
                               select_windows=args.select_windows, pool_windows=args.pool_windows,
-                              sequential_every=args.sequential_every, threads=args.threads)
+                              sequential_every=args.sequential_every, method=args.method,
+                              threads=args.threads)
         summary = refine_trial(config, progress=True)  # finds an earlier run with these settings
         print(summary.line(), flush=True)
         child = load_existing_study(args.storage, args.study).trials[summary.trial]
@@ -135,7 +142,7 @@ def main() -> None:
               "generations": args.generations,
               "offspring": args.offspring, "seed": args.seed,
               "select_windows": args.select_windows, "pool_windows": args.pool_windows,
-              "sequential_every": args.sequential_every,
+              "sequential_every": args.sequential_every, "method": args.method,
               "test_windows": int(windows.shape[0]),
               "rows": rows}
     args.out.mkdir(parents=True, exist_ok=True)
@@ -175,9 +182,10 @@ def markdown(result: dict) -> str:
     sequential = (
         f", ranked for `--sequential` on statistics refreshed every {every} generations" if every else ""
     )
+    method = f", pruned with {result['method']}" if result.get("method") else ""
     lines = [
         f"Study `{result['study']}` (objective {result['objective']}): one trial at each target "
-        f"({result['parent_choice']}) refined per layer ({result['generations']} generations of "
+        f"({result['parent_choice']}{method}) refined per layer ({result['generations']} generations of "
         f"{result['offspring']} offspring, finalists on {result['select_windows']} of "
         f"{result['pool_windows']} pool windows, "
         f"seed {result['seed']}{sequential}), WikiText-2 test perplexity on "

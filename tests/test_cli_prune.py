@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from autoprune.cli import main
 from autoprune.data import evaluation_windows
 from autoprune.measure import perplexity
+from autoprune.methods import PruningMethod
 from autoprune.models import ArchitectureAdapter
 
 
@@ -31,7 +32,7 @@ def prune_args(model, data_dir, out, *extra: str) -> list[str]:
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_opt_dir"])
-@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", PruningMethod.available())
 def test_pruned_checkpoint_reloads_with_plain_transformers(
     request, capsys, data_dir, tmp_path, fixture, method
 ):

@@ -177,6 +177,12 @@ def test_only_screening_learns_from_trials_stopped_early(searched):
     reported = training_set(copy, featurizer)  # what fit and report learn from: full measurements
     assert len(reported) == len(finished) and reported.complete.all()
     assert reported.quality.tolist() == [t.values[1] for t in finished]
+    other_method = {**finished[0].user_attrs, "plan": {**finished[0].user_attrs["plan"], "method": "admm"}}
+    copy.add_trial(optuna.trial.create_trial(  # as `refine --method admm` adds one: not the study's method
+        state=optuna.trial.TrialState.COMPLETE, params=finished[0].params, values=[1.0, 1.0],
+        distributions=finished[0].distributions, user_attrs=other_method,
+    ))
+    assert len(training_set(copy, featurizer)) == len(finished)
     screened = training_set(copy, featurizer, stopped_early=True)
     assert len(screened) == len(finished) + 1 and screened.complete.tolist() == [True] * len(finished) + [False]
     assert screened.quality[-1] == 1e4

@@ -28,6 +28,7 @@ from autoprune.errors import AutopruneError
 from autoprune.study import (
     RefineConfig,
     SearchConfig,
+    TrialRequest,
     TrialWorker,
     WorkerSpec,
     refine_trial,
@@ -37,9 +38,11 @@ from autoprune.study import (
 )
 from autoprune.study._refine import (
     CHECKPOINT_PREFIX,
+    PATH_SETTINGS,
     Allocation,
     EvolutionState,
     LevelSwitchEvolution,
+    checkpoint_key,
     refinable_layers,
 )
 
@@ -303,6 +306,41 @@ def test_refined_trial_joins_the_study_and_exports_like_any_other(capsys, studie
     assert perplexity(reloaded, windows) == pytest.approx(refined.user_attrs["ppl"], rel=0.01)
     size = measure_size(reloaded, ArchitectureAdapter.for_model(reloaded))
     assert size.linear_nonzeros == parent.values[0]
+
+
+def test_a_refinement_with_another_method_prunes_and_exports_with_it(capsys, studied, tmp_path):
+    """``--method admm`` on a trial of a SparseGPT study: the refined trial's plan names ADMM, keeps
+    the parent's size, and its export reloads to the quality the study recorded."""
+    folder, config = studied
+    settings = refine_config(studied, generations=2, method="admm")
+    code, out, err = run_cli(
+        capsys, "refine", "--storage", config.storage, "--study", STUDY, "--trial", settings.trial,
+        "--generations", 2, "--offspring", 3, "--pool-windows", 6, "--screen-tokens", 16,
+        "--method", "admm", "--cache-dir", folder / "cache", "--format", "json",
+    )
+    assert code == 0, err
+    study = optuna.load_study(study_name=STUDY, storage=config.storage)
+    parent, refined = study.trials[settings.trial], study.trials[json.loads(out)[0]["trial"]]
+    assert trial_plan(parent).method == "sparsegpt" and trial_plan(refined).method == "admm"
+    assert refined.values[0] == parent.values[0]
+    assert refined.user_attrs["refine"]["method"] == "admm"
+    worker = worker_for(studied)
+    as_parent_pruned = worker.run(TrialRequest(0, trial_plan(refined).model_copy(update={"method": "sparsegpt"})))
+    assert as_parent_pruned.quality != pytest.approx(refined.values[1], rel=1e-3)  # ADMM's weights, not SparseGPT's
+
+    exported = tmp_path / "admm"
+    code, _, err = run_cli(capsys, "export", "--storage", config.storage, "--study", STUDY, "--trial",
+                           refined.number, "--out", exported, "--cache-dir", folder / "cache")
+    assert code == 0, err
+    reloaded = AutoModelForCausalLM.from_pretrained(exported)
+    windows = validation_windows(config.data, AutoTokenizer.from_pretrained(exported), 32, 3)
+    assert perplexity(reloaded, windows) == pytest.approx(refined.user_attrs["ppl"], rel=0.01)
+    assert measure_size(reloaded, ArchitectureAdapter.for_model(reloaded)).linear_nonzeros == parent.values[0]
+    # a refinement without --method keeps the checkpoint key it had before the setting existed
+    plain = refine_config(studied)
+    path = json.dumps(plain.model_dump(include=PATH_SETTINGS - {"method"}), sort_keys=True)
+    assert checkpoint_key(plain) == f"{CHECKPOINT_PREFIX}{plain.trial}:{hashlib.sha256(path.encode()).hexdigest()[:12]}"
+    assert checkpoint_key(settings) != checkpoint_key(refine_config(studied, generations=2))
 
 
 def test_a_trial_refined_for_sequential_exports_as_prune_sequential_makes_it(capsys, studied, tmp_path):

@@ -5,6 +5,7 @@ from dense statistics; and a sequential recipe reproduces its checkpoint."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import yaml
 
@@ -39,9 +40,10 @@ def _layer_inputs(model: torch.nn.Module, names: list[str], windows: torch.Tenso
     return inputs
 
 
-def test_sequential_keeps_the_plan_and_fits_the_inputs_it_will_see(tiny_llama_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("method", ["sparsegpt", "admm"])
+def test_sequential_keeps_the_plan_and_fits_the_inputs_it_will_see(tiny_llama_dir, data_dir, tmp_path, method):
     loaded, stats, windows = _setup(tiny_llama_dir, data_dir, tmp_path)
-    plan = PlanRequest("sparsegpt", 0.7).build(loaded, stats)
+    plan = PlanRequest(method, 0.7).build(loaded, stats)
     pruner = Pruner(loaded, stats)
     one_shot_weights = pruner.pruned_weights(plan)
     dense_weights = {name: loaded.model.get_submodule(name).weight.data for name in one_shot_weights}

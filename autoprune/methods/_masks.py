@@ -47,3 +47,50 @@ def nm_keep_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep.scatter_(2, torch.topk(groups, n, dim=2).indices, True)
     return keep.reshape(rows, cols)
+
+
+def lowest_per_row(saliency: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Mark each row's ``count`` lowest saliencies, in the column-major layout the second-order
+    methods work in (``saliency [B, cols, rows]``, ``count [B, rows]``); ties at the cut-off go to
+    the lower column, as a stable sort would order them.
+
+    A row's cut-off is its ``count``-th smallest saliency, found by partial selection rather than
+    a full sort, in the layout as it is (a transposed copy cost more than it saved). Rows of one
+    layer share a count, so selection runs once per run of equal counts and the comparison once
+    for the whole batch.
+    """
+    cutoff = torch.full(count.shape, -torch.inf, dtype=saliency.dtype, device=saliency.device)
+    for index, first, last, k in _equal_runs(count):
+        if k > 0:
+            cutoff[index, first:last] = _kth_smallest(saliency[index, :, first:last], k)
+    chosen = saliency <= cutoff.unsqueeze(1)
+    # Counting in bytes is exact for fewer than 256 columns and ~100x faster than in int64.
+    counter = torch.uint8 if saliency.shape[1] < 256 else torch.int32
+    over = chosen.view(torch.uint8).sum(dim=1, dtype=counter) > count
+    # Where several saliencies tie at the cut-off, only the leftmost ones the count still needs go.
+    for index, row in torch.nonzero(over).tolist():
+        values, limit = saliency[index, :, row], cutoff[index, row]
+        ties = values == limit
+        wanted = count[index, row] - (values < limit).sum()
+        chosen[index, :, row] = (values < limit) | (ties & (torch.cumsum(ties, dim=0) <= wanted))
+    return chosen
+
+
+def _kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Each column's ``k``-th smallest value (``values`` is ``[cols, rows]``), through a partial
+    selection of the shorter side."""
+    width = values.shape[0]
+    if 2 * k <= width:
+        return torch.topk(values, k, dim=0, largest=False, sorted=False).values.amax(dim=0)
+    return torch.topk(values, width - k + 1, dim=0, sorted=False).values.amin(dim=0)
+
+
+def _equal_runs(count: torch.Tensor) -> list[tuple[int, int, int, int]]:
+    """``(batch index, first row, end row, count)`` for every run of rows with one count."""
+    changes = count[:, 1:] != count[:, :-1]
+    runs = []
+    for index in range(count.shape[0]):
+        cuts = [0, *(torch.nonzero(changes[index]).flatten() + 1).tolist(), count.shape[1]]
+        for first, last, k in zip(cuts[:-1], cuts[1:], count[index, cuts[:-1]].tolist(), strict=True):
+            runs.append((index, first, last, k))
+    return runs

@@ -51,7 +51,7 @@ from autoprune.data import validation_windows
 from autoprune.errors import AutopruneError
 from autoprune.measure import reference_logprobs, window_losses
 from autoprune.methods import prune_count
-from autoprune.plan import LayerSpec, Plan
+from autoprune.plan import LayerSpec, MethodName, Plan
 from autoprune.pruner import Pruner, sequential_statistics, sequential_statistics_folder
 from autoprune.study._records import find_trial, study_settings, trial_plan, trial_row
 from autoprune.study._storage import DEFAULT_STORAGE, load_existing_study
@@ -67,7 +67,8 @@ FINALISTS = 2
 SWITCH_COUNTS = (1, 1, 2, 3)
 #: The settings that decide an evolution's path: a checkpoint is resumed only under the same ones.
 PATH_SETTINGS = frozenset(
-    {"offspring", "step", "pool_windows", "screen_tokens", "select_windows", "seed", "sequential_every"}
+    {"offspring", "step", "pool_windows", "screen_tokens", "select_windows", "seed", "sequential_every",
+     "method"}
 )
 #: The settings a refined trial records: a rerun with the same ones finds it instead of refining again.
 RECORDED_SETTINGS = PATH_SETTINGS | {"generations"}
@@ -104,6 +105,11 @@ class RefineConfig(BaseModel):
         None,
         description="rank candidates for the --sequential recipe, from the parent's sequential "
         "statistics, recomputed every N generations (a calibration pass each)",
+    )
+    method: MethodName | None = Field(
+        None,
+        description="prune the allocation with this method instead of the trial's own (e.g. admm "
+        "for a plan searched with sparsegpt: a costlier prune than a search trial affords)",
     )
     cache_dir: str | None = Field(None, description="calibration cache folder")
     threads: Annotated[int, Field(ge=1)] | None = Field(None, description="torch CPU threads")
@@ -475,6 +481,8 @@ def refine_trial(config: RefineConfig, progress: bool = False) -> RefineSummary:
         progress=progress,
     )
     base = trial_plan(parent)
+    if config.method is not None:
+        base = base.model_copy(update={"method": config.method})
     evolution = LevelSwitchEvolution(worker, base, config)
     state = evolution.run(saved, lambda state: study.set_user_attr(key, asdict(state)), progress)
     plan = evolution.plan_of(state.counts)
@@ -500,7 +508,10 @@ def refine_trial(config: RefineConfig, progress: bool = False) -> RefineSummary:
 def checkpoint_key(config: RefineConfig) -> str:
     """The study attribute holding this refinement's last generation: one per parent and path
     settings, so a different seed or step starts afresh instead of resuming a foreign walk."""
-    path = json.dumps(config.model_dump(include=PATH_SETTINGS), sort_keys=True)
+    path = config.model_dump(include=PATH_SETTINGS)
+    if path["method"] is None:
+        del path["method"]  # so checkpoints written before the setting existed still resume
+    path = json.dumps(path, sort_keys=True)
     return f"{CHECKPOINT_PREFIX}{config.trial}:{hashlib.sha256(path.encode()).hexdigest()[:12]}"
 
 

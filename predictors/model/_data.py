@@ -58,8 +58,8 @@ class TrainingSet:
 def training_set(
     study: optuna.Study, featurizer: Featurizer, minimum: int = 2, stopped_early: bool = False
 ) -> TrainingSet:
-    """The study's complete trials with a positive, finite quality, featurized; at least
-    ``minimum`` of them or an :class:`AutopruneError`.
+    """The study's complete trials of its own pruning method with a positive, finite quality,
+    featurized; at least ``minimum`` of them or an :class:`AutopruneError`.
 
     ``stopped_early`` adds the trials stopped early, labelled with the quality of the windows they
     reached. A noisy label, so quality reports leave them out; but a screen that learns only from
@@ -67,10 +67,13 @@ def training_set(
     front (in a SmolLM2 SparseGPT study, 56 of its first 69 picks were then stopped early).
     """
     states = (TrialState.COMPLETE, TrialState.PRUNED) if stopped_early else (TrialState.COMPLETE,)
+    # A trial pruned with another method than the study's (``refine --method``) measures that
+    # method: the features describe its allocation only, so its label would mislead the model.
+    settings = study_settings(study)
     labelled = [
         (t, label)
         for t in study.get_trials(deepcopy=False, states=states)
-        if "plan" in t.user_attrs and (label := _label(t)) is not None
+        if t.user_attrs.get("plan", {}).get("method") == settings["method"] and (label := _label(t)) is not None
     ]
     complete = sum(t.state == TrialState.COMPLETE for t, _ in labelled)
     if complete < minimum:
@@ -81,7 +84,7 @@ def training_set(
     plans = [trial_plan(t) for t, _ in labelled]
     return TrainingSet(
         study=study.study_name,
-        quality_name=str(study_settings(study)["objective"]),
+        quality_name=str(settings["objective"]),
         trials=np.array([t.number for t, _ in labelled]),
         plans=plans,
         nonzeros=np.array([nonzeros for _, (nonzeros, _) in labelled], dtype=float),
