@@ -140,7 +140,8 @@ def write(result: dict, out: Path) -> None:
         f"{result['model']}, every window of the WikiText-2 test split ({result['test_windows']} "
         f"windows, {result['test_tokens']} tokens), target {result['target']:.0%}.",
         "",
-        "| model | ppl | sparsity | non-zeros | prune s |" + "".join(f" below best uniform {m} |" for m in best),
+        "| model | ppl | sparsity | non-zeros | prune s |"
+        + "".join(f" below best uniform {method} |" for method in best),
         "|---|---:|---:|---:|---:|" + "---:|" * len(best),
     ]
     for row in result["rows"]:

@@ -32,7 +32,9 @@ def test_weights_solve_the_masked_least_squares() -> None:
         torch.testing.assert_close(pruned[row, kept], exact, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("spec", [LayerSpec(sparsity=0.5), LayerSpec(sparsity=0.7), LayerSpec(nm=NMPattern(n=2, m=4))])
+@pytest.mark.parametrize(
+    "spec", [LayerSpec(sparsity=0.5), LayerSpec(sparsity=0.7), LayerSpec(nm=NMPattern(n=2, m=4))]
+)
 def test_lower_reconstruction_error_than_sparsegpt(spec: LayerSpec) -> None:
     x = correlated_inputs(2048, 96, seed=0)
     weight = torch.randn(64, 96, generator=torch.Generator().manual_seed(1))
@@ -59,4 +61,6 @@ def test_batched_layers_match_one_at_a_time() -> None:
 def test_mask_schedule_must_fit_the_iterations() -> None:
     factors = tuple(f[None] for f in admm_factors(torch.eye(8)))
     with pytest.raises(ValueError, match="mask_iterations"):
-        admm_prune_columns_(torch.randn(1, 8, 4), factors, torch.full((1, 4), 0.5), iterations=5, mask_iterations=6)
+        admm_prune_columns_(
+            torch.randn(1, 8, 4), factors, torch.full((1, 4), 0.5), iterations=5, mask_iterations=6
+        )

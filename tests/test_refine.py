@@ -325,8 +325,9 @@ def test_a_refinement_with_another_method_prunes_and_exports_with_it(capsys, stu
     assert refined.values[0] == parent.values[0]
     assert refined.user_attrs["refine"]["method"] == "admm"
     worker = worker_for(studied)
-    as_parent_pruned = worker.run(TrialRequest(0, trial_plan(refined).model_copy(update={"method": "sparsegpt"})))
-    assert as_parent_pruned.quality != pytest.approx(refined.values[1], rel=1e-3)  # ADMM's weights, not SparseGPT's
+    with_sparsegpt = trial_plan(refined).model_copy(update={"method": "sparsegpt"})
+    # the study recorded ADMM's weights, not SparseGPT's on the same allocation
+    assert worker.run(TrialRequest(0, with_sparsegpt)).quality != pytest.approx(refined.values[1], rel=1e-3)
 
     exported = tmp_path / "admm"
     code, _, err = run_cli(capsys, "export", "--storage", config.storage, "--study", STUDY, "--trial",
@@ -339,7 +340,8 @@ def test_a_refinement_with_another_method_prunes_and_exports_with_it(capsys, stu
     # a refinement without --method keeps the checkpoint key it had before the setting existed
     plain = refine_config(studied)
     path = json.dumps(plain.model_dump(include=PATH_SETTINGS - {"method"}), sort_keys=True)
-    assert checkpoint_key(plain) == f"{CHECKPOINT_PREFIX}{plain.trial}:{hashlib.sha256(path.encode()).hexdigest()[:12]}"
+    digest = hashlib.sha256(path.encode()).hexdigest()[:12]
+    assert checkpoint_key(plain) == f"{CHECKPOINT_PREFIX}{plain.trial}:{digest}"
     assert checkpoint_key(settings) != checkpoint_key(refine_config(studied, generations=2))
 
 

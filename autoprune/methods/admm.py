@@ -92,7 +92,11 @@ def admm_prune_columns_(
 
 
 def _keep_mask(
-    score: torch.Tensor, step: int, mask_iterations: int, row_sparsity: torch.Tensor | None, nm: NMPattern | None
+    score: torch.Tensor,
+    step: int,
+    mask_iterations: int,
+    row_sparsity: torch.Tensor | None,
+    nm: NMPattern | None,
 ) -> torch.Tensor:
     """The weights kept at ``step``: each N:M group's best, or all but each row's lowest scores,
     as many as the cubic schedule prunes by then (all of its share at the last mask iteration)."""

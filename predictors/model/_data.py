@@ -73,7 +73,8 @@ def training_set(
     labelled = [
         (t, label)
         for t in study.get_trials(deepcopy=False, states=states)
-        if t.user_attrs.get("plan", {}).get("method") == settings["method"] and (label := _label(t)) is not None
+        if t.user_attrs.get("plan", {}).get("method") == settings["method"]
+        and (label := _label(t)) is not None
     ]
     complete = sum(t.state == TrialState.COMPLETE for t, _ in labelled)
     if complete < minimum:
