@@ -508,10 +508,10 @@ def refine_trial(config: RefineConfig, progress: bool = False) -> RefineSummary:
 def checkpoint_key(config: RefineConfig) -> str:
     """The study attribute holding this refinement's last generation: one per parent and path
     settings, so a different seed or step starts afresh instead of resuming a foreign walk."""
-    path = config.model_dump(include=PATH_SETTINGS)
-    if path["method"] is None:
-        del path["method"]  # so checkpoints written before the setting existed still resume
-    path = json.dumps(path, sort_keys=True)
+    settings = config.model_dump(include=PATH_SETTINGS)
+    if settings["method"] is None:
+        del settings["method"]  # so checkpoints written before the setting existed still resume
+    path = json.dumps(settings, sort_keys=True)
     return f"{CHECKPOINT_PREFIX}{config.trial}:{hashlib.sha256(path.encode()).hexdigest()[:12]}"
 
 
