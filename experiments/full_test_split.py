@@ -105,7 +105,8 @@ def main() -> None:
 
     for number in args.trials:
         plan = trial_plan(study.trials[number])
-        method = "" if plan.method == "sparsegpt" else f" ({LABELS[plan.method]})"
+        # a trial pruned with another method than the study's (refine --method) says which
+        method = "" if plan.method == settings["method"] else f" ({LABELS.get(plan.method, plan.method)})"
         record(f"trial {number}{method}", one_shot(plan))
     owl = PlanRequest("sparsegpt", args.target, owl=True).build(loaded, stats)
     for label, plan, variants in (("uniform", uniform, args.uniform), ("OWL", owl, args.owl)):
