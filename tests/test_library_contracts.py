@@ -3,6 +3,8 @@ function: these tests fail loudly when a new Optuna or Ray changes it.
 
 - :func:`autoprune.study._storage.running_trial`: a stored running trial (a killed driver's) is
   written and told through :class:`optuna.Trial` built from the storage's public id lookup;
+- :func:`autoprune.study._storage.stored_params`: an enqueued trial's parameters are kept under
+  Optuna's system attribute ``fixed_params`` before they are written one by one;
 - :func:`autoprune.study._ray.recorded_entrypoint`: Ray records the driver's command line it gets
   from a private function; a storage password in it must reach Ray's job table masked.
 """
@@ -19,7 +21,7 @@ import pytest
 from optuna.trial import TrialState
 
 from autoprune.study import open_storage
-from autoprune.study._storage import running_trial
+from autoprune.study._storage import running_trial, stored_params
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
@@ -41,6 +43,18 @@ def test_a_stored_running_trial_is_written_and_told_from_another_study_object(ki
     assert stored[1].user_attrs == {"reason": "orphaned"} and stored[0].user_attrs == {}
     with pytest.raises(KeyError):  # a trial the study does not hold is an error, not another trial
         running_trial(later, storage, 7)
+
+
+
+def test_an_enqueued_trial_asked_but_not_yet_written_keeps_its_parameters(tmp_path):
+    storage = open_storage(str(tmp_path / "s.db"), create=True)
+    study = optuna.create_study(storage=storage, study_name="s")
+    study.enqueue_trial({"x": 0.25, "kind": "b"})
+    study.ask()  # running, no parameter suggested yet: a driver killed here leaves it so
+    study.ask().suggest_float("y", 0, 1)  # a sampled trial: only what was written
+    first, second = optuna.load_study(study_name="s", storage=open_storage(str(tmp_path / "s.db"))).trials
+    assert first.params == {} and stored_params(first) == {"x": 0.25, "kind": "b"}
+    assert stored_params(second) == second.params and list(second.params) == ["y"]
 
 
 def test_ray_records_the_masked_entrypoint_and_only_inside_the_helper(monkeypatch):

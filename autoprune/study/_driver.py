@@ -65,7 +65,14 @@ from autoprune.study._records import (
     trial_plan,
     trial_row,
 )
-from autoprune.study._storage import mask_url, opened_storage, running_trial, storage_url, write_ahead
+from autoprune.study._storage import (
+    mask_url,
+    opened_storage,
+    running_trial,
+    storage_url,
+    stored_params,
+    write_ahead,
+)
 from autoprune.study._worker import TrialRequest, TrialResult
 from search_spaces import SearchSpace, SpaceContext
 
@@ -182,9 +189,7 @@ def _requeue_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage) 
     """Trials a killed driver left RUNNING: failed as orphans, their parameters queued again."""
     orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for frozen in orphans:
-        # An enqueued trial killed before its parameters were written still has them here.
-        params = frozen.system_attrs.get("fixed_params") or frozen.params
-        _requeue(study, running_trial(study, storage, frozen.number), params)
+        _requeue(study, running_trial(study, storage, frozen.number), stored_params(frozen))
     return len(orphans)
 
 

@@ -30,10 +30,12 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -189,6 +191,13 @@ def running_trial(study: optuna.Study, storage: BaseStorage, number: int) -> opt
     trial to its :class:`optuna.Trial`; its id comes from the storage's public interface."""
     study_id = storage.get_study_id_from_name(study.study_name)
     return optuna.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, number))
+
+
+def stored_params(trial: FrozenTrial) -> dict[str, Any]:
+    """The parameters of a stored trial, also of an enqueued one whose run was killed before all
+    its parameters were written: Optuna keeps an enqueued trial's under the system attribute
+    ``fixed_params`` (undocumented; ``tests/test_library_contracts.py`` checks it)."""
+    return trial.system_attrs.get("fixed_params") or trial.params
 
 
 def _given_password() -> str | None:
