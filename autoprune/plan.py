@@ -12,17 +12,31 @@ ones); readers accept every version up to their own so old studies stay readable
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from autoprune.config import CalibrationConfig
 from autoprune.errors import AutopruneError
 
 PLAN_SCHEMA_VERSION = 1
 
-MethodName = Literal["magnitude", "wanda", "sparsegpt", "admm"]
+
+
+def _registered_method(name: str) -> str:
+    """``name`` if :mod:`autoprune.methods` registers a method of that name (a ``ValueError``
+    listing them otherwise, which pydantic reports)."""
+    from autoprune.methods import PruningMethod  # on use: methods import plans, so not at the top
+
+    try:
+        return PruningMethod.check_name(name)
+    except AutopruneError as error:
+        raise ValueError(str(error)) from None
+
+
+#: A pruning method's name, validated against the methods' registry (its one list of names).
+MethodName = Annotated[str, AfterValidator(_registered_method)]
 
 
 class NMPattern(BaseModel):

@@ -44,6 +44,7 @@ from autoprune.study import (
     run_search,
     trial_plan,
 )
+from predictors import PredictorProposer
 
 HERE = Path(__file__).resolve().parent
 #: The issue's bar: at 60% and 70%, at least this much lower perplexity than the best uniform.
@@ -94,7 +95,8 @@ def main() -> None:
         threads=args.threads, predictor=args.predictor,
     )
     if not args.no_search:
-        run_search(config, progress=True)
+        screening = PredictorProposer.for_search if config.predictor == "on" else None
+        run_search(config, progress=True, proposer_factory=screening)
     study = load_existing_study(config.storage, config.study)
 
     loaded, stats, _ = prepare(config.model, config.calibration())

@@ -7,6 +7,7 @@ study's trials, used to screen candidates before they cost a forward pass.
     predictor = Predictor.fit(data, featurizer.schema)   # size curve, then xgboost on log-quality
     predictor.save(default_predictor_path(storage, name))
     report = quality_report(data, featurizer.schema)     # held-out and k-fold rank quality
+    run_search(config, proposer_factory=PredictorProposer.for_search)  # a screened search
 
 One folder per concept: ``features`` (plans as vectors, versioned schema), ``model`` (the booster,
 its data and files), ``quality`` (metrics and report), ``screening`` (the search's proposer).

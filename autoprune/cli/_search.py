@@ -15,6 +15,7 @@ import optuna
 
 from autoprune.cli._common import add_field_flags, add_format, given_field_flags, render
 from autoprune.study import SearchConfig, run_search
+from predictors import PredictorProposer
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +29,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     config = SearchConfig.load(args.config, given_field_flags(args, SearchConfig))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    summary = run_search(config, progress=True)
+    screening = PredictorProposer.for_search if config.predictor == "on" else None
+    summary = run_search(config, progress=True, proposer_factory=screening)
     print(summary.line(), file=sys.stderr)
     print(render(summary.front, args.format))
     return 0

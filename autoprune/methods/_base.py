@@ -1,5 +1,8 @@
 """The shared interface of pruning methods.
 
+Every concrete subclass with a ``name`` is a method: this registry is the one list of method
+names (:data:`autoprune.plan.MethodName` validates against it), so a new method is one new module.
+
 A method instance lives as long as one dense model and its calibration statistics (in a worker,
 for a whole search): whatever it derives from them that does not depend on the plan (sorted scores,
 inverse Hessians) it keeps, so pruning the next plan costs only the plan-dependent work.
@@ -43,14 +46,24 @@ class PruningMethod(ABC):
     @staticmethod
     def named(name: str) -> PruningMethod:
         """A fresh instance of the method called ``name``."""
-        methods = {cls.name: cls for cls in _concrete_methods(PruningMethod)}
-        if name not in methods:
-            raise AutopruneError(f"unknown pruning method {name!r} (known: {', '.join(sorted(methods))})")
-        return methods[name]()
+        return _registry()[PruningMethod.check_name(name)]()
 
     @staticmethod
     def available() -> list[str]:
-        return sorted(cls.name for cls in _concrete_methods(PruningMethod))
+        return sorted(_registry())
+
+    @staticmethod
+    def check_name(name: str) -> str:
+        """``name`` if a method has it, else an :class:`AutopruneError` naming the known ones."""
+        if name not in _registry():
+            known = ", ".join(PruningMethod.available())
+            raise AutopruneError(f"unknown pruning method {name!r} (known: {known})")
+        return name
+
+
+def _registry() -> dict[str, type[PruningMethod]]:
+    """Method name -> class, read anew each time so methods defined later count."""
+    return {cls.name: cls for cls in _concrete_methods(PruningMethod)}
 
 
 def _concrete_methods(cls: type[PruningMethod]) -> list[type[PruningMethod]]:

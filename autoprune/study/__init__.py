@@ -1,8 +1,9 @@
 """Multi-objective searches: workers, executors, storages and the Optuna ask/tell driver."""
 
 from autoprune.study._config import EXECUTORS, SAMPLERS, SearchConfig
-from autoprune.study._driver import Proposer, SearchSummary, front_size, run_search
+from autoprune.study._driver import SearchSummary, front_size, run_search
 from autoprune.study._executor import Executor, InProcessExecutor
+from autoprune.study._proposing import Proposal, Proposer, ProposerFactory, SearchSetup
 from autoprune.study._records import (
     counts_toward_budget,
     find_trial,
@@ -29,6 +30,7 @@ from autoprune.study._storage import (
     mask_url,
     open_storage,
     opened_storage,
+    storage_file,
     write_ahead,
 )
 from autoprune.study._worker import (
@@ -50,10 +52,13 @@ __all__ = [
     "Executor",
     "InProcessExecutor",
     "Objective",
+    "Proposal",
     "Proposer",
+    "ProposerFactory",
     "RefineConfig",
     "RefineSummary",
     "SearchConfig",
+    "SearchSetup",
     "SearchSummary",
     "TrialRequest",
     "TrialResult",
@@ -73,6 +78,7 @@ __all__ = [
     "recorded_sequential_ppl",
     "refine_trial",
     "run_search",
+    "storage_file",
     "study_settings",
     "trial_plan",
     "trial_recipe",

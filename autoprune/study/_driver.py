@@ -22,12 +22,8 @@ PRUNED and never enter the front.
 Constraints use Optuna 5's ``Trial.set_constraint`` before ``tell`` (values <= 0 are feasible);
 samplers and ``study.best_trials`` read them from the trial's system attributes.
 
-A ``proposer(study, n) -> list[params]`` may suggest candidates (a predictor screening many random
-plans, say): whenever no enqueued trial is waiting, it is asked for ``n`` (the free executor slots)
-parameter dicts of the space, which are enqueued (``skip_if_exists``) and asked before the sampler.
-A proposal may also be ``(params, user_attrs)``: attributes recorded with the trial (the predictor's
-estimate, say; never an objective value). ``predictor: on`` makes the accuracy predictor of
-:mod:`predictors` the proposer.
+A proposer may suggest candidates before the sampler (see :mod:`autoprune.study._proposing`); the
+caller passes it, or a factory of it, the way it passes an executor.
 """
 
 from __future__ import annotations
@@ -36,7 +32,6 @@ import hashlib
 import os
 import platform
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +49,13 @@ from autoprune.errors import AutopruneError
 from autoprune.plan import Plan
 from autoprune.study._config import SearchConfig
 from autoprune.study._executor import Executor
+from autoprune.study._proposing import (
+    Proposer,
+    ProposerFactory,
+    SearchSetup,
+    check_proposer,
+    enqueue_proposals,
+)
 from autoprune.study._records import (
     BASELINES_ATTR,
     ORPHANED,
@@ -63,12 +65,17 @@ from autoprune.study._records import (
     trial_plan,
     trial_row,
 )
-from autoprune.study._storage import mask_url, opened_storage, storage_url, write_ahead
+from autoprune.study._storage import (
+    mask_url,
+    opened_storage,
+    running_trial,
+    storage_url,
+    stored_params,
+    write_ahead,
+)
 from autoprune.study._worker import TrialRequest, TrialResult
 from search_spaces import SearchSpace, SpaceContext
 
-Proposal = dict[str, Any] | tuple[dict[str, Any], dict[str, Any]]
-Proposer = Callable[[optuna.Study, int], list[Proposal]]
 DIRECTIONS = [StudyDirection.MINIMIZE, StudyDirection.MINIMIZE]
 #: User attributes the driver gives the trials it enqueues (baselines, seeds, retries, proposals).
 ENQUEUED_MARKS = frozenset({"baseline", "seed", "retry_of", "proposed"})
@@ -104,14 +111,17 @@ def run_search(
     executor: Executor | None = None,
     proposer: Proposer | None = None,
     progress: bool = True,
+    proposer_factory: ProposerFactory | None = None,
 ) -> SearchSummary:
     """Run (or resume) the study ``config`` names until it holds ``config.trials`` finished trials
     or ``config.timeout_minutes`` have passed (in-flight trials are finished either way).
 
     Without ``executor`` the one ``config.executor`` names is built and shut down here; a given
-    executor stays the caller's.
+    executor stays the caller's. ``proposer``, or the one ``proposer_factory`` builds once the
+    space's context is known, suggests candidates; ``predictor: on`` needs one of them.
     """
     start = time.perf_counter()
+    check_proposer(config, proposer, proposer_factory)
     check_source(config.data)
     with opened_storage(config.storage, create=True) as storage:
         space = SearchSpace.named(config.space)
@@ -121,12 +131,9 @@ def run_search(
         try:
             ctx = _space_context(config, executor, progress)
             distributions = space.distributions(ctx)
-            if proposer is None and config.predictor == "on":
-                from predictors import PredictorProposer  # predictors builds on this package
-
-                proposer = PredictorProposer.for_search(
-                    config, space, ctx, distributions, progress, executor.local_model()
-                )
+            if proposer_factory is not None:
+                setup = SearchSetup(config, space, ctx, distributions, executor, progress)
+                proposer = proposer_factory(setup)
             write_ahead(storage)  # checks done: from here on the study is written
             study = optuna.create_study(
                 storage=storage, study_name=config.study, directions=DIRECTIONS, load_if_exists=True
@@ -134,7 +141,7 @@ def run_search(
             if not resumed:
                 study.set_user_attr(SETTINGS_ATTR, config.study_settings())
             study.sampler = config.make_sampler(seed_offset=len(study.get_trials(deepcopy=False)))
-            orphans = _requeue_orphans(study)
+            orphans = _requeue_orphans(study, storage)
             if not study.user_attrs.get(BASELINES_ATTR):
                 for label, params in space.baselines(ctx, config.targets).items():
                     study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
@@ -178,13 +185,11 @@ def _space_context(config: SearchConfig, executor: Executor, progress: bool) -> 
     return SpaceContext.from_model(loaded, stats, config.method, config.sparsity_range)
 
 
-def _requeue_orphans(study: optuna.Study) -> int:
+def _requeue_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage) -> int:
     """Trials a killed driver left RUNNING: failed as orphans, their parameters queued again."""
     orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
     for frozen in orphans:
-        # An enqueued trial killed before its parameters were written still has them here.
-        params = frozen.system_attrs.get("fixed_params") or frozen.params
-        _requeue(study, optuna.Trial(study, frozen._trial_id), params)  # no public id lookup
+        _requeue(study, running_trial(study, storage, frozen.number), stored_params(frozen))
     return len(orphans)
 
 
@@ -273,15 +278,8 @@ class _Loop:
     def _submit_next(self) -> bool:
         """Ask, cast and submit one trial; False when it was a duplicate (told, not submitted)."""
         start = time.perf_counter()
-        if self.proposer is not None and not self.study.get_trials(
-            deepcopy=False, states=(TrialState.WAITING,)
-        ):
-            slots = self.executor.capacity - len(self.in_flight)
-            for proposal in self.proposer(self.study, slots):
-                params, attrs = proposal if isinstance(proposal, tuple) else (proposal, {})
-                self.study.enqueue_trial(
-                    params, user_attrs={**attrs, "proposed": True}, skip_if_exists=True
-                )
+        if self.proposer is not None:
+            enqueue_proposals(self.study, self.proposer, self.executor.capacity - len(self.in_flight))
         trial = self.study.ask(self.distributions)
         marks = trial.user_attrs.keys() & ENQUEUED_MARKS
         if marks:

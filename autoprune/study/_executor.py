@@ -10,8 +10,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import deque
 
-from autoprune.calibration import CalibrationStats
-from autoprune.models import LoadedModel
 from autoprune.plan import MethodName
 from autoprune.study._worker import TrialRequest, TrialResult, TrialWorker, WorkerSpec
 from search_spaces import SpaceContext
@@ -44,12 +42,6 @@ class Executor(ABC):
         """What the search space needs to know about the model, from a worker that has it loaded,
         so the driver need not load a second copy; None where no worker can tell (the driver then
         loads the model itself)."""
-        return None
-
-    def local_model(self) -> tuple[LoadedModel, CalibrationStats] | None:
-        """The dense model and statistics a worker holds in this process, for the driver's own
-        needs (a screening proposer's features) between trials; None where workers live elsewhere.
-        A 7B model is then held once, not twice."""
         return None
 
     def shutdown(self) -> None:
@@ -93,6 +85,9 @@ class InProcessExecutor(Executor):
     ) -> SpaceContext:
         return self._worker.space_context(method, sparsity_range)
 
-    def local_model(self) -> tuple[LoadedModel, CalibrationStats]:
-        """Dense between trials: a trial's pruned weights are swapped back when it ends."""
-        return self._worker.loaded, self._worker.stats
+    @property
+    def worker(self) -> TrialWorker:
+        """The worker in this process. Its model is dense between trials (a trial's pruned weights
+        are swapped back when it ends), so the search's own needs (a screening proposer's
+        features) can read it there: a 7B model is then held once, not twice."""
+        return self._worker

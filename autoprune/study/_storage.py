@@ -30,10 +30,12 @@ import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -63,27 +65,34 @@ def storage_url(url: str) -> str:
     return url if "://" in url else f"sqlite:///{url}"
 
 
+def storage_file(url: str) -> Path | None:
+    """The file the storage ``url`` keeps its studies in (a SQLite database or an Optuna journal);
+    None for a database server or an in-memory SQLite database."""
+    url = storage_url(url)
+    if url.startswith(JOURNAL_PREFIX):
+        return Path(url[len(JOURNAL_PREFIX) :])
+    parsed = _parsed(url)
+    if parsed.get_backend_name() != "sqlite" or not _names_a_file(parsed):
+        return None
+    return Path(parsed.database)
+
+
 def open_storage(url: str, create: bool = False) -> BaseStorage:
     """The Optuna storage behind ``url``; with ``create`` a missing SQLite/journal file (and its
     folder) is created, without it a missing file is an :class:`AutopruneError`."""
     url = storage_url(url)
     shown = mask_url(url)
+    file = storage_file(url)
+    if file is not None:
+        _check_file(file, create, shown)
     if url.startswith(JOURNAL_PREFIX):
-        path = Path(url[len(JOURNAL_PREFIX) :])
-        _check_file(path, create, shown)
         try:
-            return JournalStorage(JournalFileBackend(str(path)))
+            return JournalStorage(JournalFileBackend(str(file)))
         except Exception as error:  # a folder, a permission, a corrupt log: all the user's to fix
             raise _cannot_open(shown, error, None) from None
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise AutopruneError(f"invalid storage URL {shown}") from None
+    parsed = _parsed(url)
     engine_kwargs: dict = {}
-    if parsed.get_backend_name() == "sqlite":
-        if _names_a_file(parsed):
-            _check_file(Path(parsed.database), create, shown)
-    else:
+    if parsed.get_backend_name() != "sqlite":
         if parsed.password is None:
             parsed = parsed.set(password=_given_password())
         if parsed.drivername == "postgresql" and importlib.util.find_spec("psycopg") is None:
@@ -144,6 +153,14 @@ def _leave_write_ahead(storage: RDBStorage) -> None:
         pass  # another connection has the file open: it stays in WAL mode, which every reader reads
 
 
+def _parsed(url: str) -> URL:
+    """The SQLAlchemy URL ``url``; a one-line error naming it (masked) if it is none."""
+    try:
+        return make_url(url)
+    except ArgumentError:
+        raise AutopruneError(f"invalid storage URL {mask_url(url)}") from None
+
+
 def _is_sqlite_file(storage: BaseStorage) -> bool:
     return (
         isinstance(storage, RDBStorage)
@@ -166,6 +183,21 @@ def load_existing_study(url: str, name: str) -> optuna.Study:
         names = sorted(summary.study_name for summary in optuna.get_all_study_summaries(storage))
         known = f" (studies there: {', '.join(names)})" if names else " (it holds no studies)"
         raise AutopruneError(f"study {name!r} not found in {mask_url(storage_url(url))}{known}") from None
+
+
+def running_trial(study: optuna.Study, storage: BaseStorage, number: int) -> optuna.Trial:
+    """The running trial ``number`` of ``study`` (kept in ``storage``), to write and tell as if this
+    process had asked it (a killed driver's orphan, say). Optuna has no public lookup from a stored
+    trial to its :class:`optuna.Trial`; its id comes from the storage's public interface."""
+    study_id = storage.get_study_id_from_name(study.study_name)
+    return optuna.Trial(study, storage.get_trial_id_from_study_id_trial_number(study_id, number))
+
+
+def stored_params(trial: FrozenTrial) -> dict[str, Any]:
+    """The parameters of a stored trial, also of an enqueued one whose run was killed before all
+    its parameters were written: Optuna keeps an enqueued trial's under the system attribute
+    ``fixed_params`` (undocumented; ``tests/test_library_contracts.py`` checks it)."""
+    return trial.system_attrs.get("fixed_params") or trial.params
 
 
 def _given_password() -> str | None:

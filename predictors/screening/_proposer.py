@@ -40,10 +40,8 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.api import prepare
-from autoprune.calibration import CalibrationStats
-from autoprune.models import LoadedModel
 from autoprune.plan import Plan
-from autoprune.study import SearchConfig, pareto_trials, trial_plan
+from autoprune.study import InProcessExecutor, SearchSetup, pareto_trials, trial_plan
 from predictors.features import Featurizer
 from predictors.model import Predictor, TrainingSet, training_set
 from predictors.quality import domination_counts
@@ -75,7 +73,8 @@ _DRAWS = 50
 
 
 class PredictorProposer:
-    """A ``proposer(study, n)`` for :func:`autoprune.study.run_search` (see the module doc)."""
+    """A ``proposer(study, n)`` for :func:`autoprune.study.run_search` (see the module doc);
+    :meth:`for_search` is the proposer factory of a search with ``predictor: on``."""
 
     def __init__(
         self,
@@ -98,25 +97,21 @@ class PredictorProposer:
         self.rounds: list[dict[str, int]] = []
 
     @classmethod
-    def for_search(
-        cls,
-        config: SearchConfig,
-        space: SearchSpace,
-        ctx: SpaceContext,
-        distributions: dict[str, BaseDistribution],
-        progress: bool = False,
-        local: tuple[LoadedModel, CalibrationStats] | None = None,
-    ) -> PredictorProposer:
-        """The proposer of a search with ``predictor: on``. Its importance features need the
-        model's dense weights: ``local`` (an in-process worker's) when given, else the model is
-        loaded once more here (statistics come from the cache)."""
-        if local is None:
-            cache_dir = Path(config.cache_dir) if config.cache_dir else None
-            loaded, stats, _ = prepare(config.model, config.calibration(), cache_dir, progress)
+    def for_search(cls, setup: SearchSetup) -> PredictorProposer:
+        """The proposer of a search with ``predictor: on``:
+        ``run_search(config, proposer_factory=PredictorProposer.for_search)``. Its importance
+        features need the model's dense weights: an in-process worker's when the search has one,
+        else the model is loaded once more here (statistics come from the cache)."""
+        config = setup.config
+        if isinstance(setup.executor, InProcessExecutor):
+            loaded, stats = setup.executor.worker.loaded, setup.executor.worker.stats
         else:
-            loaded, stats = local
-        featurizer = Featurizer.from_model(loaded, stats, ctx)
-        return cls(space, ctx, featurizer, distributions, config.population, config.seed)
+            cache_dir = Path(config.cache_dir) if config.cache_dir else None
+            loaded, stats, _ = prepare(config.model, config.calibration(), cache_dir, setup.progress)
+        featurizer = Featurizer.from_model(loaded, stats, setup.ctx)
+        return cls(
+            setup.space, setup.ctx, featurizer, setup.distributions, config.population, config.seed
+        )
 
     def __call__(self, study: optuna.Study, n: int) -> list[tuple[Params, dict[str, Any]]]:
         trials = study.get_trials(deepcopy=False)
