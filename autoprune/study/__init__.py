@@ -9,18 +9,10 @@ from autoprune.study._records import (
     front_trials,
     pareto_trials,
     recorded_sequential_ppl,
-    study_settings,
     trial_plan,
-    trial_recipe,
     trial_row,
 )
-from autoprune.study._refine import (
-    EvolutionState,
-    RefineConfig,
-    RefineSummary,
-    find_refinement,
-    refine_trial,
-)
+from autoprune.study._settings import StudySettings, study_settings, trial_recipe
 from autoprune.study._storage import (
     DEFAULT_STORAGE,
     PASSWORD_ENV,
@@ -39,6 +31,13 @@ from autoprune.study._worker import (
     TrialWorker,
     WorkerSpec,
 )
+from autoprune.study.refine import (
+    EvolutionState,
+    RefineConfig,
+    RefineSummary,
+    find_refinement,
+    refine_trial,
+)
 
 __all__ = [
     "DEFAULT_STORAGE",
@@ -55,6 +54,7 @@ __all__ = [
     "RefineSummary",
     "SearchConfig",
     "SearchSummary",
+    "StudySettings",
     "TrialRequest",
     "TrialResult",
     "TrialStatus",
