@@ -3,6 +3,7 @@
 from autoprune.study._config import EXECUTORS, SAMPLERS, SearchConfig
 from autoprune.study._driver import Proposer, SearchSummary, front_size, run_search
 from autoprune.study._executor import Executor, InProcessExecutor
+from autoprune.study._export import ExportResult, export_trial
 from autoprune.study._records import (
     counts_toward_budget,
     find_trial,
@@ -47,6 +48,7 @@ __all__ = [
     "PASSWORD_FILE_ENV",
     "SAMPLERS",
     "Executor",
+    "ExportResult",
     "InProcessExecutor",
     "Objective",
     "Proposer",
@@ -61,6 +63,7 @@ __all__ = [
     "TrialWorker",
     "WorkerSpec",
     "counts_toward_budget",
+    "export_trial",
     "find_refinement",
     "find_trial",
     "front_size",
