@@ -49,8 +49,10 @@ def refine_trial(config: RefineConfig, progress: bool = False) -> RefineSummary:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     start = time.perf_counter()
-    spec = settings.worker_spec(cache_dir=config.cache_dir, device=config.device, eval_batch=config.eval_batch)
-    worker = TrialWorker(spec, progress=progress)
+    worker = TrialWorker(
+        settings.worker_spec(cache_dir=config.cache_dir, device=config.device, eval_batch=config.eval_batch),
+        progress=progress,
+    )
     base = trial_plan(parent)
     if config.method is not None:
         base = base.model_copy(update={"method": config.method})
