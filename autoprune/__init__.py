@@ -4,7 +4,16 @@ The engine in one picture: a model and calibration data give statistics once (ca
 data) and those statistics give a pruned model through a method; measuring it gives a record.
 """
 
-from autoprune.api import PlanRequest, PruneReport, evaluate, prepare, prune
+from autoprune.api import (
+    PlanRequest,
+    Prepared,
+    PreparedWithWindows,
+    PruneReport,
+    evaluate,
+    prepare,
+    prepare_with_windows,
+    prune,
+)
 from autoprune.calibration import CalibrationStats, calibrate
 from autoprune.config import CalibrationConfig, EvaluationConfig
 from autoprune.errors import AutopruneError
@@ -22,6 +31,8 @@ __all__ = [
     "NMPattern",
     "Plan",
     "PlanRequest",
+    "Prepared",
+    "PreparedWithWindows",
     "PruneReport",
     "Pruner",
     "Recipe",
@@ -29,5 +40,6 @@ __all__ = [
     "evaluate",
     "load_model",
     "prepare",
+    "prepare_with_windows",
     "prune",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -43,17 +44,36 @@ class PruneReport:
         }
 
 
+class Prepared(NamedTuple):
+    """A loaded model and its calibration statistics (a tuple, so ``loaded, stats, cached = ...``
+    still reads it)."""
+
+    loaded: LoadedModel
+    stats: CalibrationStats
+    #: Whether the statistics came from the cache (nothing was computed).
+    cached: bool
+
+
+class PreparedWithWindows(NamedTuple):
+    """:class:`Prepared` with the calibration windows the statistics were computed on."""
+
+    loaded: LoadedModel
+    windows: torch.Tensor
+    stats: CalibrationStats
+    cached: bool
+
+
 def prepare(
     model: str,
     calibration: CalibrationConfig,
     cache_dir: Path | None = None,
     progress: bool = True,
     device: str | torch.device = "cpu",
-) -> tuple[LoadedModel, CalibrationStats, bool]:
+) -> Prepared:
     """Load ``model`` and its calibration statistics (from the cache when available, else
     computed on ``device``)."""
-    loaded, _, stats, cached = prepare_with_windows(model, calibration, cache_dir, progress, device)
-    return loaded, stats, cached
+    prepared = prepare_with_windows(model, calibration, cache_dir, progress, device)
+    return Prepared(prepared.loaded, prepared.stats, prepared.cached)
 
 
 def prepare_with_windows(
@@ -62,7 +82,7 @@ def prepare_with_windows(
     cache_dir: Path | None,
     progress: bool,
     device: str | torch.device = "cpu",
-) -> tuple[LoadedModel, torch.Tensor, CalibrationStats, bool]:
+) -> PreparedWithWindows:
     """:func:`prepare`, also returning the calibration windows (sequential pruning reads them
     again; for ``self`` data they are generated text, too costly to make twice). Uncached
     statistics are computed on ``device``, one block there at a time; the model stays on the CPU."""
@@ -77,7 +97,7 @@ def prepare_with_windows(
             calibration.seed,
         )
     result = calibrate(loaded, windows, cache_dir=cache_dir, device=device, progress=progress)
-    return loaded, windows, result.stats, result.from_cache
+    return PreparedWithWindows(loaded, windows, result.stats, result.from_cache)
 
 
 @dataclass(frozen=True)
@@ -125,20 +145,19 @@ def prune(
     compute = compute_device(device)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    loaded, calib_windows, stats, cached = prepare_with_windows(
-        model, calibration, cache_dir, progress, compute
-    )
+    prepared = prepare_with_windows(model, calibration, cache_dir, progress, compute)
+    loaded = prepared.loaded
     timings["load_and_calibrate"] = time.perf_counter() - start
     if isinstance(plan, PlanRequest):
-        plan = plan.build(loaded, stats)
+        plan = plan.build(loaded, prepared.stats)
     recipe = Recipe(model=model, calibration=calibration, plan=plan, sequential=sequential)
     if not sequential:  # one-shot prunes where the weights are; sequential moves a block at a time
         loaded.model.to(compute)
-    pruner = Pruner(loaded, stats)
+    pruner = Pruner(loaded, prepared.stats)
     dense_linear = pruner.dense_linear_params
     start = time.perf_counter()
     if sequential:
-        model = prune_sequentially(loaded, calib_windows, recipe.plan, compute, progress=progress)
+        model = prune_sequentially(loaded, prepared.windows, recipe.plan, compute, progress=progress)
     else:
         model = pruner.materialize(recipe.plan)
     model.to(compute)  # measured and evaluated on the device too
@@ -152,7 +171,7 @@ def prune(
         )
         ppl = perplexity(model, windows, progress=progress)
         timings["evaluate"] = time.perf_counter() - start
-    report = PruneReport(recipe, size, ppl, cached, timings)
+    report = PruneReport(recipe, size, ppl, prepared.cached, timings)
     if out is not None:
         metadata = {
             "recipe": recipe.model_dump(mode="json"),

@@ -53,8 +53,8 @@ def main() -> None:
                 raise SystemExit(f"export of trial {number} failed")
             model = AutoModelForCausalLM.from_pretrained(out)
             windows = validation_windows(
-                settings["calibration"]["source"], AutoTokenizer.from_pretrained(out),
-                settings["eval_seq_len"], settings["eval_windows"],
+                settings.calibration.source, AutoTokenizer.from_pretrained(out),
+                settings.eval_seq_len, settings.eval_windows,
             )
             ppl = perplexity(model, windows, progress=False)
             size = measure_size(model, ArchitectureAdapter.for_model(model))

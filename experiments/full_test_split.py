@@ -28,7 +28,6 @@ import torch
 
 from autoprune import PlanRequest, Pruner
 from autoprune.api import prepare_with_windows
-from autoprune.config import CalibrationConfig
 from autoprune.data import evaluation_windows
 from autoprune.measure import SizeReport, measure_size, perplexity
 from autoprune.models import load_model
@@ -61,12 +60,12 @@ def main() -> None:
 
     study = load_existing_study(args.storage, args.study)
     settings = study_settings(study)
-    calibration = CalibrationConfig(**settings["calibration"])
-    loaded, calib, stats, _ = prepare_with_windows(settings["model"], calibration, None, True)
+    calibration = settings.calibration
+    loaded, calib, stats, _ = prepare_with_windows(settings.model, calibration, None, True)
     pruner = Pruner(loaded, stats)
-    windows = evaluation_windows(calibration.source, loaded.tokenizer, settings["eval_seq_len"])
+    windows = evaluation_windows(calibration.source, loaded.tokenizer, settings.eval_seq_len)
     uniform = PlanRequest("sparsegpt", args.target).build(loaded, stats)
-    result = {"model": settings["model"], "test_windows": len(windows),
+    result = {"model": settings.model, "test_windows": len(windows),
               "test_tokens": int(windows.numel()), "target": args.target, "rows": []}
     result["rows"] = earlier_rows(args.out, result)
 
@@ -97,7 +96,7 @@ def main() -> None:
     def sequential(plan: Plan) -> Callable[[], tuple[float, SizeReport, float]]:
         def measure() -> tuple[float, SizeReport, float]:
             start = time.perf_counter()
-            model = prune_sequentially(load_model(settings["model"]), calib, plan)
+            model = prune_sequentially(load_model(settings.model), calib, plan)
             prune_seconds = time.perf_counter() - start
             size = measure_size(model, loaded.adapter, pruner.dense_linear_params)
             return perplexity(model, windows, progress=True), size, prune_seconds
@@ -106,7 +105,7 @@ def main() -> None:
     for number in args.trials:
         plan = trial_plan(study.trials[number])
         # a trial pruned with another method than the study's (refine --method) says which
-        method = "" if plan.method == settings["method"] else f" ({LABELS.get(plan.method, plan.method)})"
+        method = "" if plan.method == settings.method else f" ({LABELS.get(plan.method, plan.method)})"
         record(f"trial {number}{method}", one_shot(plan))
     owl = PlanRequest("sparsegpt", args.target, owl=True).build(loaded, stats)
     for label, plan, variants in (("uniform", uniform, args.uniform), ("OWL", owl, args.owl)):

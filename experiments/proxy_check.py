@@ -24,10 +24,9 @@ import torch
 from optuna.trial import TrialState
 from scipy.stats import spearmanr
 
-from autoprune.config import CalibrationConfig
 from autoprune.data import evaluation_windows
 from autoprune.measure import kl_to_reference, perplexity
-from autoprune.study import TrialWorker, WorkerSpec, load_existing_study, study_settings, trial_plan
+from autoprune.study import TrialWorker, load_existing_study, study_settings, trial_plan
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,12 +46,9 @@ def main() -> None:
 
     study = load_existing_study(args.storage, args.study)
     settings = study_settings(study)
-    calibration = CalibrationConfig(**settings["calibration"])
-    worker = TrialWorker(WorkerSpec(
-        model=settings["model"], calibration=calibration, eval_seq_len=settings["eval_seq_len"],
-        eval_windows=settings["eval_windows"], objective="kl",
-    ))
-    test = evaluation_windows(calibration.source, worker.loaded.tokenizer, settings["eval_seq_len"],
+    calibration = settings.calibration
+    worker = TrialWorker(settings.model_copy(update={"objective": "kl"}).worker_spec())
+    test = evaluation_windows(calibration.source, worker.loaded.tokenizer, settings.eval_seq_len,
                               args.test_windows)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     rows, summary = [], []

@@ -36,7 +36,6 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoprune import Pruner
 from autoprune.api import prepare_with_windows
-from autoprune.config import CalibrationConfig
 from autoprune.data import evaluation_windows
 from autoprune.measure import measure_size, perplexity
 from autoprune.methods import PruningMethod
@@ -99,12 +98,12 @@ def main() -> None:
 
     study = load_existing_study(args.storage, args.study)
     settings = study_settings(study)
-    calibration = CalibrationConfig(**settings["calibration"])
-    loaded, calib, stats, _ = prepare_with_windows(settings["model"], calibration, None, True)
+    calibration = settings.calibration
+    loaded, calib, stats, _ = prepare_with_windows(settings.model, calibration, None, True)
     pruner = Pruner(loaded, stats)
-    windows = evaluation_windows(calibration.source, loaded.tokenizer, settings["eval_seq_len"],
+    windows = evaluation_windows(calibration.source, loaded.tokenizer, settings.eval_seq_len,
                                  args.test_windows)
-    baselines = recorded_comparison(args.study, settings["model"])
+    baselines = recorded_comparison(args.study, settings.model)
 
     def one_shot(plan: Plan) -> tuple[float, float, int]:
         with pruner.applied(plan) as model:
@@ -116,7 +115,7 @@ def main() -> None:
         parent_ppl, sparsity, nonzeros = one_shot(trial_plan(parent))
         child_ppl, child_sparsity, child_nonzeros = one_shot(trial_plan(child))
         assert child_nonzeros == nonzeros, "a refined plan must keep its parent's size"
-        pruned = prune_sequentially(load_model(settings["model"]), calib, trial_plan(child))
+        pruned = prune_sequentially(load_model(settings.model), calib, trial_plan(child))
         sequential_ppl = perplexity(pruned, windows, progress=True)
         del pruned
         reference = baselines.get(round(target, 4), {})
@@ -138,7 +137,7 @@ def main() -> None:
         })
         print(json.dumps(rows[-1]), flush=True)
     choice = "best validation score" if args.parents is None else "given by --parents"
-    result = {"study": args.study, "objective": settings["objective"], "parent_choice": choice,
+    result = {"study": args.study, "objective": settings.objective, "parent_choice": choice,
               "generations": args.generations,
               "offspring": args.offspring, "seed": args.seed,
               "select_windows": args.select_windows, "pool_windows": args.pool_windows,

@@ -143,7 +143,7 @@ def main() -> None:
     result = {
         "model": config.model,
         "study": config.study,
-        "search": config.study_settings(),
+        "search": config.settings().stored(),
         "trials_in_study": len(study.trials),
         "trials_screened": sum(bool(t.user_attrs.get("proposed")) for t in study.trials),
         "test_windows": int(windows.shape[0]),

@@ -36,7 +36,7 @@ from autoprune.study import (
     trial_plan,
     trial_row,
 )
-from autoprune.study._refine import (
+from autoprune.study.refine import (
     CHECKPOINT_PREFIX,
     PATH_SETTINGS,
     Allocation,

@@ -76,7 +76,7 @@ def test_every_trial_records_plan_size_quality_and_timings(finished):
         assert {"prune", "evaluate", "bookkeeping", "total"} <= attrs["seconds"].keys()
         if "target" in trial.params:
             assert attrs["size"]["sparsity"] == pytest.approx(trial.params["target"], abs=0.005)
-    settings = study_settings(study)
+    settings = study_settings(study).stored()
     assert settings["space"] == "layerwise" and "sqlite" not in json.dumps(settings)
 
 

@@ -1,11 +1,5 @@
-"""``autoprune export``: one trial of a study as a recipe and a pruned Hugging Face checkpoint.
-
-``DIR`` becomes the checkpoint (loadable with plain transformers) with ``DIR/recipe.yaml`` beside
-it; ``autoprune prune --recipe DIR/recipe.yaml --out OTHER`` rebuilds the same model. The recipe
-holds the model, the calibration settings and the plan, never the storage URL. ``--sequential``
-exports the variant ``prune --sequential`` makes of the trial's plan (and says so in the recipe);
-its ``recorded_ppl`` is then the study's measurement of that variant, which only trials refined for
-it have (empty for the rest: the study never measured it)."""
+"""``autoprune export``: one trial of a study as a recipe and a pruned Hugging Face checkpoint
+(:func:`autoprune.study.export_trial`; this module only parses and prints)."""
 
 from __future__ import annotations
 
@@ -13,21 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from optuna.trial import TrialState
-
-from autoprune.api import prune
 from autoprune.cli._common import add_format, render
-from autoprune.errors import AutopruneError
-from autoprune.export import check_output_dir
-from autoprune.study import (
-    DEFAULT_STORAGE,
-    find_trial,
-    load_existing_study,
-    recorded_sequential_ppl,
-    trial_recipe,
-)
-
-RECIPE_FILE = "recipe.yaml"
+from autoprune.study import DEFAULT_STORAGE, export_trial
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -47,38 +28,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_output_dir(args.out)
-    study = load_existing_study(args.storage, args.study)
-    trial = find_trial(study, args.trial)
-    if trial.state != TrialState.COMPLETE:
-        raise AutopruneError(
-            f"trial {trial.number} is {trial.state.name.lower()}; only complete trials can be exported"
-        )
-    if trial.user_attrs.get("refine", {}).get("sequential_every") and not args.sequential:
-        print(
-            f"autoprune: note: trial {trial.number} was refined for --sequential; exporting it "
-            "one-shot, as the study measured it",
-            file=sys.stderr,
-        )
-    recipe = trial_recipe(study, trial).model_copy(update={"sequential": args.sequential})
-    report = prune(recipe.model, recipe.calibration, recipe.plan, args.out,
-                   cache_dir=args.cache_dir, sequential=recipe.sequential)
-    recipe.save(args.out / RECIPE_FILE)
-    recorded = trial.user_attrs["size"]["linear_nonzeros"]
-    if report.size.linear_nonzeros != recorded:
-        print(
-            f"autoprune: warning: the checkpoint has {report.size.linear_nonzeros} linear non-zeros, "
-            f"the study recorded {recorded} (different calibration data or model?)",
-            file=sys.stderr,
-        )
-    row = {
-        "trial": trial.number,
-        "out": str(args.out),
-        "recipe": str(args.out / RECIPE_FILE),
-        "sparsity": round(report.size.sparsity, 6),
-        "nonzeros": report.size.linear_nonzeros,
-        "recorded_nonzeros": recorded,
-        "recorded_ppl": recorded_sequential_ppl(trial) if args.sequential else trial.user_attrs.get("ppl"),
-    }
-    print(render([row], args.format))
+    result = export_trial(
+        args.storage, args.study, args.trial, args.out, sequential=args.sequential,
+        cache_dir=args.cache_dir,
+    )
+    for note in result.notes:
+        print(f"autoprune: {note}", file=sys.stderr)
+    print(render([result.row()], args.format))
     return 0

@@ -1,6 +1,6 @@
 """``autoprune refine``: give each linear layer of one trial its own sparsity, at the same size.
 
-Runs the level-switch evolution of :mod:`autoprune.study._refine` on ``--trial``'s plan and adds the
+Runs the level-switch evolution of :mod:`autoprune.study.refine` on ``--trial``'s plan and adds the
 result to the study as a new trial (``refined_from`` names the parent), which ``front`` lists and
 ``export`` writes like any other. Every :class:`RefineConfig` key is a flag.
 """

@@ -3,6 +3,7 @@
 from autoprune.study._config import EXECUTORS, SAMPLERS, SearchConfig
 from autoprune.study._driver import SearchSummary, front_size, run_search
 from autoprune.study._executor import Executor, InProcessExecutor
+from autoprune.study._export import ExportResult, export_trial
 from autoprune.study._proposing import Proposal, Proposer, ProposerFactory, SearchSetup
 from autoprune.study._records import (
     counts_toward_budget,
@@ -10,18 +11,10 @@ from autoprune.study._records import (
     front_trials,
     pareto_trials,
     recorded_sequential_ppl,
-    study_settings,
     trial_plan,
-    trial_recipe,
     trial_row,
 )
-from autoprune.study._refine import (
-    EvolutionState,
-    RefineConfig,
-    RefineSummary,
-    find_refinement,
-    refine_trial,
-)
+from autoprune.study._settings import StudySettings, study_settings, trial_recipe
 from autoprune.study._storage import (
     DEFAULT_STORAGE,
     PASSWORD_ENV,
@@ -41,6 +34,13 @@ from autoprune.study._worker import (
     TrialWorker,
     WorkerSpec,
 )
+from autoprune.study.refine import (
+    EvolutionState,
+    RefineConfig,
+    RefineSummary,
+    find_refinement,
+    refine_trial,
+)
 
 __all__ = [
     "DEFAULT_STORAGE",
@@ -50,6 +50,7 @@ __all__ = [
     "PASSWORD_FILE_ENV",
     "SAMPLERS",
     "Executor",
+    "ExportResult",
     "InProcessExecutor",
     "Objective",
     "Proposal",
@@ -60,12 +61,14 @@ __all__ = [
     "SearchConfig",
     "SearchSetup",
     "SearchSummary",
+    "StudySettings",
     "TrialRequest",
     "TrialResult",
     "TrialStatus",
     "TrialWorker",
     "WorkerSpec",
     "counts_toward_budget",
+    "export_trial",
     "find_refinement",
     "find_trial",
     "front_size",

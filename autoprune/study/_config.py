@@ -37,6 +37,7 @@ from autoprune.config import CalibrationConfig
 from autoprune.errors import AutopruneError
 from autoprune.plan import MethodName
 from autoprune.study._executor import Executor, InProcessExecutor
+from autoprune.study._settings import StudySettings
 from autoprune.study._storage import DEFAULT_STORAGE, mask_url
 from autoprune.study._worker import Objective, WorkerSpec
 from search_spaces import MAX_LAYER_SPARSITY, SearchSpace
@@ -183,32 +184,24 @@ class SearchConfig(BaseModel):
         )
 
     def worker_spec(self) -> WorkerSpec:
-        return WorkerSpec(
-            model=self.model,
-            calibration=self.calibration(),
-            objective=self.objective,
-            eval_seq_len=self.seq_len,
-            eval_windows=self.eval_windows,
-            min_windows=self.min_windows,
-            eval_batch=self.eval_batch,
-            cache_dir=self.cache_dir,
-            device=self.device,
-            threads=self.threads,
+        return self.settings().worker_spec(
+            cache_dir=self.cache_dir, device=self.device, eval_batch=self.eval_batch,
+            threads=self.threads, min_windows=self.min_windows,
         )
 
-    def study_settings(self) -> dict[str, Any]:
+    def settings(self) -> StudySettings:
         """What the study's recorded numbers depend on; stored with it, checked on resume. Never
         the storage URL."""
-        return {
-            "model": self.model,
-            "calibration": self.calibration().model_dump(),
-            "space": self.space,
-            "method": self.method,
-            "objective": self.objective,
-            "sparsity_range": list(self.sparsity_range),
-            "eval_seq_len": self.seq_len,
-            "eval_windows": self.eval_windows,
-        }
+        return StudySettings(
+            model=self.model,
+            calibration=self.calibration(),
+            space=self.space,
+            method=self.method,
+            objective=self.objective,
+            sparsity_range=self.sparsity_range,
+            eval_seq_len=self.seq_len,
+            eval_windows=self.eval_windows,
+        )
 
     def make_sampler(self, seed_offset: int = 0) -> BaseSampler:
         """The named sampler; ``seed_offset`` (trials already in the study) keeps a resumed run

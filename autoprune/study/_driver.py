@@ -59,12 +59,12 @@ from autoprune.study._proposing import (
 from autoprune.study._records import (
     BASELINES_ATTR,
     ORPHANED,
-    SETTINGS_ATTR,
     counts_toward_budget,
     front_trials,
     trial_plan,
     trial_row,
 )
+from autoprune.study._settings import StudySettings
 from autoprune.study._storage import (
     mask_url,
     opened_storage,
@@ -139,7 +139,7 @@ def run_search(
                 storage=storage, study_name=config.study, directions=DIRECTIONS, load_if_exists=True
             )
             if not resumed:
-                study.set_user_attr(SETTINGS_ATTR, config.study_settings())
+                config.settings().write(study)
             study.sampler = config.make_sampler(seed_offset=len(study.get_trials(deepcopy=False)))
             orphans = _requeue_orphans(study, storage)
             if not study.user_attrs.get(BASELINES_ATTR):
@@ -161,15 +161,16 @@ def _check_existing(storage: optuna.storages.BaseStorage, config: SearchConfig) 
         existing = optuna.load_study(study_name=config.study, storage=storage)
     except KeyError:
         return False
-    stored = existing.user_attrs.get(SETTINGS_ATTR)
+    stored = StudySettings.stored_in(existing)
     if existing.directions != DIRECTIONS or (stored is None and existing.trials):
         raise AutopruneError(f"study {config.study!r} exists but was not created by autoprune search")
     if stored is None:  # created by a run killed before it wrote its settings: adopt it
         return False
-    for key, value in config.study_settings().items():
-        if stored.get(key) != value:
+    was = stored.stored()
+    for key, value in config.settings().stored().items():
+        if was[key] != value:
             raise AutopruneError(
-                f"study {config.study!r} was created with {key}={stored.get(key)!r}, this run has "
+                f"study {config.study!r} was created with {key}={was[key]!r}, this run has "
                 f"{value!r}; keep the settings or name another --study"
             )
     return True
@@ -181,8 +182,8 @@ def _space_context(config: SearchConfig, executor: Executor, progress: bool) -> 
     if ctx is not None:
         return ctx
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
-    loaded, stats, _ = prepare(config.model, config.calibration(), cache_dir, progress)
-    return SpaceContext.from_model(loaded, stats, config.method, config.sparsity_range)
+    prepared = prepare(config.model, config.calibration(), cache_dir, progress)
+    return SpaceContext.from_model(prepared.loaded, prepared.stats, config.method, config.sparsity_range)
 
 
 def _requeue_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage) -> int:

@@ -1,5 +1,6 @@
 """What a study stores per trial and how it is read back (front, export, experiments).
 
+The study's own settings (model, calibration, space...) are in :mod:`autoprune.study._settings`.
 Objective values are ``[decoder linear non-zeros, quality]``, both minimized. Everything else lives
 in user attributes, written by the driver only:
 
@@ -34,21 +35,11 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from autoprune.config import CalibrationConfig
 from autoprune.errors import AutopruneError
-from autoprune.plan import Plan, Recipe
+from autoprune.plan import Plan
 
-SETTINGS_ATTR = "autoprune"
 BASELINES_ATTR = "baselines_enqueued"
 ORPHANED = "orphaned"
-
-
-def study_settings(study: optuna.Study) -> dict[str, Any]:
-    """The settings ``autoprune search`` stored with ``study``."""
-    settings = study.user_attrs.get(SETTINGS_ATTR)
-    if settings is None:
-        raise AutopruneError(f"study {study.study_name!r} was not created by autoprune search")
-    return settings
 
 
 def front_trials(study: optuna.Study) -> list[FrozenTrial]:
@@ -94,16 +85,6 @@ def trial_plan(trial: FrozenTrial) -> Plan:
     if "plan" not in trial.user_attrs:
         raise AutopruneError(f"trial {trial.number} has no recorded plan")
     return Plan.model_validate(trial.user_attrs["plan"])
-
-
-def trial_recipe(study: optuna.Study, trial: FrozenTrial) -> Recipe:
-    """The recipe that rebuilds ``trial``'s model: model and calibration from the study, its plan."""
-    settings = study_settings(study)
-    return Recipe(
-        model=settings["model"],
-        calibration=CalibrationConfig(**settings["calibration"]),
-        plan=trial_plan(trial),
-    )
 
 
 def trial_row(trial: FrozenTrial) -> dict[str, Any]:

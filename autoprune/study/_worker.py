@@ -103,9 +103,8 @@ class TrialWorker:
         self.cache_dir = Path(spec.cache_dir) if spec.cache_dir else None
         compute_device(spec.device)  # an unknown or absent device fails before the model loads
         # The calibration windows are kept for sequential statistics (``refine --sequential-every``).
-        self.loaded, self.calibration_windows, self.stats, _ = prepare_with_windows(
-            spec.model, spec.calibration, self.cache_dir, progress, spec.device
-        )
+        prepared = prepare_with_windows(spec.model, spec.calibration, self.cache_dir, progress, spec.device)
+        self.loaded, self.calibration_windows, self.stats = prepared.loaded, prepared.windows, prepared.stats
         self.loaded.model.to(spec.device)
         self.pruner = Pruner(self.loaded, self.stats)
         self.windows = validation_windows(

@@ -12,7 +12,6 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.api import prepare
-from autoprune.config import CalibrationConfig
 from autoprune.errors import AutopruneError
 from autoprune.plan import Plan
 from autoprune.study import study_settings, trial_plan
@@ -73,7 +72,7 @@ def training_set(
     labelled = [
         (t, label)
         for t in study.get_trials(deepcopy=False, states=states)
-        if t.user_attrs.get("plan", {}).get("method") == settings["method"]
+        if t.user_attrs.get("plan", {}).get("method") == settings.method
         and (label := _label(t)) is not None
     ]
     complete = sum(t.state == TrialState.COMPLETE for t, _ in labelled)
@@ -85,7 +84,7 @@ def training_set(
     plans = [trial_plan(t) for t, _ in labelled]
     return TrainingSet(
         study=study.study_name,
-        quality_name=str(settings["objective"]),
+        quality_name=settings.objective,
         trials=np.array([t.number for t, _ in labelled]),
         plans=plans,
         nonzeros=np.array([nonzeros for _, (nonzeros, _) in labelled], dtype=float),
@@ -110,9 +109,8 @@ def _label(trial: FrozenTrial) -> tuple[float, float] | None:
 def study_featurizer(study: optuna.Study, cache_dir: Path | None = None, progress: bool = False) -> Featurizer:
     """The featurizer of the model and calibration ``study`` searched (statistics from the cache)."""
     settings = study_settings(study)
-    calibration = CalibrationConfig(**settings["calibration"])
-    loaded, stats, _ = prepare(settings["model"], calibration, cache_dir, progress)
+    prepared = prepare(settings.model, settings.calibration, cache_dir, progress)
     ctx = SpaceContext.from_model(
-        loaded, stats, settings["method"], tuple(settings["sparsity_range"]), outlier_thresholds=()
+        prepared.loaded, prepared.stats, settings.method, settings.sparsity_range, outlier_thresholds=()
     )
-    return Featurizer.from_model(loaded, stats, ctx)
+    return Featurizer.from_model(prepared.loaded, prepared.stats, ctx)

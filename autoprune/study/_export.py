@@ -1,0 +1,96 @@
+"""One trial of a study as a recipe and a pruned Hugging Face checkpoint (``autoprune export``).
+
+``out`` becomes the checkpoint (loadable with plain transformers) with ``out/recipe.yaml`` beside
+it; ``autoprune prune --recipe out/recipe.yaml --out OTHER`` rebuilds the same model. The recipe
+holds the model, the calibration settings and the plan, never the storage URL. ``sequential``
+exports the variant ``prune --sequential`` makes of the trial's plan (and says so in the recipe);
+its ``recorded_ppl`` is then the study's measurement of that variant, which only trials refined for
+it have (None for the rest: the study never measured it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from optuna.trial import TrialState
+
+from autoprune.api import PruneReport, prune
+from autoprune.errors import AutopruneError
+from autoprune.export import check_output_dir
+from autoprune.study._records import find_trial, recorded_sequential_ppl
+from autoprune.study._settings import trial_recipe
+from autoprune.study._storage import load_existing_study
+
+RECIPE_FILE = "recipe.yaml"
+
+
+@dataclass
+class ExportResult:
+    """What an export wrote, what the study had recorded of the trial, and what a user should be
+    told about the difference (``notes``: one line each, ``note: ...`` or ``warning: ...``)."""
+
+    trial: int
+    out: Path
+    report: PruneReport
+    recorded_nonzeros: int
+    #: The study's perplexity of the exported variant; None where the study never measured it.
+    recorded_ppl: float | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def recipe(self) -> Path:
+        return self.out / RECIPE_FILE
+
+    def row(self) -> dict[str, Any]:
+        """The line ``autoprune export`` prints."""
+        return {
+            "trial": self.trial,
+            "out": str(self.out),
+            "recipe": str(self.recipe),
+            "sparsity": round(self.report.size.sparsity, 6),
+            "nonzeros": self.report.size.linear_nonzeros,
+            "recorded_nonzeros": self.recorded_nonzeros,
+            "recorded_ppl": self.recorded_ppl,
+        }
+
+
+def export_trial(
+    storage: str,
+    study: str,
+    trial: int,
+    out: Path,
+    sequential: bool = False,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> ExportResult:
+    """Prune the model of ``study``'s complete trial number ``trial`` as the study recipe says,
+    save it to ``out`` (a new or empty folder, checked before anything loads) with its recipe, and
+    compare its size with the study's record. ``sequential`` prunes block after block from the
+    already-pruned model's statistics (what ``refine --sequential-every`` tunes a trial for)."""
+    check_output_dir(out)
+    loaded_study = load_existing_study(storage, study)
+    frozen = find_trial(loaded_study, trial)
+    if frozen.state != TrialState.COMPLETE:
+        raise AutopruneError(
+            f"trial {frozen.number} is {frozen.state.name.lower()}; only complete trials can be exported"
+        )
+    notes = []
+    if frozen.user_attrs.get("refine", {}).get("sequential_every") and not sequential:
+        notes.append(
+            f"note: trial {frozen.number} was refined for --sequential; exporting it one-shot, as "
+            "the study measured it"
+        )
+    recipe = trial_recipe(loaded_study, frozen).model_copy(update={"sequential": sequential})
+    report = prune(recipe.model, recipe.calibration, recipe.plan, out, cache_dir=cache_dir,
+                   progress=progress, sequential=recipe.sequential)
+    recipe.save(out / RECIPE_FILE)
+    recorded = frozen.user_attrs["size"]["linear_nonzeros"]
+    if report.size.linear_nonzeros != recorded:
+        notes.append(
+            f"warning: the checkpoint has {report.size.linear_nonzeros} linear non-zeros, the study "
+            f"recorded {recorded} (different calibration data or model?)"
+        )
+    ppl = recorded_sequential_ppl(frozen) if sequential else frozen.user_attrs.get("ppl")
+    return ExportResult(frozen.number, out, report, recorded, ppl, notes)

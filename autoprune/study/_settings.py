@@ -1,0 +1,105 @@
+"""``StudySettings``: what a study's recorded numbers depend on, stored with the study.
+
+``autoprune search`` writes them once, when it creates a study; everything that later rebuilds a
+trial's model or measures it again (resume checks, ``refine``, ``export``, the predictor, the
+experiments) reads them back through :func:`study_settings`, typed, so no caller parses the stored
+dictionary itself. They never hold the storage URL.
+
+The stored form is the JSON dump of the model (``sparsity_range`` as a list), the same dictionary
+every version of ``autoprune search`` has written, so older studies read as they are.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import optuna
+from optuna.trial import FrozenTrial
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from autoprune.config import CalibrationConfig
+from autoprune.errors import AutopruneError
+from autoprune.plan import MethodName, Recipe
+from autoprune.study._records import trial_plan
+from autoprune.study._worker import Objective, WorkerSpec
+
+#: The study user attribute that holds the settings.
+SETTINGS_ATTR = "autoprune"
+
+
+class StudySettings(BaseModel):
+    """The settings that define what a study's numbers mean: resuming with other ones is refused,
+    since old and new trials would not be comparable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(description="hub id, local folder, .gguf file or alias the study pruned")
+    calibration: CalibrationConfig = Field(description="the calibration data of every trial")
+    space: str = Field(description="search space name")
+    method: MethodName = Field(description="the study's pruning method")
+    objective: Objective = Field(description="quality objective: ppl or kl")
+    sparsity_range: tuple[float, float] = Field(description="targets searched: LO HI")
+    eval_seq_len: Annotated[int, Field(ge=2)] = Field(description="tokens per validation window")
+    eval_windows: Annotated[int, Field(ge=1)] = Field(description="validation windows per trial")
+
+    def worker_spec(
+        self,
+        *,
+        cache_dir: str | None = None,
+        device: str = "cpu",
+        eval_batch: int = 1,
+        threads: int | None = None,
+        min_windows: int = WorkerSpec.model_fields["min_windows"].default,
+    ) -> WorkerSpec:
+        """A worker that measures plans as this study's trials were measured; the keyword
+        arguments are where and how it runs, which do not change the numbers."""
+        return WorkerSpec(
+            model=self.model,
+            calibration=self.calibration,
+            objective=self.objective,
+            eval_seq_len=self.eval_seq_len,
+            eval_windows=self.eval_windows,
+            min_windows=min_windows,
+            eval_batch=eval_batch,
+            cache_dir=cache_dir,
+            device=device,
+            threads=threads,
+        )
+
+    def stored(self) -> dict[str, Any]:
+        """The JSON-safe dictionary kept in the study."""
+        return self.model_dump(mode="json")
+
+    def write(self, study: optuna.Study) -> None:
+        """Store these settings with ``study`` (the one place they are written)."""
+        study.set_user_attr(SETTINGS_ATTR, self.stored())
+
+    @classmethod
+    def stored_in(cls, study: optuna.Study) -> StudySettings | None:
+        """The settings stored with ``study``, or None where it holds none (the one place they
+        are read); stored settings that do not validate are an :class:`AutopruneError`."""
+        stored = study.user_attrs.get(SETTINGS_ATTR)
+        if stored is None:
+            return None
+        try:
+            return cls.model_validate(stored)
+        except ValidationError as error:
+            first = error.errors()[0]
+            key = ".".join(str(part) for part in first["loc"]) or "settings"
+            raise AutopruneError(
+                f"study {study.study_name!r} has unreadable autoprune settings: {key}: {first['msg']}"
+            ) from None
+
+
+def study_settings(study: optuna.Study) -> StudySettings:
+    """The settings ``autoprune search`` stored with ``study``."""
+    settings = StudySettings.stored_in(study)
+    if settings is None:
+        raise AutopruneError(f"study {study.study_name!r} was not created by autoprune search")
+    return settings
+
+
+def trial_recipe(study: optuna.Study, trial: FrozenTrial) -> Recipe:
+    """The recipe that rebuilds ``trial``'s model: model and calibration from the study, its plan."""
+    settings = study_settings(study)
+    return Recipe(model=settings.model, calibration=settings.calibration, plan=trial_plan(trial))

@@ -1,0 +1,76 @@
+"""``autoprune refine``, its own stage: per-layer evolution of one trial's allocation, at its exact size.
+
+A study's search spaces are a few dozen numbers (a target, per-block and per-projection offsets)
+cast into per-layer sparsities: coarse enough for a sampler to learn, too coarse to give each of
+the hundreds of linear layers its own level. Refinement takes one measured plan and moves
+sparsity between individual layers, EvoPress-style (Sieberling et al., 2025): a (1 + lambda)
+evolutionary search whose only mutation is a *level switch*, which prunes one layer more and
+another less by the same number of weights, so every candidate keeps the parent's exact non-zeros.
+
+Why it is affordable: a layer's pruned weight depends only on its own statistics and its prune
+count, so the parent's pruned layers are kept and a candidate prunes only the few layers its
+switches touched; it costs its forward passes, not a whole-model prune.
+
+Why it does not overfit the study's validation windows: candidates are ranked by KL to the dense
+model (which predicts held-out perplexity better than perplexity does, see
+``experiments/proxy_check.py``) on windows drawn afresh every generation from a pool that excludes
+the study's own windows, parent and offspring always on the same windows. The result is then
+measured like any trial (the study's objective, its windows, a fresh prune) and added to the
+study, so ``front`` and ``export`` treat it like the rest.
+
+For the sequential recipe (``prune --sequential``, what a user exports), an allocation tuned on
+one-shot weights is tuned for the wrong model: sequential pruning helps a uniform plan far more
+than a plan refined on one-shot weights (``experiments/refine_front.py``). ``sequential_every`` ranks
+candidates on weights pruned from the parent's sequential statistics instead (the inputs each layer
+sees once the blocks before it are pruned to the parent's plan), recomputed from the current parent
+every that many generations: near the parent, those weights are nearly each candidate's own
+sequential weights, at a one-shot prune's cost per candidate and one calibration pass per refresh.
+
+The stage in modules: ``_config`` (what it takes and reports), ``_allocation`` (prune counts and
+level switches), ``_checkpoint`` (the state kept after every generation), ``_evolution`` (the
+search itself), ``_record`` (the result as a trial of the study) and ``_run`` (all of it, from a
+trial to a new trial).
+"""
+
+from autoprune.study.refine._allocation import Allocation, LevelSwitch, refinable_layers
+from autoprune.study.refine._checkpoint import (
+    CHECKPOINT_PREFIX,
+    EvolutionState,
+    checkpoint_key,
+    load_checkpoint,
+    save_checkpoint,
+)
+from autoprune.study.refine._config import (
+    FINALISTS,
+    PATH_SETTINGS,
+    RECORDED_SETTINGS,
+    SCREEN_WINDOWS,
+    SWITCH_COUNTS,
+    RefineConfig,
+    RefineSummary,
+)
+from autoprune.study.refine._evolution import LevelSwitchEvolution
+from autoprune.study.refine._record import find_refinement, record_refinement
+from autoprune.study.refine._run import refine_trial
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "FINALISTS",
+    "PATH_SETTINGS",
+    "RECORDED_SETTINGS",
+    "SCREEN_WINDOWS",
+    "SWITCH_COUNTS",
+    "Allocation",
+    "EvolutionState",
+    "LevelSwitch",
+    "LevelSwitchEvolution",
+    "RefineConfig",
+    "RefineSummary",
+    "checkpoint_key",
+    "find_refinement",
+    "load_checkpoint",
+    "record_refinement",
+    "refinable_layers",
+    "refine_trial",
+    "save_checkpoint",
+]
