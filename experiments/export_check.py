@@ -11,37 +11,42 @@ record. Writes ``results/export_check.json`` and ``.md``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 from pathlib import Path
 
-import torch
+from _common import (
+    Column,
+    add_out,
+    add_study,
+    add_threads,
+    apply_threads,
+    parser,
+    read_settings,
+    table,
+    write_results,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autoprune.cli import main as autoprune
 from autoprune.data import validation_windows
 from autoprune.measure import measure_size, perplexity
 from autoprune.models import ArchitectureAdapter
-from autoprune.study import find_trial, load_existing_study, study_settings
+from autoprune.study import find_trial, load_existing_study
 
-HERE = Path(__file__).resolve().parent
 #: The issue's bar on the reproduced quality.
 TOLERANCE = 0.01
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--storage", required=True)
-    parser.add_argument("--study", required=True)
-    parser.add_argument("--trials", nargs="+", type=int, required=True)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    arguments = parser(__doc__)
+    add_study(arguments, required=True)
+    arguments.add_argument("--trials", nargs="+", type=int, required=True)
+    add_threads(arguments)
+    add_out(arguments)
+    args = arguments.parse_args()
+    apply_threads(args)
     study = load_existing_study(args.storage, args.study)
-    settings = study_settings(study)
+    settings = read_settings(study)
     rows = []
     for number in args.trials:
         trial = find_trial(study, number)
@@ -53,8 +58,8 @@ def main() -> None:
                 raise SystemExit(f"export of trial {number} failed")
             model = AutoModelForCausalLM.from_pretrained(out)
             windows = validation_windows(
-                settings["calibration"]["source"], AutoTokenizer.from_pretrained(out),
-                settings["eval_seq_len"], settings["eval_windows"],
+                settings.calibration.source, AutoTokenizer.from_pretrained(out),
+                settings.eval_seq_len, settings.eval_windows,
             )
             ppl = perplexity(model, windows, progress=False)
             size = measure_size(model, ArchitectureAdapter.for_model(model))
@@ -71,24 +76,26 @@ def main() -> None:
         row["nonzeros_equal"] = row["recorded_nonzeros"] == row["reloaded_nonzeros"]
         print(row, flush=True)
         rows.append(row)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "export_check.json").write_text(json.dumps({"study": args.study, "rows": rows}, indent=2))
-    lines = [
-        f"Trials of study `{args.study}` exported with `autoprune export`, reloaded with plain "
+    result = {"study": args.study, "rows": rows}
+    print(write_results(result, args.out, "export_check", markdown(result)), end="")
+
+
+def markdown(result: dict) -> str:
+    """Each trial's recorded and reloaded perplexity and non-zeros."""
+    columns = [
+        Column("trial", lambda row: row["trial"]),
+        Column("recorded ppl", lambda row: f"{row['recorded_ppl']:.3f}"),
+        Column("reloaded ppl", lambda row: f"{row['reloaded_ppl']:.3f}"),
+        Column("difference", lambda row: f"{row['relative_difference']:+.3%}"),
+        Column("recorded non-zeros", lambda row: f"{row['recorded_nonzeros']:,}"),
+        Column("reloaded non-zeros", lambda row: f"{row['reloaded_nonzeros']:,}"),
+    ]
+    return "\n".join([
+        f"Trials of study `{result['study']}` exported with `autoprune export`, reloaded with plain "
         "transformers, measured on the study's validation windows.",
         "",
-        "| trial | recorded ppl | reloaded ppl | difference | recorded non-zeros | reloaded non-zeros |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['trial']} | {row['recorded_ppl']:.3f} | {row['reloaded_ppl']:.3f} | "
-            f"{row['relative_difference']:+.3%} | {row['recorded_nonzeros']:,} | "
-            f"{row['reloaded_nonzeros']:,} |"
-        )
-    (args.out / "export_check.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+        *table(result["rows"], columns),
+    ]) + "\n"
 
 if __name__ == "__main__":
     main()
