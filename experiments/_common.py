@@ -70,6 +70,23 @@ def add_model_data(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", default=DEFAULT_DATA)
 
 
+def study_parser(doc: str | None, required: bool = False, out: Path = RESULTS) -> argparse.ArgumentParser:
+    """A parser with the arguments of every script that reads a study: ``--storage``/``--study``,
+    ``--threads`` and ``--out``."""
+    arguments = parser(doc)
+    add_study(arguments, required)
+    add_threads(arguments)
+    add_out(arguments, out)
+    return arguments
+
+
+def parse(arguments: argparse.ArgumentParser) -> argparse.Namespace:
+    """The parsed arguments, with :func:`apply_threads` applied."""
+    args = arguments.parse_args()
+    apply_threads(args)
+    return args
+
+
 def apply_threads(args: argparse.Namespace) -> None:
     """Set torch's threads from ``--threads`` (when given) and keep Optuna's log to warnings, so
     a script's own progress lines are readable."""

@@ -14,17 +14,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from _common import (
-    Column,
-    add_out,
-    add_study,
-    add_threads,
-    apply_threads,
-    parser,
-    read_settings,
-    table,
-    write_results,
-)
+from _common import Column, parse, read_settings, study_parser, table, write_results
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autoprune.cli import main as autoprune
@@ -38,13 +28,9 @@ TOLERANCE = 0.01
 
 
 def main() -> None:
-    arguments = parser(__doc__)
-    add_study(arguments, required=True)
+    arguments = study_parser(__doc__, required=True)
     arguments.add_argument("--trials", nargs="+", type=int, required=True)
-    add_threads(arguments)
-    add_out(arguments)
-    args = arguments.parse_args()
-    apply_threads(args)
+    args = parse(arguments)
     study = load_existing_study(args.storage, args.study)
     settings = read_settings(study)
     rows = []

@@ -27,15 +27,12 @@ from _common import (
     RESULTS,
     Column,
     Measured,
-    add_out,
-    add_study,
-    add_threads,
-    apply_threads,
     column,
     load_study_setup,
     measure_one_shot,
     measure_sequential,
-    parser,
+    parse,
+    study_parser,
     table,
     write_results,
 )
@@ -49,8 +46,7 @@ LABELS = {"sparsegpt": "SparseGPT", "admm": "ADMM"}
 
 
 def main() -> None:
-    arguments = parser(__doc__)
-    add_study(arguments)
+    arguments = study_parser(__doc__, out=RESULTS / "full_test_split")
     arguments.add_argument("--trials", nargs="+", type=int, required=True)
     arguments.add_argument("--target", type=float, required=True, help="uniform baselines' sparsity")
     arguments.add_argument("--uniform", nargs="+", choices=("sequential", "one-shot"),
@@ -59,10 +55,7 @@ def main() -> None:
                            help="OWL allocations of SparseGPT to measure")
     arguments.add_argument("--uniform-admm", action="store_true",
                            help="also uniform ADMM, one-shot (the method refine --method admm prunes with)")
-    add_threads(arguments)
-    add_out(arguments, RESULTS / "full_test_split")
-    args = arguments.parse_args()
-    apply_threads(args)
+    args = parse(arguments)
 
     setup = load_study_setup(args.storage, args.study)
     settings, loaded, pruner, windows = setup.settings, setup.loaded, setup.pruner, setup.windows

@@ -365,8 +365,8 @@ def markdown(result: dict[str, Any]) -> str:
             "",
             f"NSGA-II median hypervolume after {found['nsga2_evaluations']} evaluations: "
             f"{found['nsga2_median_hypervolume']:.4f}. Predictor-screened search reaches it after "
-            f"{found['predictor_evaluations_to_reach']} evaluations (by seed; same-seed NSGA-II "
-            f"targets: {found['predictor_evaluations_to_reach_same_seed']}); median "
+            f"{by_seed(found['predictor_evaluations_to_reach'])} evaluations (by seed; same-seed NSGA-II "
+            f"targets: {by_seed(found['predictor_evaluations_to_reach_same_seed'])}); median "
             f"{found['median_evaluations']} (bar: <= {found['limit']}, "
             f"{'met' if found['met'] else 'NOT met'}).",
         ]
@@ -386,6 +386,11 @@ def markdown(result: dict[str, Any]) -> str:
               f"CPU): {result['measurement_seconds'] / 60:.1f} minutes of measurement, "
               f"{sum(walls) / 60:.1f} minutes of run wall time in all."]
     return "\n".join(lines) + "\n"
+
+
+def by_seed(values: dict) -> str:
+    """``{seed: value}`` as Python prints it with integer seeds, also once JSON made them strings."""
+    return "{" + ", ".join(f"{seed}: {value}" for seed, value in values.items()) + "}"
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

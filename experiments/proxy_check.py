@@ -17,17 +17,7 @@ from __future__ import annotations
 
 import json
 
-from _common import (
-    Column,
-    add_out,
-    add_study,
-    add_threads,
-    apply_threads,
-    parser,
-    read_settings,
-    table,
-    write_results,
-)
+from _common import Column, parse, read_settings, study_parser, table, write_results
 from optuna.trial import TrialState
 from scipy.stats import spearmanr
 
@@ -37,14 +27,10 @@ from autoprune.study import TrialWorker, load_existing_study, trial_plan
 
 
 def main() -> None:
-    arguments = parser(__doc__)
-    add_study(arguments)
+    arguments = study_parser(__doc__)
     arguments.add_argument("--targets", nargs="+", type=float, default=[0.6, 0.65])
     arguments.add_argument("--test-windows", type=int, default=16)
-    add_threads(arguments)
-    add_out(arguments)
-    args = arguments.parse_args()
-    apply_threads(args)
+    args = parse(arguments)
 
     study = load_existing_study(args.storage, args.study)
     settings = read_settings(study)

@@ -33,15 +33,12 @@ from _common import (
     REQUIRED_REDUCTION,
     RESULTS,
     Column,
-    add_out,
-    add_study,
-    add_threads,
-    apply_threads,
     load_study_setup,
     measure_one_shot,
     measure_sequential,
     number,
-    parser,
+    parse,
+    study_parser,
     table,
     write_results,
 )
@@ -52,8 +49,7 @@ from autoprune.study import RefineConfig, load_existing_study, refine_trial, tri
 
 
 def main() -> None:
-    arguments = parser(__doc__)
-    add_study(arguments)
+    arguments = study_parser(__doc__)
     arguments.add_argument("--targets", nargs="+", type=float, default=[0.6, 0.7])
     arguments.add_argument("--parents", nargs="+", type=int, default=None,
                            help="trial to refine at each target (default: the best validation score)")
@@ -69,10 +65,7 @@ def main() -> None:
     arguments.add_argument("--method", default=None, choices=PruningMethod.available(),
                            help="prune the refined allocation with this method instead of the parent's")
     arguments.add_argument("--test-windows", type=int, default=16)
-    add_threads(arguments)
-    add_out(arguments)
-    args = arguments.parse_args()
-    apply_threads(args)
+    args = parse(arguments)
 
     if args.parents is not None and len(args.parents) != len(args.targets):
         raise SystemExit("--parents needs one trial per target")
