@@ -7,7 +7,8 @@ calibration windows and the same evaluation windows go through llm-compressor's
 WandaPruningModifier and SparseGPTModifier (run by ``peer_llmcompressor.py`` in its own virtual
 environment, ``.venv-peer`` from ``make peer-venv``, because its version pins differ). The peer
 echoes content hashes of the windows it used and the dense perplexity it measured; the run stops if
-either differs from autoprune's. Writes ``results/baselines.json`` and ``results/baselines.md``.
+either differs from autoprune's. Writes ``baselines.json`` and ``baselines.md`` under ``--out``
+(default ``results/``), where the merging modes below also read the earlier rows.
 
     python experiments/baselines.py [--calib-samples 128] [--eval-windows 16] [--no-peer]
         [--peer-only | --peer-from-results] [--peer-threads N] [--peer-dir DIR [--peer-skip-missing]]

@@ -2,14 +2,14 @@
 16 windows (SmolLM2-135M).
 
 The other experiments report perplexity on the first 16 windows of 512 tokens (8k tokens), a
-compromise with this machine's speed; the literature reports the whole split (~290k tokens). This
+compromise with a CPU's speed; the literature reports the whole split. This
 measures, on every window of it, the given ``--trials`` as the study measured them (one-shot,
 from the study's statistics) and uniform SparseGPT at ``--target``: ``--sequential`` by default
 (the best uniform baseline on SmolLM2), with ``--uniform one-shot`` also as a search trial prunes;
 ``--owl one-shot`` (as the study's OWL baselines) and ``--owl sequential`` add OWL's allocation of
 SparseGPT; ``--uniform-admm`` adds uniform ADMM (one-shot), the method of trials refined with
 ``--method admm``. The table compares every trial with the best uniform plan of each method. A
-model costs ~15 minutes of evaluation here; results are written after each one, and a run into the
+model costs hundreds of window evaluations; results are written after each one, and a run into the
 same ``--out`` (same model, target and windows) reuses the rows already there, so a
 stopped run resumes and a new row costs only its own model.
 

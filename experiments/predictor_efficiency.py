@@ -16,9 +16,8 @@ candidate is pruned and its perplexity measured on ``--eval-windows`` validation
 - The predictor's quality: ``quality_report`` (30% held out, 5-fold) on each NSGA-II study.
 
 Budget (defaults): 3 seeds of NSGA-II (120 evaluations), TPE (80, a reference) and screened search
-(60: the 12 baselines and seeds, 4 random warm-up trials, then screened picks), about 720 distinct
-plans at ~2.5-3 s each on one core of this 2-core machine plus ~2 s per screening round: about
-40 minutes. Resumable: rerunning continues the studies (the memo starts empty again). Writes
+(60: the 12 baselines and seeds, 4 random warm-up trials, then screened picks), several hundred
+distinct plans (what they cost is in ``experiments/README.md``). Resumable: rerunning continues the studies (the memo starts empty again). Writes
 ``predictor_efficiency.json``, ``.md`` and ``.png`` under ``--out``.
 
     nice -n 15 python experiments/predictor_efficiency.py --threads 1
