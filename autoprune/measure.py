@@ -106,8 +106,8 @@ def measure_size(
 
 def count_nonzeros(tensor: torch.Tensor) -> int:
     """``torch.count_nonzero`` by another route: on CPU, for float tensors, counting the ``True``
-    entries of ``tensor.bool()`` is about 7x faster (same semantics: -0.0 is zero, NaN is not), and
-    a search counts ~100M weights per trial."""
+    entries of ``tensor.bool()`` is several times faster (same semantics: -0.0 is zero, NaN is not),
+    and a search counts every decoder weight of the model in every trial."""
     return int(tensor.bool().sum())
 
 
@@ -175,9 +175,9 @@ def window_losses(
 
     Yielded window by window, so a caller can stop early (multi-fidelity, wasting at most the rest
     of a batch); NLL and KL share the forward, so a KL objective costs what perplexity does. On a
-    CPU one window per pass holds one window's logits and loses nothing; on an H200 a 512-token
-    window of SmolLM2 took 0.03 s, about a hundred times its arithmetic, so there passes are bound
-    by kernel launches, which a batch shares.
+    CPU one window per pass holds one window's logits and loses nothing; on a GPU a small model's
+    window costs far more than its arithmetic, its passes being bound by kernel launches, which a
+    batch shares.
     """
     device = next(model.parameters()).device
     starts = range(0, len(windows), batch_size)

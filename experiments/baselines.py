@@ -7,7 +7,8 @@ calibration windows and the same evaluation windows go through llm-compressor's
 WandaPruningModifier and SparseGPTModifier (run by ``peer_llmcompressor.py`` in its own virtual
 environment, ``.venv-peer`` from ``make peer-venv``, because its version pins differ). The peer
 echoes content hashes of the windows it used and the dense perplexity it measured; the run stops if
-either differs from autoprune's. Writes ``results/baselines.json`` and ``results/baselines.md``.
+either differs from autoprune's. Writes ``baselines.json`` and ``baselines.md`` under ``--out``
+(default ``results/``), where the merging modes below also read the earlier rows.
 
     python experiments/baselines.py [--calib-samples 128] [--eval-windows 16] [--no-peer]
         [--peer-only | --peer-from-results] [--peer-threads N] [--peer-dir DIR [--peer-skip-missing]]
@@ -32,18 +33,28 @@ import time
 from pathlib import Path
 
 import torch
+from _common import (
+    HERE,
+    Column,
+    Measured,
+    add_model_data,
+    add_out,
+    column,
+    measure_one_shot,
+    measure_sequential,
+    number,
+    table,
+    write_results,
+)
+from _common import parser as parser_for
 
 from autoprune import CalibrationConfig, PlanRequest, Pruner, prepare
 from autoprune.data import SELF, calibration_windows, evaluation_windows, windows_fingerprint
 from autoprune.export import save_checkpoint
-from autoprune.measure import SizeReport, measure_size, perplexity
 from autoprune.methods import PruningMethod
 from autoprune.models import load_model
 from autoprune.plan import NMPattern
-from autoprune.pruner import prune_sequentially
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
 PEER_PYTHON = HERE.parent / ".venv-peer" / "bin" / "python"
 SETTINGS = [("50%", 0.5, None), ("60%", 0.6, None), ("70%", 0.7, None), ("2:4", 0.0, "2:4")]
 PEER_METHODS = ("wanda", "sparsegpt")
@@ -53,14 +64,28 @@ SEQUENTIAL_TOOL = "autoprune --sequential"
 #: Data-free calibration rows (``--data self``).
 SELF_SETTINGS = [("50%", 0.5), ("70%", 0.7)]
 SELF_TOOL = "autoprune --data self"
+#: The table of every row, and of llm-compressor's rows against autoprune's.
+ROW_COLUMNS = [
+    column("tool", "tool", align="---"), column("method", "method", align="---"),
+    column("setting", "setting", align="---"), column("ppl", "ppl", ".2f"),
+    column("sparsity", "sparsity", ".3f"), column("linear non-zeros", "linear_nonzeros", ","),
+    Column("all non-zeros", lambda row: number(row["nonzero_params"], ",")),
+    column("prune s", "prune_seconds"),
+]
+COMPARISON_COLUMNS = [
+    column("method", "method", align="---"), column("setting", "setting", align="---"),
+    column("autoprune", "autoprune", ".2f"),
+    Column("autoprune --sequential", lambda item: number(item["autoprune_sequential"])),
+    column("llm-compressor", "peer", ".2f"), column("ratio", "ratio", ".3f"),
+    column("best ratio", "best_ratio", ".3f"),
+]
 #: The peer's dense perplexity must reproduce autoprune's this closely (same weights, same windows).
 DENSE_TOLERANCE = 1e-3
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default=str(HERE.parent.parent / "shared/data/wikitext-2"))
+    parser = parser_for(__doc__)
+    add_model_data(parser)
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=16)
@@ -84,6 +109,7 @@ def main() -> None:
         "--peer-skip-missing", action="store_true",
         help="with --peer-dir: only use the peer runs already there, run no new one",
     )
+    add_out(parser)
     args = parser.parse_args()
 
     calibration = CalibrationConfig(
@@ -93,7 +119,7 @@ def main() -> None:
         add_method(args, calibration)
         return
     if args.peer_only:
-        previous = json.loads((RESULTS / "baselines.json").read_text())
+        previous = json.loads((args.out / "baselines.json").read_text())
         loaded = load_model(args.model)
         calib = calibration_windows(
             calibration.source, loaded.tokenizer, calibration.n_samples, calibration.seq_len,
@@ -114,18 +140,17 @@ def main() -> None:
         )
         windows = evaluation_windows(args.data, loaded.tokenizer, args.seq_len, args.eval_windows)
         pruner = Pruner(loaded, stats)
-        dense_linear = pruner.dense_linear_params
-        rows = [measure(pruner, "dense", "-", PlanRequest("magnitude", 0.0), windows, dense_linear)]
+        rows = [measure(pruner, "dense", "-", PlanRequest("magnitude", 0.0), windows)]
         for method in ("magnitude", "wanda", "sparsegpt"):
             for label, sparsity, nm in SETTINGS:
                 request = PlanRequest(method, sparsity, NMPattern.parse(nm) if nm else None)
-                rows.append(measure(pruner, method, label, request, windows, dense_linear))
+                rows.append(measure(pruner, method, label, request, windows))
         rows.append(
-            measure(pruner, "owl+wanda", "70%", PlanRequest("wanda", 0.7, owl=True), windows, dense_linear)
+            measure(pruner, "owl+wanda", "70%", PlanRequest("wanda", 0.7, owl=True), windows)
         )
         for label, sparsity in SEQUENTIAL_SETTINGS:
-            rows.append(measure_sequential(
-                args.model, pruner, label, PlanRequest("sparsegpt", sparsity), calib, windows, dense_linear
+            rows.append(sequential_row(
+                args.model, pruner, label, PlanRequest("sparsegpt", sparsity), calib, windows
             ))
         start = time.perf_counter()
         _, self_stats, self_cached = prepare(args.model, calibration.model_copy(update={"source": SELF}))
@@ -134,7 +159,7 @@ def main() -> None:
         for method in ("wanda", "sparsegpt"):
             for label, sparsity in SELF_SETTINGS:
                 request = PlanRequest(method, sparsity)
-                rows.append(measure(self_pruner, method, label, request, windows, dense_linear, SELF_TOOL))
+                rows.append(measure(self_pruner, method, label, request, windows, SELF_TOOL))
         result = {
             "model": args.model,
             "calibration": calibration.model_dump(),
@@ -149,7 +174,7 @@ def main() -> None:
     result["calibration_fingerprint"] = windows_fingerprint(calib)
     result["evaluation_fingerprint"] = windows_fingerprint(windows)
     if args.peer_from_results:
-        previous = json.loads((RESULTS / "baselines.json").read_text())
+        previous = json.loads((args.out / "baselines.json").read_text())
         check_same_setting(previous, args.model, calibration, calib, windows)
         rows += [row for row in previous["rows"] if row["tool"].startswith("llm-compressor")]
         result["peer"] = previous["peer"]
@@ -165,17 +190,14 @@ def main() -> None:
     result["rows"] = rows
     if not args.no_peer:
         result["comparison"] = compare(rows)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "baselines.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "baselines.md").write_text(markdown(result))
-    print(markdown(result))
+    print(write_results(result, args.out, "baselines", markdown(result)), end="")
 
 
 def add_method(args: argparse.Namespace, calibration: CalibrationConfig) -> None:
     """``--add-method``: the method's one-shot rows at every setting, measured on the windows of
     ``results/baselines.json`` (checked by fingerprint) and put in place of any earlier ones; the
     other rows and the comparison stay as they were measured."""
-    previous = json.loads((RESULTS / "baselines.json").read_text())
+    previous = json.loads((args.out / "baselines.json").read_text())
     loaded, stats, _ = prepare(args.model, calibration)
     calib = calibration_windows(
         calibration.source, loaded.tokenizer, calibration.n_samples, calibration.seq_len, calibration.seed,
@@ -186,12 +208,10 @@ def add_method(args: argparse.Namespace, calibration: CalibrationConfig) -> None
     rows = [row for row in previous["rows"] if (row["tool"], row["method"]) != ("autoprune", args.add_method)]
     for label, sparsity, nm in SETTINGS:
         request = PlanRequest(args.add_method, sparsity, NMPattern.parse(nm) if nm else None)
-        rows.append(measure(pruner, args.add_method, label, request, windows, pruner.dense_linear_params))
+        rows.append(measure(pruner, args.add_method, label, request, windows))
     added = sorted({*previous.get("added_methods", []), args.add_method})
     result = {**previous, "rows": rows, "added_methods": added}
-    (RESULTS / "baselines.json").write_text(json.dumps(result, indent=2))
-    (RESULTS / "baselines.md").write_text(markdown(result))
-    print(markdown(result))
+    print(write_results(result, args.out, "baselines", markdown(result)), end="")
 
 
 def check_same_setting(previous: dict, model: str, calibration, calib, windows) -> None:
@@ -211,51 +231,38 @@ def check_same_setting(previous: dict, model: str, calibration, calib, windows) 
 
 
 def measure(
-    pruner: Pruner, method: str, label: str, request: PlanRequest, windows, dense_linear,
+    pruner: Pruner, method: str, label: str, request: PlanRequest, windows: torch.Tensor,
     tool: str = "autoprune",
 ) -> dict:
-    plan = request.build(pruner.loaded, pruner.stats)
-    start = time.perf_counter()
-    weights = pruner.pruned_weights(plan)  # the first call of a method also builds its caches
-    prune_seconds = time.perf_counter() - start
-    with pruner.pointed(weights, plan.removed_blocks) as model:
-        ppl = perplexity(model, windows, progress=True)
-        size = measure_size(model, pruner.loaded.adapter, dense_linear)
-    return autoprune_row(tool, method, label, ppl, size, prune_seconds)
+    """One one-shot autoprune row (the first call of a method also builds its caches)."""
+    measured = measure_one_shot(pruner, request.build(pruner.loaded, pruner.stats), windows)
+    return autoprune_row(tool, method, label, measured)
 
 
-def autoprune_row(
-    tool: str, method: str, label: str, ppl: float, size: SizeReport, prune_seconds: float
-) -> dict:
+def autoprune_row(tool: str, method: str, label: str, measured: Measured) -> dict:
     """One autoprune line of the table, printed as it is measured."""
     row = {
         "tool": tool,
         "method": method,
         "setting": label,
-        "ppl": round(ppl, 3),
-        "sparsity": round(size.sparsity, 4),
-        "linear_nonzeros": size.linear_nonzeros,
-        "nonzero_params": size.nonzero_params,
-        "prune_seconds": round(prune_seconds, 2),
+        "ppl": round(measured.ppl, 3),
+        "sparsity": round(measured.size.sparsity, 4),
+        "linear_nonzeros": measured.size.linear_nonzeros,
+        "nonzero_params": measured.size.nonzero_params,
+        "prune_seconds": round(measured.prune_seconds, 2),
     }
     print(row, flush=True)
     return row
 
 
-def measure_sequential(
-    model: str, pruner: Pruner, label: str, request: PlanRequest, calib: torch.Tensor, windows,
-    dense_linear: int,
+def sequential_row(
+    model: str, pruner: Pruner, label: str, request: PlanRequest, calib: torch.Tensor,
+    windows: torch.Tensor,
 ) -> dict:
-    """``autoprune prune --sequential``: a fresh copy of the model pruned block after block from
-    its own pruned statistics; the prune seconds include that calibration pass."""
+    """An ``autoprune prune --sequential`` row; its prune seconds include the calibration pass."""
     plan = request.build(pruner.loaded, pruner.stats)
-    loaded = load_model(model)
-    start = time.perf_counter()
-    pruned = prune_sequentially(loaded, calib, plan)
-    prune_seconds = time.perf_counter() - start
-    size = measure_size(pruned, loaded.adapter, dense_linear)
-    ppl = perplexity(pruned, windows, progress=True)
-    return autoprune_row(SEQUENTIAL_TOOL, request.method, label, ppl, size, prune_seconds)
+    measured = measure_sequential(model, calib, plan, windows, pruner.dense_linear_params)
+    return autoprune_row(SEQUENTIAL_TOOL, request.method, label, measured)
 
 
 def run_peer(
@@ -387,32 +394,11 @@ def markdown(result: dict) -> str:
         for side in ("autoprune", "peer"):
             if result.get(f"{side}_rows_from"):
                 lines += [f"{side.replace('peer', 'llm-compressor')} rows: {result[f'{side}_rows_from']}.", ""]
-    lines += [
-        "| tool | method | setting | ppl | sparsity | linear non-zeros | all non-zeros | prune s |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for row in result["rows"]:
-        lines.append(
-            f"| {row['tool']} | {row['method']} | {row['setting']} | {row['ppl']:.2f} | "
-            f"{row['sparsity']:.3f} | {row['linear_nonzeros']:,} | "
-            f"{'-' if row['nonzero_params'] is None else format(row['nonzero_params'], ',')} | "
-            f"{row['prune_seconds']} |"
-        )
+    lines += table(result["rows"], ROW_COLUMNS)
     comparison = compare(result["rows"])
     if comparison:
         lines += ["", "autoprune vs llm-compressor, same windows (ratio of perplexities):", ""]
-        lines += [
-            "| method | setting | autoprune | autoprune --sequential | llm-compressor | ratio | "
-            "best ratio |",
-            "|---|---|---:|---:|---:|---:|---:|",
-        ]
-        for item in comparison:
-            sequential = item["autoprune_sequential"]
-            lines.append(
-                f"| {item['method']} | {item['setting']} | {item['autoprune']:.2f} | "
-                f"{'-' if sequential is None else f'{sequential:.2f}'} | {item['peer']:.2f} | "
-                f"{item['ratio']:.3f} | {item['best_ratio']:.3f} |"
-            )
+        lines += table(comparison, COMPARISON_COLUMNS)
     return "\n".join(lines) + "\n"
 
 

@@ -11,12 +11,10 @@ record. Writes ``results/export_check.json`` and ``.md``.
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
 from pathlib import Path
 
-import torch
+from _common import Column, parse, study_parser, table, write_results
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autoprune.cli import main as autoprune
@@ -25,21 +23,14 @@ from autoprune.measure import measure_size, perplexity
 from autoprune.models import ArchitectureAdapter
 from autoprune.study import find_trial, load_existing_study, study_settings
 
-HERE = Path(__file__).resolve().parent
 #: The issue's bar on the reproduced quality.
 TOLERANCE = 0.01
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--storage", required=True)
-    parser.add_argument("--study", required=True)
-    parser.add_argument("--trials", nargs="+", type=int, required=True)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    arguments = study_parser(__doc__, required=True)
+    arguments.add_argument("--trials", nargs="+", type=int, required=True)
+    args = parse(arguments)
     study = load_existing_study(args.storage, args.study)
     settings = study_settings(study)
     rows = []
@@ -71,24 +62,26 @@ def main() -> None:
         row["nonzeros_equal"] = row["recorded_nonzeros"] == row["reloaded_nonzeros"]
         print(row, flush=True)
         rows.append(row)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "export_check.json").write_text(json.dumps({"study": args.study, "rows": rows}, indent=2))
-    lines = [
-        f"Trials of study `{args.study}` exported with `autoprune export`, reloaded with plain "
+    result = {"study": args.study, "rows": rows}
+    print(write_results(result, args.out, "export_check", markdown(result)), end="")
+
+
+def markdown(result: dict) -> str:
+    """Each trial's recorded and reloaded perplexity and non-zeros."""
+    columns = [
+        Column("trial", lambda row: row["trial"]),
+        Column("recorded ppl", lambda row: f"{row['recorded_ppl']:.3f}"),
+        Column("reloaded ppl", lambda row: f"{row['reloaded_ppl']:.3f}"),
+        Column("difference", lambda row: f"{row['relative_difference']:+.3%}"),
+        Column("recorded non-zeros", lambda row: f"{row['recorded_nonzeros']:,}"),
+        Column("reloaded non-zeros", lambda row: f"{row['reloaded_nonzeros']:,}"),
+    ]
+    return "\n".join([
+        f"Trials of study `{result['study']}` exported with `autoprune export`, reloaded with plain "
         "transformers, measured on the study's validation windows.",
         "",
-        "| trial | recorded ppl | reloaded ppl | difference | recorded non-zeros | reloaded non-zeros |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['trial']} | {row['recorded_ppl']:.3f} | {row['reloaded_ppl']:.3f} | "
-            f"{row['relative_difference']:+.3%} | {row['recorded_nonzeros']:,} | "
-            f"{row['reloaded_nonzeros']:,} |"
-        )
-    (args.out / "export_check.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+        *table(result["rows"], columns),
+    ]) + "\n"
 
 if __name__ == "__main__":
     main()

@@ -2,14 +2,14 @@
 16 windows (SmolLM2-135M).
 
 The other experiments report perplexity on the first 16 windows of 512 tokens (8k tokens), a
-compromise with this machine's speed; the literature reports the whole split (~290k tokens). This
+compromise with a CPU's speed; the literature reports the whole split. This
 measures, on every window of it, the given ``--trials`` as the study measured them (one-shot,
 from the study's statistics) and uniform SparseGPT at ``--target``: ``--sequential`` by default
 (the best uniform baseline on SmolLM2), with ``--uniform one-shot`` also as a search trial prunes;
 ``--owl one-shot`` (as the study's OWL baselines) and ``--owl sequential`` add OWL's allocation of
 SparseGPT; ``--uniform-admm`` adds uniform ADMM (one-shot), the method of trials refined with
 ``--method admm``. The table compares every trial with the best uniform plan of each method. A
-model costs ~15 minutes of evaluation here; results are written after each one, and a run into the
+model costs hundreds of window evaluations; results are written after each one, and a run into the
 same ``--out`` (same model, target and windows) reuses the rows already there, so a
 stopped run resumes and a new row costs only its own model.
 
@@ -18,58 +18,54 @@ stopped run resumes and a new row costs only its own model.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
+from _common import (
+    RESULTS,
+    Column,
+    Measured,
+    column,
+    load_study_setup,
+    measure_one_shot,
+    measure_sequential,
+    parse,
+    study_parser,
+    table,
+    write_results,
+)
 
-from autoprune import PlanRequest, Pruner
-from autoprune.api import prepare_with_windows
-from autoprune.data import evaluation_windows
-from autoprune.measure import SizeReport, measure_size, perplexity
-from autoprune.models import load_model
+from autoprune import PlanRequest
 from autoprune.plan import Plan
-from autoprune.pruner import prune_sequentially
-from autoprune.study import load_existing_study, study_settings, trial_plan
+from autoprune.study import trial_plan
 
-HERE = Path(__file__).resolve().parent
 #: How rows name the pruning methods.
 LABELS = {"sparsegpt": "SparseGPT", "admm": "ADMM"}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--storage", default="sqlite:///runs/search_vs_baselines.db")
-    parser.add_argument("--study", default="search-vs-baselines")
-    parser.add_argument("--trials", nargs="+", type=int, required=True)
-    parser.add_argument("--target", type=float, required=True, help="uniform baselines' sparsity")
-    parser.add_argument("--uniform", nargs="+", choices=("sequential", "one-shot"),
-                        default=["sequential"], help="uniform SparseGPT variants to measure")
-    parser.add_argument("--owl", nargs="+", choices=("sequential", "one-shot"), default=[],
-                        help="OWL allocations of SparseGPT to measure")
-    parser.add_argument("--uniform-admm", action="store_true",
-                        help="also uniform ADMM, one-shot (the method refine --method admm prunes with)")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "full_test_split")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    arguments = study_parser(__doc__, out=RESULTS / "full_test_split")
+    arguments.add_argument("--trials", nargs="+", type=int, required=True)
+    arguments.add_argument("--target", type=float, required=True, help="uniform baselines' sparsity")
+    arguments.add_argument("--uniform", nargs="+", choices=("sequential", "one-shot"),
+                           default=["sequential"], help="uniform SparseGPT variants to measure")
+    arguments.add_argument("--owl", nargs="+", choices=("sequential", "one-shot"), default=[],
+                           help="OWL allocations of SparseGPT to measure")
+    arguments.add_argument("--uniform-admm", action="store_true",
+                           help="also uniform ADMM, one-shot (the method refine --method admm prunes with)")
+    args = parse(arguments)
 
-    study = load_existing_study(args.storage, args.study)
-    settings = study_settings(study)
-    calibration = settings.calibration
-    loaded, calib, stats, _ = prepare_with_windows(settings.model, calibration, None, True)
-    pruner = Pruner(loaded, stats)
-    windows = evaluation_windows(calibration.source, loaded.tokenizer, settings.eval_seq_len)
+    setup = load_study_setup(args.storage, args.study)
+    settings, loaded, pruner, windows = setup.settings, setup.loaded, setup.pruner, setup.windows
+    stats = pruner.stats
     uniform = PlanRequest("sparsegpt", args.target).build(loaded, stats)
     result = {"model": settings.model, "test_windows": len(windows),
               "test_tokens": int(windows.numel()), "target": args.target, "rows": []}
     result["rows"] = earlier_rows(args.out, result)
 
-    def record(name: str, measure: Callable[[], tuple[float, SizeReport, float]]) -> None:
+    def record(name: str, measure: Callable[[], Measured]) -> None:
         if any(row["model"] == name for row in result["rows"]):
             print(f"{name}: measured before, kept", flush=True)
             return
@@ -83,27 +79,15 @@ def main() -> None:
         write(result, args.out)
         print(f"{name}: ppl {ppl:.2f} at {size.linear_nonzeros} non-zeros", flush=True)
 
-    def one_shot(plan: Plan) -> Callable[[], tuple[float, SizeReport, float]]:
-        def measure() -> tuple[float, SizeReport, float]:
-            start = time.perf_counter()
-            weights = pruner.pruned_weights(plan)
-            prune_seconds = time.perf_counter() - start
-            with pruner.pointed(weights, plan.removed_blocks) as model:
-                size = measure_size(model, loaded.adapter, pruner.dense_linear_params)
-                return perplexity(model, windows, progress=True), size, prune_seconds
-        return measure
+    def one_shot(plan: Plan) -> Callable[[], Measured]:
+        return lambda: measure_one_shot(pruner, plan, windows)
 
-    def sequential(plan: Plan) -> Callable[[], tuple[float, SizeReport, float]]:
-        def measure() -> tuple[float, SizeReport, float]:
-            start = time.perf_counter()
-            model = prune_sequentially(load_model(settings.model), calib, plan)
-            prune_seconds = time.perf_counter() - start
-            size = measure_size(model, loaded.adapter, pruner.dense_linear_params)
-            return perplexity(model, windows, progress=True), size, prune_seconds
-        return measure
+    def sequential(plan: Plan) -> Callable[[], Measured]:
+        return lambda: measure_sequential(settings.model, setup.calib, plan, windows,
+                                          pruner.dense_linear_params)
 
     for number in args.trials:
-        plan = trial_plan(study.trials[number])
+        plan = trial_plan(setup.study.trials[number])
         # a trial pruned with another method than the study's (refine --method) says which
         method = "" if plan.method == settings.method else f" ({LABELS.get(plan.method, plan.method)})"
         record(f"trial {number}{method}", one_shot(plan))
@@ -131,29 +115,30 @@ def earlier_rows(out: Path, result: dict) -> list[dict]:
 def write(result: dict, out: Path) -> None:
     """JSON and a markdown table with each model's reduction against the best uniform plan of each
     method measured so far (prune seconds: rows measured before they were recorded have none)."""
+    write_results(result, out, "full_test_split", markdown(result))
+
+
+def markdown(result: dict) -> str:
+    """The table of ``write``, from the JSON it writes."""
     best: dict[str, float] = {}
     for row in result["rows"]:
         for method in LABELS.values():
             if row["model"].startswith(f"uniform {method} "):
                 best[method] = min(best.get(method, float("inf")), row["ppl"])
-    lines = [
+
+    def below(ppl: float) -> Callable[[dict], str]:
+        return lambda row: "" if row["model"].startswith("uniform") else f"{100 * (1 - row['ppl'] / ppl):.1f}%"
+
+    columns = [column("model", "model", align="---"), column("ppl", "ppl", ".2f"),
+               column("sparsity", "sparsity", ".4f"), column("non-zeros", "linear_nonzeros"),
+               Column("prune s", lambda row: row.get("prune_seconds", ""))]
+    columns += [Column(f"below best uniform {method}", below(ppl)) for method, ppl in best.items()]
+    return "\n".join([
         f"{result['model']}, every window of the WikiText-2 test split ({result['test_windows']} "
         f"windows, {result['test_tokens']} tokens), target {result['target']:.0%}.",
         "",
-        "| model | ppl | sparsity | non-zeros | prune s |"
-        + "".join(f" below best uniform {method} |" for method in best),
-        "|---|---:|---:|---:|---:|" + "---:|" * len(best),
-    ]
-    for row in result["rows"]:
-        below = "".join(
-            "  |" if row["model"].startswith("uniform") else f" {100 * (1 - row['ppl'] / ppl):.1f}% |"
-            for ppl in best.values()
-        )
-        lines.append(f"| {row['model']} | {row['ppl']:.2f} | {row['sparsity']:.4f} | "
-                     f"{row['linear_nonzeros']} | {row.get('prune_seconds', '')} |{below}")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "full_test_split.json").write_text(json.dumps(result, indent=2))
-    (out / "full_test_split.md").write_text("\n".join(lines) + "\n")
+        *table(result["rows"], columns),
+    ]) + "\n"
 
 
 if __name__ == "__main__":

@@ -16,9 +16,8 @@ candidate is pruned and its perplexity measured on ``--eval-windows`` validation
 - The predictor's quality: ``quality_report`` (30% held out, 5-fold) on each NSGA-II study.
 
 Budget (defaults): 3 seeds of NSGA-II (120 evaluations), TPE (80, a reference) and screened search
-(60: the 12 baselines and seeds, 4 random warm-up trials, then screened picks), about 720 distinct
-plans at ~2.5-3 s each on one core of this 2-core machine plus ~2 s per screening round: about
-40 minutes. Resumable: rerunning continues the studies (the memo starts empty again). Writes
+(60: the 12 baselines and seeds, 4 random warm-up trials, then screened picks), several hundred
+distinct plans (what they cost is in ``experiments/README.md``). Resumable: rerunning continues the studies (the memo starts empty again). Writes
 ``predictor_efficiency.json``, ``.md`` and ``.png`` under ``--out``.
 
     nice -n 15 python experiments/predictor_efficiency.py --threads 1
@@ -30,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import statistics
 import time
@@ -40,8 +38,18 @@ from typing import Any
 import moocore
 import numpy as np
 import optuna
-import torch
 from optuna.trial import FrozenTrial, TrialState
+
+from _common import (
+    Column,
+    add_model_data,
+    add_out,
+    add_threads,
+    apply_threads,
+    table,
+    write_results,
+)
+from _common import parser as parser_for
 
 from autoprune.plan import MethodName
 from autoprune.study import (
@@ -60,7 +68,6 @@ from predictors import Featurizer, PredictorProposer, quality_report, training_s
 from predictors.screening import ENSEMBLE, EXPLORE_SHARE, MIN_CANDIDATES, PESSIMISM
 from search_spaces import SearchSpace, SpaceContext
 
-HERE = Path(__file__).resolve().parent
 METHODS = ("nsga2", "predictor", "tpe")
 #: Margins of the reference point beyond the worst kept fraction and the uniform@HI ln perplexity.
 REFERENCE_MARGINS = (0.02, 0.1)
@@ -104,9 +111,8 @@ class MemoizedExecutor(InProcessExecutor):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default=str(HERE.parent.parent / "shared/data/wikitext-2"))
+    parser = parser_for(__doc__)
+    add_model_data(parser)
     parser.add_argument("--storage", default="sqlite:///runs/predictor_efficiency.db")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--evaluations", type=int, default=120, help="per NSGA-II run")
@@ -126,12 +132,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="calibration window tokens")
     parser.add_argument("--eval-windows", type=int, default=2)
     parser.add_argument("--eval-seq-len", type=int, default=256)
-    parser.add_argument("--threads", type=int, default=1)
+    add_threads(parser, default=1)
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    add_out(parser)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    apply_threads(args)
     started = time.perf_counter()
 
     base = SearchConfig(
@@ -191,11 +196,9 @@ def main() -> None:
         "setup_seconds": round(setup_seconds, 1),
         "invocation_seconds": round(time.perf_counter() - started, 1),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "predictor_efficiency.json").write_text(json.dumps(result, indent=2))
-    (args.out / "predictor_efficiency.md").write_text(markdown(result))
+    text = write_results(result, args.out, "predictor_efficiency", markdown(result))
     plot(result, args.out / "predictor_efficiency.png")
-    print(markdown(result))
+    print(text, end="")
 
 
 def run_config(base: SearchConfig, method: str, seed: int, args: argparse.Namespace) -> SearchConfig:
@@ -346,38 +349,47 @@ def markdown(result: dict[str, Any]) -> str:
         f"({result['reference_point'][0]:.3f}, {result['reference_point'][1]:.3f}); "
         f"{len(result['seeds'])} seeds per method.",
         "",
-        "| method | seed | " + " | ".join(f"HV@{m}" for m in marks) + " | evaluations |",
-        "|---|---|" + "---|" * len(marks) + "---|",
     ]
-    for method, seeds in result["hypervolume"].items():
-        for seed, curve in seeds.items():
-            cells = [f"{curve[m - 1]:.4f}" if len(curve) >= m else "" for m in marks]
-            lines.append(f"| {method} | {seed} | " + " | ".join(cells) + f" | {len(curve)} |")
+    curves = [{"method": method, "seed": seed, "curve": curve}
+              for method, seeds in result["hypervolume"].items() for seed, curve in seeds.items()]
+    lines += table(curves, [
+        Column("method", lambda row: row["method"], "---"), Column("seed", lambda row: row["seed"], "---"),
+        *(Column(f"HV@{m}", lambda row, m=m: f"{row['curve'][m - 1]:.4f}" if len(row["curve"]) >= m else "",
+                 "---") for m in marks),
+        Column("evaluations", lambda row: len(row["curve"]), "---"),
+    ])
     found = result["bar"]
     if found:
         lines += [
             "",
             f"NSGA-II median hypervolume after {found['nsga2_evaluations']} evaluations: "
             f"{found['nsga2_median_hypervolume']:.4f}. Predictor-screened search reaches it after "
-            f"{found['predictor_evaluations_to_reach']} evaluations (by seed; same-seed NSGA-II "
-            f"targets: {found['predictor_evaluations_to_reach_same_seed']}); median "
+            f"{by_seed(found['predictor_evaluations_to_reach'])} evaluations (by seed; same-seed NSGA-II "
+            f"targets: {by_seed(found['predictor_evaluations_to_reach_same_seed'])}); median "
             f"{found['median_evaluations']} (bar: <= {found['limit']}, "
             f"{'met' if found['met'] else 'NOT met'}).",
         ]
-    lines += ["", "| study (held-out 30%) | trials | Spearman | Kendall | MAPE | front in top quartile | "
-              "5-fold Spearman |", "|---|---|---|---|---|---|---|"]
-    for name, report in result["quality_reports"].items():
-        kfold = report["kfold"]["regression"]["spearman"]["mean"]
-        lines.append(
-            f"| {name} | {report['trials']} | {report['spearman']:.3f} | {report['kendall']:.3f} | "
-            f"{report['mape']:.1%} | {report['front_top_quartile']:.2f} | {kfold:.3f} |"
-        )
+    reports = [{"study": name, **report} for name, report in result["quality_reports"].items()]
+    lines += ["", *table(reports, [
+        Column("study (held-out 30%)", lambda row: row["study"], "---"),
+        Column("trials", lambda row: row["trials"], "---"),
+        Column("Spearman", lambda row: f"{row['spearman']:.3f}", "---"),
+        Column("Kendall", lambda row: f"{row['kendall']:.3f}", "---"),
+        Column("MAPE", lambda row: f"{row['mape']:.1%}", "---"),
+        Column("front in top quartile", lambda row: f"{row['front_top_quartile']:.2f}", "---"),
+        Column("5-fold Spearman", lambda row: f"{row['kfold']['regression']['spearman']['mean']:.3f}", "---"),
+    ])]
     walls = [s["wall"] for seeds in result["run_seconds"].values() for s in seeds.values()]
     lines += ["", f"{result['distinct_plans_measured']} distinct plans measured, "
               f"{result['seconds_per_measurement']} s each on {result['threads']} thread(s) (shared "
               f"CPU): {result['measurement_seconds'] / 60:.1f} minutes of measurement, "
               f"{sum(walls) / 60:.1f} minutes of run wall time in all."]
     return "\n".join(lines) + "\n"
+
+
+def by_seed(values: dict) -> str:
+    """``{seed: value}`` as Python prints it with integer seeds, also once JSON made them strings."""
+    return "{" + ", ".join(f"{seed}: {value}" for seed, value in values.items()) + "}"
 
 
 def plot(result: dict[str, Any], path: Path) -> None:

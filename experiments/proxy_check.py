@@ -15,12 +15,9 @@ Writes ``results/proxy_check.json`` and ``.md``.
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
-import optuna
-import torch
+from _common import Column, parse, study_parser, table, write_results
 from optuna.trial import TrialState
 from scipy.stats import spearmanr
 
@@ -28,28 +25,18 @@ from autoprune.data import evaluation_windows
 from autoprune.measure import kl_to_reference, perplexity
 from autoprune.study import TrialWorker, load_existing_study, study_settings, trial_plan
 
-HERE = Path(__file__).resolve().parent
-
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--storage", default="sqlite:///runs/search_vs_baselines.db")
-    parser.add_argument("--study", default="search-vs-baselines")
-    parser.add_argument("--targets", nargs="+", type=float, default=[0.6, 0.65])
-    parser.add_argument("--test-windows", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    arguments = study_parser(__doc__)
+    arguments.add_argument("--targets", nargs="+", type=float, default=[0.6, 0.65])
+    arguments.add_argument("--test-windows", type=int, default=16)
+    args = parse(arguments)
 
     study = load_existing_study(args.storage, args.study)
     settings = study_settings(study)
-    calibration = settings.calibration
-    worker = TrialWorker(settings.model_copy(update={"objective": "kl"}).worker_spec())
-    test = evaluation_windows(calibration.source, worker.loaded.tokenizer, settings.eval_seq_len,
-                              args.test_windows)
+    worker = TrialWorker(settings.worker_spec().model_copy(update={"objective": "kl"}))
+    test = evaluation_windows(settings.calibration.source, worker.loaded.tokenizer,
+                              settings.eval_seq_len, args.test_windows)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     rows, summary = [], []
     for target in args.targets:
@@ -76,31 +63,32 @@ def main() -> None:
         })
     result = {"study": args.study, "validation_windows": int(worker.windows.shape[0]),
               "test_windows": int(test.shape[0]), "summary": summary, "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "proxy_check.json").write_text(json.dumps(result, indent=2))
-    (args.out / "proxy_check.md").write_text(markdown(result, {r["trial"]: r for r in rows}))
-    print(markdown(result, {r["trial"]: r for r in rows}))
+    print(write_results(result, args.out, "proxy_check", markdown(result)), end="")
 
 
-def markdown(result: dict, by_trial: dict[int, dict]) -> str:
-    lines = [
+def markdown(result: dict) -> str:
+    """The summary table, each pick with its test perplexity."""
+    by_trial = {row["trial"]: row for row in result["rows"]}
+
+    def pick(title: str, key: str) -> Column:
+        return Column(title, lambda row: f"{row[key]} ({by_trial[row[key]]['test_ppl']:.2f})")
+
+    columns = [
+        Column("target", lambda row: f"{row['target']:.0%}"),
+        Column("trials", lambda row: row["trials"]),
+        Column("Spearman, validation ppl", lambda row: f"{row['spearman_validation_ppl']:.2f}"),
+        Column("Spearman, validation KL", lambda row: f"{row['spearman_validation_kl']:.2f}"),
+        pick("best on test", "best_on_test"),
+        pick("picked by ppl (its test ppl)", "picked_by_ppl"),
+        pick("picked by KL (its test ppl)", "picked_by_kl"),
+    ]
+    return "\n".join([
         f"Study `{result['study']}`: complete trials of one target, validation score "
         f"({result['validation_windows']} windows) against WikiText-2 test perplexity "
         f"({result['test_windows']} windows).",
         "",
-        "| target | trials | Spearman, validation ppl | Spearman, validation KL | best on test | "
-        "picked by ppl (its test ppl) | picked by KL (its test ppl) |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for row in result["summary"]:
-        best, by_ppl, by_kl = (by_trial[row[key]] for key in ("best_on_test", "picked_by_ppl", "picked_by_kl"))
-        lines.append(
-            f"| {row['target']:.0%} | {row['trials']} | {row['spearman_validation_ppl']:.2f} | "
-            f"{row['spearman_validation_kl']:.2f} | {best['trial']} ({best['test_ppl']:.2f}) | "
-            f"{by_ppl['trial']} ({by_ppl['test_ppl']:.2f}) | {by_kl['trial']} ({by_kl['test_ppl']:.2f}) |"
-        )
-    return "\n".join(lines) + "\n"
-
+        *table(result["summary"], columns),
+    ]) + "\n"
 
 if __name__ == "__main__":
     main()

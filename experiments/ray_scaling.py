@@ -46,6 +46,17 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
 
+from _common import (
+    DEFAULT_DATA,
+    Column,
+    add_out,
+    apply_threads,
+    column,
+    table,
+    write_results,
+)
+from _common import parser as parser_for
+
 from autoprune.study import (
     SearchConfig,
     TrialRequest,
@@ -57,8 +68,21 @@ from autoprune.study import (
 )
 from autoprune.study._ray import RayExecutor
 
-HERE = Path(__file__).resolve().parent
 CORES = os.cpu_count() or 1
+#: The scaling table and the driver's ceiling per storage.
+ROW_COLUMNS = [
+    column("trials", "kind", align="---"), column("workers", "workers"),
+    column("CPUs each", "cpus_per_worker", "g"), column("trials/min", "trials_per_min", ".1f"),
+    Column("speedup", lambda row: f"{row['speedup']:.2f}x"),
+    Column("efficiency", lambda row: f"{100 * row['efficiency']:.0f}%"),
+    column("trial s", "trial_s", ".3f"), column("overhead s/trial", "overhead_per_trial_s", ".3f"),
+    column("bookkeeping s/trial", "bookkeeping_s_per_trial", ".3f"),
+]
+CEILING_COLUMNS = [
+    column("storage", "storage", align="---"), column("trials", "trials"),
+    Column("driver s/trial", lambda row: f"{60 / row['trials_per_min']:.3f}"),
+    column("ceiling trials/min", "trials_per_min", ".0f"),
+]
 
 
 class SleepWorker(TrialWorker):
@@ -160,8 +184,8 @@ def measure(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=HERE.parent.parent / "shared/data/wikitext-2")
+    parser = parser_for(__doc__)
+    parser.add_argument("--data", type=Path, default=Path(DEFAULT_DATA))
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--sleep", type=float, default=3.0, help="seconds per sleep trial")
     parser.add_argument("--rounds", type=int, default=8, help="measured trials per worker")
@@ -170,9 +194,9 @@ def main() -> None:
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--storage", default="journal", help="journal, sqlite or a database URL")
     parser.add_argument("--postgres", help="also measure the driver's ceiling on this database")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    add_out(parser)
     args = parser.parse_args()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    apply_threads(args)
 
     start, load = time.perf_counter(), round(os.getloadavg()[0], 2)
     ray.init(address="local", num_cpus=CORES, include_dashboard=False, log_to_driver=False)
@@ -204,10 +228,7 @@ def main() -> None:
         "driver_ceiling": ceilings,
         "seconds": round(time.perf_counter() - start, 1),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "ray_scaling.json").write_text(json.dumps(result, indent=2) + "\n")
-    (args.out / "ray_scaling.md").write_text(markdown(result))
-    print(markdown(result))
+    print(write_results(result, args.out, "ray_scaling", markdown(result)), end="")
 
 
 def markdown(result: dict) -> str:
@@ -223,29 +244,16 @@ def markdown(result: dict) -> str:
         "(prune + evaluate, or the sleep); bookkeeping: the size measurement (real trials) plus the "
         "driver's ask/record time, per trial.",
         "",
-        "| trials | workers | CPUs each | trials/min | speedup | efficiency | trial s "
-        "| overhead s/trial | bookkeeping s/trial |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *table(result["rows"], ROW_COLUMNS),
     ]
-    for row in result["rows"]:
-        lines.append(
-            f"| {row['kind']} | {row['workers']} | {row['cpus_per_worker']:g} | "
-            f"{row['trials_per_min']:.1f} | {row['speedup']:.2f}x | {100 * row['efficiency']:.0f}% | "
-            f"{row['trial_s']:.3f} | {row['overhead_per_trial_s']:.3f} | "
-            f"{row['bookkeeping_s_per_trial']:.3f} |"
-        )
     lines += [
         "",
         "The driver's ceiling: one worker, trials that sleep 0 s; every second per trial is the "
         "driver's ask/record/tell and Ray's round trip, so no number of workers gets past these "
         "trials per minute on that storage.",
         "",
-        "| storage | trials | driver s/trial | ceiling trials/min |",
-        "|---|---:|---:|---:|",
+        *table(result["driver_ceiling"], CEILING_COLUMNS),
     ]
-    for row in result["driver_ceiling"]:
-        per_trial = 60 / row["trials_per_min"]
-        lines.append(f"| {row['storage']} | {row['trials']} | {per_trial:.3f} | {row['trials_per_min']:.0f} |")
     return "\n".join(lines) + "\n"
 
 

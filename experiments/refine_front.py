@@ -26,59 +26,46 @@ generations.
 
 from __future__ import annotations
 
-import argparse
 import json
-from pathlib import Path
 
 import optuna
-import torch
+from _common import (
+    REQUIRED_REDUCTION,
+    RESULTS,
+    Column,
+    load_study_setup,
+    measure_one_shot,
+    measure_sequential,
+    number,
+    parse,
+    study_parser,
+    table,
+    write_results,
+)
 from optuna.trial import FrozenTrial, TrialState
 
-from autoprune import Pruner
-from autoprune.api import prepare_with_windows
-from autoprune.data import evaluation_windows
-from autoprune.measure import measure_size, perplexity
 from autoprune.methods import PruningMethod
-from autoprune.models import load_model
-from autoprune.plan import Plan
-from autoprune.pruner import prune_sequentially
-from autoprune.study import (
-    RefineConfig,
-    load_existing_study,
-    refine_trial,
-    study_settings,
-    trial_plan,
-)
-
-HERE = Path(__file__).resolve().parent
-REQUIRED_REDUCTION = 0.25
+from autoprune.study import RefineConfig, load_existing_study, refine_trial, trial_plan
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--storage", default="sqlite:///runs/search_vs_baselines.db")
-    parser.add_argument("--study", default="search-vs-baselines")
-    parser.add_argument("--targets", nargs="+", type=float, default=[0.6, 0.7])
-    parser.add_argument("--parents", nargs="+", type=int, default=None,
-                        help="trial to refine at each target (default: the best validation score)")
+    arguments = study_parser(__doc__)
+    arguments.add_argument("--targets", nargs="+", type=float, default=[0.6, 0.7])
+    arguments.add_argument("--parents", nargs="+", type=int, default=None,
+                           help="trial to refine at each target (default: the best validation score)")
     refine_default = {name: field.default for name, field in RefineConfig.model_fields.items()}
-    parser.add_argument("--generations", type=int, default=refine_default["generations"])
-    parser.add_argument("--offspring", type=int, default=refine_default["offspring"])
-    parser.add_argument("--seed", type=int, default=refine_default["seed"])
-    parser.add_argument("--select-windows", type=int, default=refine_default["select_windows"])
-    parser.add_argument("--pool-windows", type=int, default=refine_default["pool_windows"],
-                        help="validation windows candidates are ranked on (drawn from afresh)")
-    parser.add_argument("--sequential-every", type=int, default=None,
-                        help="refine for the --sequential recipe (statistics refreshed every N generations)")
-    parser.add_argument("--method", default=None, choices=PruningMethod.available(),
-                        help="prune the refined allocation with this method instead of the parent's")
-    parser.add_argument("--test-windows", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    arguments.add_argument("--generations", type=int, default=refine_default["generations"])
+    arguments.add_argument("--offspring", type=int, default=refine_default["offspring"])
+    arguments.add_argument("--seed", type=int, default=refine_default["seed"])
+    arguments.add_argument("--select-windows", type=int, default=refine_default["select_windows"])
+    arguments.add_argument("--pool-windows", type=int, default=refine_default["pool_windows"],
+                           help="validation windows candidates are ranked on (drawn from afresh)")
+    arguments.add_argument("--sequential-every", type=int, default=None,
+                           help="refine for the --sequential recipe (statistics refreshed every N generations)")
+    arguments.add_argument("--method", default=None, choices=PruningMethod.available(),
+                           help="prune the refined allocation with this method instead of the parent's")
+    arguments.add_argument("--test-windows", type=int, default=16)
+    args = parse(arguments)
 
     if args.parents is not None and len(args.parents) != len(args.targets):
         raise SystemExit("--parents needs one trial per target")
@@ -96,38 +83,28 @@ def main() -> None:
         child = load_existing_study(args.storage, args.study).trials[summary.trial]
         refined[target] = (parent, child)
 
-    study = load_existing_study(args.storage, args.study)
-    settings = study_settings(study)
-    calibration = settings.calibration
-    loaded, calib, stats, _ = prepare_with_windows(settings.model, calibration, None, True)
-    pruner = Pruner(loaded, stats)
-    windows = evaluation_windows(calibration.source, loaded.tokenizer, settings.eval_seq_len,
-                                 args.test_windows)
+    setup = load_study_setup(args.storage, args.study, args.test_windows)
+    settings, pruner, windows = setup.settings, setup.pruner, setup.windows
     baselines = recorded_comparison(args.study, settings.model)
 
-    def one_shot(plan: Plan) -> tuple[float, float, int]:
-        with pruner.applied(plan) as model:
-            size = measure_size(model, loaded.adapter, pruner.dense_linear_params)
-            return perplexity(model, windows, progress=True), size.sparsity, size.linear_nonzeros
-
     rows = []
-    for target, (parent, child) in refined.items():
-        parent_ppl, sparsity, nonzeros = one_shot(trial_plan(parent))
-        child_ppl, child_sparsity, child_nonzeros = one_shot(trial_plan(child))
-        assert child_nonzeros == nonzeros, "a refined plan must keep its parent's size"
-        pruned = prune_sequentially(load_model(settings.model), calib, trial_plan(child))
-        sequential_ppl = perplexity(pruned, windows, progress=True)
-        del pruned
+    for target, (parent_trial, child_trial) in refined.items():
+        parent = measure_one_shot(pruner, trial_plan(parent_trial), windows)
+        child = measure_one_shot(pruner, trial_plan(child_trial), windows)
+        assert child.size.linear_nonzeros == parent.size.linear_nonzeros, \
+            "a refined plan must keep its parent's size"
+        sequential_ppl = measure_sequential(settings.model, setup.calib, trial_plan(child_trial), windows,
+                                            pruner.dense_linear_params).ppl
         reference = baselines.get(round(target, 4), {})
         uniform = reference.get("best_uniform_ppl")
-        best = min(child_ppl, sequential_ppl)
+        best = min(child.ppl, sequential_ppl)
         rows.append({
-            "target": target, "sparsity": sparsity, "linear_nonzeros": nonzeros,
-            "parent": parent.number, "refined": child.number,
-            "accepted": child.user_attrs["refine"]["accepted"],
-            "refine_seconds": child.user_attrs["refine"]["seconds"],
-            "parent_validation": parent.values[1], "refined_validation": child.values[1],
-            "parent_test_ppl": parent_ppl, "refined_test_ppl": child_ppl,
+            "target": target, "sparsity": parent.size.sparsity, "linear_nonzeros": parent.size.linear_nonzeros,
+            "parent": parent_trial.number, "refined": child_trial.number,
+            "accepted": child_trial.user_attrs["refine"]["accepted"],
+            "refine_seconds": child_trial.user_attrs["refine"]["seconds"],
+            "parent_validation": parent_trial.values[1], "refined_validation": child_trial.values[1],
+            "parent_test_ppl": parent.ppl, "refined_test_ppl": child.ppl,
             "refined_sequential_test_ppl": sequential_ppl,
             "best_uniform": reference.get("best_uniform"), "best_uniform_ppl": uniform,
             "best_owl_ppl": reference.get("best_owl_ppl"),
@@ -144,10 +121,7 @@ def main() -> None:
               "sequential_every": args.sequential_every, "method": args.method,
               "test_windows": int(windows.shape[0]),
               "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "refine_front.json").write_text(json.dumps(result, indent=2))
-    (args.out / "refine_front.md").write_text(markdown(result))
-    print(markdown(result))
+    print(write_results(result, args.out, "refine_front", markdown(result)), end="")
 
 
 def best_at(study: optuna.Study, target: float) -> FrozenTrial:
@@ -164,7 +138,7 @@ def best_at(study: optuna.Study, target: float) -> FrozenTrial:
 def recorded_comparison(study: str, model: str) -> dict[float, dict]:
     """``search_vs_baselines.py``'s comparison rows (best uniform, OWL, searched front) by target,
     when they were measured for this study and model."""
-    path = HERE / "results" / "search_vs_baselines.json"
+    path = RESULTS / "search_vs_baselines.json"
     if not path.is_file():
         return {}
     recorded = json.loads(path.read_text())
@@ -174,15 +148,34 @@ def recorded_comparison(study: str, model: str) -> dict[float, dict]:
 
 
 def markdown(result: dict) -> str:
-    def number(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}"
-
+    """The header saying how the refinement ran, and one row per target."""
     every = result.get("sequential_every")
     sequential = (
         f", ranked for `--sequential` on statistics refreshed every {every} generations" if every else ""
     )
     method = f", pruned with {result['method']}" if result.get("method") else ""
-    lines = [
+
+    def reduction(row: dict) -> str:
+        value = row["reduction_vs_best_uniform"]
+        return "-" if value is None else f"{value:.1%}"
+
+    def meets(row: dict) -> str:
+        value = row["reduction_vs_best_uniform"]
+        return "yes" if value is not None and value >= REQUIRED_REDUCTION else "no"
+
+    columns = [
+        Column("target", lambda row: f"{row['target']:.0%}"),
+        Column("parent (test ppl)", lambda row: f"{row['parent']} ({row['parent_test_ppl']:.2f})"),
+        Column("refined (test ppl)", lambda row: f"{row['refined']} ({row['refined_test_ppl']:.2f})"),
+        Column("refined `--sequential`", lambda row: f"{row['refined_sequential_test_ppl']:.2f}"),
+        Column("best uniform", lambda row: f"{row['best_uniform'] or ''} {number(row['best_uniform_ppl'])}"),
+        Column("best OWL", lambda row: number(row["best_owl_ppl"])),
+        Column("searched front (one-shot / seq.)", lambda row: (
+            f"{number(row['searched_front_ppl'])} / {number(row['searched_front_sequential_ppl'])}")),
+        Column("reduction vs best uniform", reduction),
+        Column(">= 25%", meets, ":-:"),
+    ]
+    return "\n".join([
         f"Study `{result['study']}` (objective {result['objective']}): one trial at each target "
         f"({result['parent_choice']}{method}) refined per layer ({result['generations']} generations of "
         f"{result['offspring']} offspring, finalists on {result['select_windows']} of "
@@ -191,22 +184,8 @@ def markdown(result: dict) -> str:
         f"{result['test_windows']} windows; best uniform, OWL and the searched front (its member "
         "chosen on test, one-shot / `--sequential`) from `search_vs_baselines.py` on the same windows.",
         "",
-        "| target | parent (test ppl) | refined (test ppl) | refined `--sequential` | best uniform | "
-        "best OWL | searched front (one-shot / seq.) | reduction vs best uniform | >= 25% |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|:-:|",
-    ]
-    for row in result["rows"]:
-        reduction = row["reduction_vs_best_uniform"]
-        lines.append(
-            f"| {row['target']:.0%} | {row['parent']} ({row['parent_test_ppl']:.2f}) | "
-            f"{row['refined']} ({row['refined_test_ppl']:.2f}) | {row['refined_sequential_test_ppl']:.2f} | "
-            f"{row['best_uniform'] or ''} {number(row['best_uniform_ppl'])} | {number(row['best_owl_ppl'])} | "
-            f"{number(row['searched_front_ppl'])} / {number(row['searched_front_sequential_ppl'])} | "
-            f"{'-' if reduction is None else f'{reduction:.1%}'} | "
-            f"{'yes' if reduction is not None and reduction >= REQUIRED_REDUCTION else 'no'} |"
-        )
-    return "\n".join(lines) + "\n"
-
+        *table(result["rows"], columns),
+    ]) + "\n"
 
 if __name__ == "__main__":
     main()

@@ -15,39 +15,53 @@ The issue's target: prune + bookkeeping under 25% of a trial's wall time. Writes
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
-from pathlib import Path
 
 import optuna
 import torch
 from optuna.trial import TrialState
 
+from _common import (
+    Column,
+    add_model_data,
+    add_out,
+    add_threads,
+    apply_threads,
+    parser,
+    table,
+    write_results,
+)
+
 from autoprune.study import SearchConfig, run_search
 
-HERE = Path(__file__).resolve().parent
 PARTS = ("prune", "evaluate", "bookkeeping", "total")
+#: One row per method; the means are of the steady-state trials.
+COLUMNS = [
+    Column("method", lambda row: row["method"], "---"), Column("trials", lambda row: row["trials"]),
+    *(Column(f"{part} s", lambda row, part=part: f"{row[part]:.2f}") for part in PARTS),
+    Column("prune+bookkeeping share", lambda row: f"{100 * row['prune_and_bookkeeping_share']:.1f}%"),
+    Column("s per window", lambda row: f"{row['evaluate_seconds_per_window']:.2f}"),
+    Column("first trial s", lambda row: f"{row['first_trial']['total']:.2f}"),
+    Column("start-up s", lambda row: f"{row['startup_seconds']:.1f}"),
+]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default=str(HERE.parent.parent / "shared/data/wikitext-2"))
-    parser.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
-    parser.add_argument("--trials", type=int, default=6)
-    parser.add_argument("--eval-windows", type=int, default=8)
-    parser.add_argument("--calib-samples", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--device", default="cpu", help="where the trials run (cpu, cuda)")
-    parser.add_argument("--eval-batch", type=int, default=1, help="validation windows per forward")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    arguments = parser(__doc__)
+    add_model_data(arguments)
+    arguments.add_argument("--methods", nargs="+", default=["wanda", "sparsegpt"])
+    arguments.add_argument("--trials", type=int, default=6)
+    arguments.add_argument("--eval-windows", type=int, default=8)
+    arguments.add_argument("--calib-samples", type=int, default=128)
+    arguments.add_argument("--seq-len", type=int, default=512)
+    add_threads(arguments)
+    arguments.add_argument("--device", default="cpu", help="where the trials run (cpu, cuda)")
+    arguments.add_argument("--eval-batch", type=int, default=1, help="validation windows per forward")
+    add_out(arguments)
+    args = arguments.parse_args()
+    apply_threads(args)
 
     result = {
         "model": args.model,
@@ -59,10 +73,7 @@ def main() -> None:
         "device": device_name(args.device),
         "methods": {method: measure(method, args) for method in args.methods},
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "search_speed.json").write_text(json.dumps(result, indent=2))
-    (args.out / "search_speed.md").write_text(markdown(result))
-    print(markdown(result))
+    print(write_results(result, args.out, "search_speed", markdown(result)), end="")
 
 
 def measure(method: str, args: argparse.Namespace) -> dict:
@@ -105,18 +116,9 @@ def markdown(result: dict) -> str:
         f"{result['device']}; steady-state means (first trial, which builds per-model "
         "caches, excluded).",
         "",
-        "| method | trials | prune s | evaluate s | bookkeeping s | total s | prune+bookkeeping share "
-        "| s per window | first trial s | start-up s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for method, row in result["methods"].items():
-        mean = row["steady_mean"]
-        lines.append(
-            f"| {method} | {row['trials']} | {mean['prune']:.2f} | {mean['evaluate']:.2f} | "
-            f"{mean['bookkeeping']:.2f} | {mean['total']:.2f} | "
-            f"{100 * row['prune_and_bookkeeping_share']:.1f}% | {row['evaluate_seconds_per_window']:.2f} | "
-            f"{row['first_trial']['total']:.2f} | {row['startup_seconds']:.1f} |"
-        )
+    rows = [{"method": method, **row, **row["steady_mean"]} for method, row in result["methods"].items()]
+    lines += table(rows, COLUMNS)
     return "\n".join(lines) + "\n"
 
 

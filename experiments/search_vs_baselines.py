@@ -23,20 +23,32 @@ Writes ``search_vs_baselines.json``, ``.md`` and ``.png`` under ``--out``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
-import optuna
-import torch
+from _common import (
+    REQUIRED_REDUCTION,
+    RESULTS,
+    Column,
+    add_model_data,
+    add_out,
+    add_study,
+    add_threads,
+    apply_threads,
+    column,
+    measure_one_shot,
+    measure_sequential,
+    number,
+    parser,
+    table,
+    write_results,
+)
 
 from autoprune import PlanRequest, Pruner, prepare
 from autoprune.data import calibration_windows, evaluation_windows
-from autoprune.measure import measure_size, perplexity
-from autoprune.models import load_model
 from autoprune.plan import Plan
-from autoprune.pruner import prune_sequentially
 from autoprune.study import (
     SearchConfig,
     front_trials,
@@ -46,44 +58,37 @@ from autoprune.study import (
 )
 from predictors import PredictorProposer
 
-HERE = Path(__file__).resolve().parent
-#: The issue's bar: at 60% and 70%, at least this much lower perplexity than the best uniform.
-REQUIRED_REDUCTION = 0.25
 #: "At least the baseline's sparsity" allows this much less: uniform plans round every layer on
 #: its own (60% comes out as 60.06%), searched plans land on the target's exact budget.
 SPARSITY_TOLERANCE = 1e-3
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--data", default=str(HERE.parent.parent / "shared/data/wikitext-2"))
-    parser.add_argument("--storage", default="sqlite:///runs/search_vs_baselines.db")
-    parser.add_argument("--study", default="search-vs-baselines")
-    parser.add_argument("--space", default="layerwise")
-    parser.add_argument("--method", default="sparsegpt")
-    parser.add_argument("--sampler", default="nsga2")
-    parser.add_argument("--population", type=int, default=16)
-    parser.add_argument("--sparsity-range", nargs=2, type=float, default=(0.4, 0.8))
-    parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.6, 0.7])
-    parser.add_argument("--trials", type=int, default=400)
-    parser.add_argument("--budget-minutes", type=float, default=110.0)
-    parser.add_argument("--objective", choices=("ppl", "kl"), default="ppl",
+    arguments = parser(__doc__)
+    add_model_data(arguments)
+    add_study(arguments)
+    arguments.add_argument("--space", default="layerwise")
+    arguments.add_argument("--method", default="sparsegpt")
+    arguments.add_argument("--sampler", default="nsga2")
+    arguments.add_argument("--population", type=int, default=16)
+    arguments.add_argument("--sparsity-range", nargs=2, type=float, default=(0.4, 0.8))
+    arguments.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.6, 0.7])
+    arguments.add_argument("--trials", type=int, default=400)
+    arguments.add_argument("--budget-minutes", type=float, default=110.0)
+    arguments.add_argument("--objective", choices=("ppl", "kl"), default="ppl",
                         help="validation score the study minimizes (see proxy_check.py)")
-    parser.add_argument("--eval-windows", type=int, default=8)
-    parser.add_argument("--calib-samples", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--test-windows", type=int, default=16)
-    parser.add_argument("--sequential-targets", nargs="*", type=float, default=[0.6, 0.7])
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--predictor", choices=("on", "off"), default="off",
+    arguments.add_argument("--eval-windows", type=int, default=8)
+    arguments.add_argument("--calib-samples", type=int, default=128)
+    arguments.add_argument("--seq-len", type=int, default=512)
+    arguments.add_argument("--test-windows", type=int, default=16)
+    arguments.add_argument("--sequential-targets", nargs="*", type=float, default=[0.6, 0.7])
+    add_threads(arguments)
+    arguments.add_argument("--predictor", choices=("on", "off"), default="off",
                         help="screen candidates with the accuracy predictor (may change on resume)")
-    parser.add_argument("--no-search", action="store_true", help="only evaluate the existing study")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    arguments.add_argument("--no-search", action="store_true", help="only evaluate the existing study")
+    add_out(arguments)
+    args = arguments.parse_args()
+    apply_threads(args)
 
     config = SearchConfig(
         model=args.model, data=args.data, storage=args.storage, study=args.study,
@@ -102,12 +107,9 @@ def main() -> None:
     loaded, stats, _ = prepare(config.model, config.calibration())
     pruner = Pruner(loaded, stats)
     windows = evaluation_windows(config.data, loaded.tokenizer, config.seq_len, args.test_windows)
-    dense_linear = pruner.dense_linear_params
 
     def test(plan: Plan) -> dict:
-        with pruner.applied(plan) as model:
-            size = measure_size(model, loaded.adapter, dense_linear)
-            ppl = perplexity(model, windows, progress=True)
+        ppl, size, _ = measure_one_shot(pruner, plan, windows)
         return {"test_ppl": ppl, "sparsity": size.sparsity, "linear_nonzeros": size.linear_nonzeros}
 
     front = [
@@ -133,9 +135,8 @@ def main() -> None:
             continue
         if member["trial"] not in resequenced:  # one member may stand for several targets
             plan = trial_plan(study.trials[member["trial"]])
-            pruned = prune_sequentially(load_model(config.model), calib, plan)
-            resequenced[member["trial"]] = perplexity(pruned, windows, progress=True)
-            del pruned
+            resequenced[member["trial"]] = measure_sequential(
+                config.model, calib, plan, windows, pruner.dense_linear_params).ppl
         sequential.append({"trial": member["trial"], "target": target, "sparsity": member["sparsity"],
                            "one_shot_test_ppl": member["test_ppl"],
                            "test_ppl": resequenced[member["trial"]]})
@@ -153,17 +154,15 @@ def main() -> None:
         "baselines": baselines,
         "comparison": compare(front, sequential, baselines, args.targets),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "search_vs_baselines.json").write_text(json.dumps(result, indent=2))
-    (args.out / "search_vs_baselines.md").write_text(markdown(result))
+    text = write_results(result, args.out, "search_vs_baselines", markdown(result))
     plot(result, args.out / "search_vs_baselines.png")
-    print(markdown(result))
+    print(text, end="")
 
 
 def recorded_rows(targets: list[float], test_windows: int, seq_len: int) -> list[dict]:
     """Uniform rows ``baselines.py`` measured on the same windows (llm-compressor's, autoprune's
     ``--sequential``), from ``results/baselines.json`` when it exists."""
-    path = HERE / "results" / "baselines.json"
+    path = RESULTS / "baselines.json"
     if not path.is_file():
         return []
     recorded = json.loads(path.read_text())
@@ -236,9 +235,35 @@ def compare(
 
 
 def markdown(result: dict) -> str:
-    def number(value: float | None) -> str:
-        return "-" if value is None else f"{value:.2f}"
+    """The comparison per target, then every baseline, then every front member."""
+    def reduction(row: dict) -> str:
+        value = row["reduction_vs_best_uniform"]
+        return "-" if value is None else f"{value:.1%}"
 
+    def yes(key: str) -> Callable[[dict], str]:
+        return lambda row: "yes" if row[key] else "no"
+
+    comparison = [
+        Column("target", lambda row: f"{row['target']:.0%}"), column("best uniform", "best_uniform", align="---"),
+        Column("its ppl", lambda row: number(row["best_uniform_ppl"])), column("best OWL", "best_owl", align="---"),
+        Column("its ppl", lambda row: number(row["best_owl_ppl"])),
+        Column("front ppl", lambda row: number(row["front_ppl"])),
+        Column("front (interp.)", lambda row: number(row["front_ppl_interpolated"])),
+        Column("front --sequential", lambda row: number(row["front_sequential_ppl"])),
+        Column("reduction vs uniform", reduction), Column(">= 25%", yes("meets_25pct"), ":-:"),
+        Column("beats OWL", yes("beats_owl"), ":-:"),
+    ]
+    baselines = [
+        column("baseline", "kind", align="---"), column("tool", "tool", align="---"),
+        column("method", "method", align="---"), Column("target", lambda row: f"{row['target']:.0%}"),
+        column("sparsity", "sparsity", ".4f"), column("test ppl", "test_ppl", ".2f"),
+    ]
+    resequenced = {row["trial"]: row["test_ppl"] for row in result["front_sequential"]}
+    front = [
+        column("front trial", "trial"), column("sparsity", "sparsity", ".4f"),
+        column("validation ppl", "validation_ppl", ".2f"), column("test ppl", "test_ppl", ".2f"),
+        Column("test ppl, --sequential", lambda row: number(resequenced.get(row["trial"]))),
+    ]
     lines = [
         f"{result['model']}: front of study `{result['study']}` ({result['trials_in_study']} trials, "
         f"{result.get('trials_screened', 0)} of them proposed by predictor screening, "
@@ -249,31 +274,13 @@ def markdown(result: dict) -> str:
         "statistics) and that member pruned again with `--sequential`; the reduction takes the "
         "better of the two.",
         "",
-        "| target | best uniform | its ppl | best OWL | its ppl | front ppl | front (interp.) | "
-        "front --sequential | reduction vs uniform | >= 25% | beats OWL |",
-        "|---:|---|---:|---|---:|---:|---:|---:|---:|:-:|:-:|",
+        *table(result["comparison"], comparison),
+        "",
+        *table(result["baselines"], baselines),
+        "",
+        *table(sorted(result["front"], key=lambda row: row["sparsity"]), front),
     ]
-    for row in result["comparison"]:
-        reduction = row["reduction_vs_best_uniform"]
-        lines.append(
-            f"| {row['target']:.0%} | {row['best_uniform']} | {number(row['best_uniform_ppl'])} | "
-            f"{row['best_owl']} | {number(row['best_owl_ppl'])} | {number(row['front_ppl'])} | "
-            f"{number(row['front_ppl_interpolated'])} | {number(row['front_sequential_ppl'])} | "
-            f"{'-' if reduction is None else f'{reduction:.1%}'} | "
-            f"{'yes' if row['meets_25pct'] else 'no'} | {'yes' if row['beats_owl'] else 'no'} |"
-        )
-    lines += ["", "| baseline | tool | method | target | sparsity | test ppl |", "|---|---|---|---:|---:|---:|"]
-    for b in result["baselines"]:
-        lines.append(f"| {b['kind']} | {b['tool']} | {b['method']} | {b['target']:.0%} | "
-                     f"{b['sparsity']:.4f} | {b['test_ppl']:.2f} |")
-    resequenced = {row["trial"]: row["test_ppl"] for row in result["front_sequential"]}
-    lines += ["", "| front trial | sparsity | validation ppl | test ppl | test ppl, --sequential |",
-              "|---:|---:|---:|---:|---:|"]
-    for f in sorted(result["front"], key=lambda row: row["sparsity"]):
-        lines.append(f"| {f['trial']} | {f['sparsity']:.4f} | {f['validation_ppl']:.2f} | "
-                     f"{f['test_ppl']:.2f} | {number(resequenced.get(f['trial']))} |")
     return "\n".join(lines) + "\n"
-
 
 def plot(result: dict, path: Path) -> None:
     import matplotlib

@@ -13,8 +13,6 @@ a busy disk slows each of them alike. Writes ``results/storage_speed.json`` and 
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -26,9 +24,9 @@ import optuna
 from optuna.distributions import FloatDistribution
 from optuna.storages import BaseStorage, RDBStorage
 
+from _common import Column, add_out, apply_threads, column, parser, table, write_results
 from autoprune.study import open_storage, opened_storage, write_ahead
 
-HERE = Path(__file__).resolve().parent
 PARAMETERS = 38
 LAYERS = 210  # SmolLM2: 30 blocks x 7 projections
 SCALARS = ("driver", "expected_nonzeros", "kl", "ppl", "predicted_ppl", "proposed", "quality",
@@ -82,12 +80,12 @@ def one_trial(study: optuna.Study, number: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--trials", type=int, default=10, help="trials per storage and round")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    arguments = parser(__doc__)
+    arguments.add_argument("--rounds", type=int, default=5)
+    arguments.add_argument("--trials", type=int, default=10, help="trials per storage and round")
+    add_out(arguments)
+    args = arguments.parse_args()
+    apply_threads(args)
 
     seconds: dict[str, list[float]] = {name: [] for name in STORAGES}
     with tempfile.TemporaryDirectory() as folder:
@@ -104,20 +102,25 @@ def main() -> None:
     default = rows[0]["median_s"]
     for row in rows:
         row["speedup_vs_default"] = default / row["median_s"]
+    result = {"rows": rows, "rounds": args.rounds, "trials": args.trials}
+    print(write_results(result, args.out, "storage_speed", markdown(result)), end="")
+
+
+def markdown(result: dict) -> str:
+    """The median and mean seconds per trial of each storage."""
+    columns = [
+        column("storage", "storage", align="---"), column("trials", "trials"),
+        column("median s/trial", "median_s", ".4f"), column("mean s/trial", "mean_s", ".4f"),
+        Column("vs Optuna's default", lambda row: f"{row['speedup_vs_default']:.1f}x"),
+    ]
     lines = [
         f"Storage writes of one SmolLM2 layer-wise trial ({PARAMETERS} parameters, "
-        f"{len(SCALARS) + 4} attributes), {args.rounds} rounds of {args.trials} trials per storage, "
-        "alternating.",
+        f"{len(SCALARS) + 4} attributes), {result['rounds']} rounds of {result['trials']} trials per "
+        "storage, alternating.",
         "",
-        "| storage | trials | median s/trial | mean s/trial | vs Optuna's default |",
-        "|---|---:|---:|---:|---:|",
-    ] + [f"| {r['storage']} | {r['trials']} | {r['median_s']:.4f} | {r['mean_s']:.4f} | "
-         f"{r['speedup_vs_default']:.1f}x |" for r in rows]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "storage_speed.json").write_text(json.dumps({"rows": rows}, indent=2) + "\n")
-    (args.out / "storage_speed.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+        *table(result["rows"], columns),
+    ]
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,8 @@
 """Data-free calibration text, sampled from the model once per model and settings and cached.
 
-Sampling 128 windows of 512 tokens from SmolLM2-135M takes about ten minutes on a 2-core CPU. The
-statistics cache is keyed by the tokens, so without this cache every later prune of the same model
-would sample the text again just to find its statistics already on disk.
+Sampling a calibration set token by token costs many forward passes of the model, far more than
+calibrating on it. The statistics cache is keyed by the tokens, so without this cache every later
+prune of the same model would sample the text again just to find its statistics already on disk.
 """
 
 from __future__ import annotations

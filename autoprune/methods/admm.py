@@ -7,9 +7,9 @@ left-to-right sweep, and a pruned weight's error is absorbed only by the columns
 the layer's least-squares problem ``min ||X (W - W')||^2`` subject to the mask is solved again at
 every iteration by all remaining weights, and the mask itself is re-chosen from the current
 solution (Wanda's score ``|w| * ||x||``, on weights that have already absorbed the pruning so far)
-as it tightens along a cubic schedule, so early choices can be undone. On SmolLM2 the refined 60%
-and 70% allocations pruned with it have 17% and 26% lower test perplexity than with SparseGPT
-(``experiments/refine_front.py --method admm``).
+as it tightens along a cubic schedule, so early choices can be undone. It costs many times a
+SparseGPT prune, which is why search trials use SparseGPT and ``autoprune refine --method admm``
+uses this (measured in ``experiments/README.md``, section ``refine_front.py``).
 
 The problem is solved in input-normalised coordinates (the Hessian scaled to a unit diagonal), where
 one penalty and one dampening fit every layer. Each iteration costs one ``cols x cols`` product

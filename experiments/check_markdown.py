@@ -1,0 +1,47 @@
+"""Regenerate every result's markdown from its JSON with the current scripts and compare.
+
+A change to a script's table code (or to ``_common.py``) must not change the tables of results
+already recorded: this rebuilds each ``results/**/<script>.md`` from the JSON beside it with the
+script's ``markdown`` function and says SAME or DIFF (with the diff). Results written by an older
+version of a script whose JSON lacks a field the table now shows are reported as ``older format``;
+they were not rewritten since. Exits non-zero when any table differs.
+
+    python experiments/check_markdown.py
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import json
+import sys
+
+from _common import RESULTS, parser
+
+#: The scripts whose ``markdown(result)`` rebuilds their table from their JSON alone.
+SCRIPTS = ("baselines", "proxy_check", "search_vs_baselines", "search_speed", "ray_scaling",
+           "predictor_efficiency", "export_check", "full_test_split", "refine_front")
+
+
+def main() -> None:
+    parser(__doc__).parse_args()
+    differing = 0
+    for name in SCRIPTS:
+        script = importlib.import_module(name)
+        for path in sorted(RESULTS.rglob(f"{name}.json")):
+            recorded = path.with_suffix(".md").read_text()
+            try:
+                rebuilt = script.markdown(json.loads(path.read_text()))
+            except KeyError as missing:
+                print(f"older format  {path.relative_to(RESULTS)} (no {missing})")
+                continue
+            same = rebuilt == recorded
+            differing += not same
+            print(f"{'SAME' if same else 'DIFF':12}  {path.relative_to(RESULTS)}")
+            if not same:
+                print("".join(difflib.unified_diff(recorded.splitlines(True), rebuilt.splitlines(True))))
+    sys.exit(1 if differing else 0)
+
+
+if __name__ == "__main__":
+    main()
