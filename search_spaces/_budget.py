@@ -29,8 +29,7 @@ def project_to_budget(
     to ``(1 - target)`` of the dense decoder linear weights. ``raw`` covers the kept layers.
 
     NumPy, not torch: a screening round casts hundreds of candidates, and on arrays of a few
-    hundred layers NumPy's per-call cost is a fraction of torch's (8 -> ~1 ms per cast on SmolLM2);
-    counts are integers held exactly in float64, so the result does not depend on the library."""
+    hundred layers NumPy's per-call cost is a fraction of torch's; counts are integers held exactly in float64, so the result does not depend on the library."""
     names = list(raw)
     rows = np.array([ctx.layers[name].rows for name in names], dtype=np.float64)
     cols = np.array([ctx.layers[name].cols for name in names], dtype=np.float64)

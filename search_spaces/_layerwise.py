@@ -2,10 +2,9 @@
 
 This is the question BESA and OWL answer by rule (which layers can take more sparsity), answered by
 search instead. A layer's sparsity is the target plus its block's offset plus its projection's
-(``q_proj`` ... ``down_proj``, the same in every block). Projections differ more than attention
-and MLP do: on SmolLM2 at 60%, giving ``v_proj`` 0.15 less sparsity than the rest lowered
-validation perplexity by 5%, ``q_proj``/``k_proj`` 0.15 more by 2%, while ``o_proj`` 0.1 less
-raised it by 5%; and the narrow GQA projections (k, v) cost little of the budget. Offsets only
+(``q_proj`` ... ``down_proj``, the same in every block): projections differ in how much sparsity
+they take more than attention and MLP do, and the narrow GQA projections (k, v) cost little of
+the budget (measured in experiments/README.md). Offsets only
 shape the allocation: the result is projected onto the target's exact non-zero budget, so
 candidates of one target differ in quality, never in size.
 """

@@ -64,7 +64,7 @@ def lowest_per_row(saliency: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
         if k > 0:
             cutoff[index, first:last] = _kth_smallest(saliency[index, :, first:last], k)
     chosen = saliency <= cutoff.unsqueeze(1)
-    # Counting in bytes is exact for fewer than 256 columns and ~100x faster than in int64.
+    # Counting in bytes is exact for fewer than 256 columns and much faster than in int64.
     counter = torch.uint8 if saliency.shape[1] < 256 else torch.int32
     over = chosen.view(torch.uint8).sum(dim=1, dtype=counter) > count
     # Where several saliencies tie at the cut-off, only the leftmost ones the count still needs go.

@@ -65,7 +65,7 @@ def sparsegpt_prune_columns_(
     """:func:`sparsegpt_prune` in place on contiguous float32 ``columns [B, cols, rows]``: the
     transposed weights, because a column is the unit of work. A caller that stacks layers builds
     this layout once and reads the result through a transposed view; converting on the way in
-    and out cost two strided copies of every weight, about a sixth of a SmolLM2 plan's prune.
+    and out would cost two strided copies of every weight per plan.
 
     Updates are applied lazily in two tiers: within a mask block every ``update_block`` columns
     (small, and the next columns' sweep reads them), beyond it once per mask block (one large

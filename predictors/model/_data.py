@@ -63,7 +63,7 @@ def training_set(
     ``stopped_early`` adds the trials stopped early, labelled with the quality of the windows they
     reached. A noisy label, so quality reports leave them out; but a screen that learns only from
     trials good enough to finish sees no bad plans and rates unexplored regions as good as the
-    front (in a SmolLM2 SparseGPT study, 56 of its first 69 picks were then stopped early).
+    front, so its picks are then mostly stopped early.
     """
     states = (TrialState.COMPLETE, TrialState.PRUNED) if stopped_early else (TrialState.COMPLETE,)
     # A trial pruned with another method than the study's (``refine --method``) measures that
