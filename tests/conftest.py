@@ -389,17 +389,20 @@ def _check_answers(dsn: str) -> None:
     if url.drivername == "postgresql":
         url = url.set(drivername="postgresql+psycopg2")
     engine = create_engine(url, connect_args={"connect_timeout": 10})
+    reason = None
     try:
         with engine.connect() as connection:
             connection.execute(text("SELECT 1"))
     except Exception as error:  # the driver's own error types: all mean "does not answer"
-        reason = " ".join(str(error).split())[:300]
-        if url.password:
-            reason = reason.replace(url.password, "***")
-        pytest.fail(f"{POSTGRES_ENV} names {url.render_as_string()}, which does not answer "
-                    f"({reason}); start it with `bash .ci/postgres.sh`", pytrace=False)
+        reason = " ".join(str(error).split("\n")[0].split())[:300]
     finally:
         engine.dispose()
+    if reason is not None:
+        if url.password:
+            reason = reason.replace(url.password, "***")
+        shown = make_url(dsn).render_as_string()  # the password masked
+        pytest.fail(f"{POSTGRES_ENV} names {shown}, which does not answer ({reason}); "
+                    "start it with `bash .ci/postgres.sh`", pytrace=False)
 
 
 @pytest.fixture(scope="session")
