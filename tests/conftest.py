@@ -116,8 +116,9 @@ def tiny_opt_config(vocab_size: int) -> OPTConfig:
 
 
 def save_tiny_model(config, tokenizer: PreTrainedTokenizerFast, folder: Path) -> Path:
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.random.fork_rng(devices=[]):  # the same weights, whichever test asks first
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
