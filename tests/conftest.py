@@ -297,10 +297,12 @@ STATES_QUERY = (
 
 
 def kill_mid_trial(
-    process: subprocess.Popen, states: Callable[[], list[str] | None], deadline_s: float = 120
+    process: subprocess.Popen, states: Callable[[], list[str] | None], deadline_s: float = 900
 ) -> None:
     """SIGKILL once >= 2 trials finished while another one runs: stop the process first so the
-    check and the kill see the same state."""
+    check and the kill see the same state. A process that ends first fails at once; the deadline
+    only bounds a hung one, generously: on a loaded machine (CI, a shared box) a search's start,
+    Ray's above all, takes minutes."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stderr.read().decode()[-2000:]

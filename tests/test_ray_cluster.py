@@ -181,7 +181,7 @@ def test_ray_search_on_postgres_resumes_after_driver_sigkill_and_never_shows_the
             return None
 
     process = subprocess.Popen(driver(url, address), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    kill_mid_trial(process, states, deadline_s=180)
+    kill_mid_trial(process, states)
     storage = optuna.storages.RDBStorage(engine.url.render_as_string(hide_password=False))
     before = optuna.load_study(study_name=config.study, storage=storage).trials
     shown = [process.stdout.read().decode(), process.stderr.read().decode()]
