@@ -125,6 +125,7 @@ def test_broken_recipe_yaml_is_one_line(capsys, tmp_path):
     assert code == 2 and "not valid YAML" in stderr and stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_the_installed_command_prints_no_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "autoprune", "prune", "--model", "nope", "--sparsity", "2", "--out", str(tmp_path)],

@@ -132,6 +132,7 @@ def test_plans_and_predictors_of_other_models_are_refused(searched, tiny_opt_dir
         predictor.predict([Plan(method="sparsegpt")], featurizer)
 
 
+@pytest.mark.slow
 def test_a_saved_predictor_predicts_identically_in_another_process(searched, tmp_path):
     config, study, featurizer, folder = searched
     predictor = Predictor.fit(training_set(study, featurizer), featurizer.schema)
@@ -254,6 +255,7 @@ def test_front_members_with_more_exclusive_hypervolume_are_likelier_parents():
     assert weights[3] < 0.2  # the dense end's box stops just beyond it: near the uniform floor
 
 
+@pytest.mark.slow
 def test_screening_picks_from_many_candidates_and_records_predictions(tiny_llama_dir, data_dir, tmp_path):
     config = predictor_config(tiny_llama_dir, data_dir, tmp_path, trials=22)
     space = SearchSpace.named(config.space)
@@ -284,6 +286,7 @@ def test_screening_picks_from_many_candidates_and_records_predictions(tiny_llama
     assert "predicted_ppl" not in trial_row(proposed[0])
 
 
+@pytest.mark.slow
 def test_search_flag_turns_screening_on(tiny_llama_dir, data_dir, tmp_path, capsys, monkeypatch):
     config = predictor_config(tiny_llama_dir, data_dir, tmp_path, trials=20)
 

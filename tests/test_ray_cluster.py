@@ -217,6 +217,7 @@ def test_ray_search_on_postgres_resumes_after_driver_sigkill_and_never_shows_the
     assert not leaks
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_ray_address_that_does_not_answer_is_a_one_line_error(tiny_llama_dir, data_dir, tmp_path):
     """At once, where Ray alone would retry it for many minutes."""

@@ -197,6 +197,7 @@ def test_the_sequential_measurement_is_the_final_plans_own(studied):
     assert set((folder / "cache" / "stats").iterdir()) == cached
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sequential_every", "killed_at"), [(None, 2), (3, 3), (3, 2)])
 def test_a_stopped_refinement_goes_on_where_it_stopped(studied, tmp_path, monkeypatch, sequential_every, killed_at):
     """Killed right after a generation's checkpoint and run again, a refinement ends exactly where
@@ -243,6 +244,7 @@ def test_a_stopped_refinement_goes_on_where_it_stopped(studied, tmp_path, monkey
         refine_trial(config.model_copy(update={"generations": 3}))
 
 
+@pytest.mark.slow
 def test_refined_trial_joins_the_study_and_exports_like_any_other(capsys, studied, tmp_path):
     folder, config = studied
     settings = studied.refine_config()
