@@ -37,8 +37,11 @@ $(PEER_STAMP):
 	$(PEER_VENV)/bin/pip install -q llmcompressor==0.14.0.1
 	touch $(PEER_STAMP)
 
-## The test suite (tiny random-weight models). The PostgreSQL tests use the database .ci/postgres.sh
-## installs (if needed), starts and prints, unless AUTOPRUNE_TEST_POSTGRES already names one; the
-## Ray tests start a local Ray.
+## The test suite (tiny random-weight models), in a random order (pytest-randomly prints its seed).
+## The PostgreSQL tests use the database .ci/postgres.sh installs (if needed), starts and prints,
+## unless AUTOPRUNE_TEST_POSTGRES already names one: no database stops here, so every PostgreSQL
+## test runs (a named database that does not answer fails them); the Ray tests start a local Ray.
 test: venv
-	AUTOPRUNE_TEST_POSTGRES="$${AUTOPRUNE_TEST_POSTGRES:-$$(bash .ci/postgres.sh)}" $(BIN)/python -m pytest -q
+	@dsn="$${AUTOPRUNE_TEST_POSTGRES:-$$(bash .ci/postgres.sh)}" && [ -n "$$dsn" ] \
+	  || { echo "make test: no PostgreSQL database (.ci/postgres.sh failed)" >&2; exit 1; }; \
+	AUTOPRUNE_TEST_POSTGRES="$$dsn" $(BIN)/python -m pytest -q

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_sparsegpt import correlated_inputs, reconstruction_error
+from conftest import correlated_inputs, reconstruction_error
 
 from autoprune.calibration import LinearStats
 from autoprune.methods import ADMM, LayerJob, SparseGPT, admm_factors, admm_prune_columns_

@@ -9,26 +9,13 @@ import sys
 
 import pytest
 import torch
+from conftest import prune_args, run_cli
 from transformers import AutoModelForCausalLM
 
-from autoprune.cli import main
 from autoprune.data import evaluation_windows
 from autoprune.measure import perplexity
 from autoprune.methods import PruningMethod
 from autoprune.models import ArchitectureAdapter
-
-
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def prune_args(model, data_dir, out, *extra: str) -> list[str]:
-    return [
-        "prune", "--model", str(model), "--data", str(data_dir), "--calib-samples", "8",
-        "--seq-len", "32", "--eval-windows", "4", "--out", str(out), "--format", "json", *extra,
-    ]
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_opt_dir"])
@@ -138,6 +125,7 @@ def test_broken_recipe_yaml_is_one_line(capsys, tmp_path):
     assert code == 2 and "not valid YAML" in stderr and stderr.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_the_installed_command_prints_no_traceback(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "autoprune", "prune", "--model", "nope", "--sparsity", "2", "--out", str(tmp_path)],

@@ -10,6 +10,7 @@ import json
 import optuna
 import pytest
 import torch
+from conftest import REFINE_STUDY, make_jobs, prune_args, tiny_config, with_spec
 from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM
 
@@ -21,12 +22,10 @@ from autoprune.models import load_model
 from autoprune.plan import LayerSpec, NMPattern
 from autoprune.pruner import prune_sequentially
 from autoprune.study import refine_trial, run_search, trial_plan
-from test_cli_prune import prune_args
-from test_methods_conformance import METHODS, make_jobs, with_spec
-from test_refine import STUDY, refine_config, studied  # noqa: F401 (studied: a fixture)
-from test_search_driver import tiny_config
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.cuda  # skipped where torch sees no CUDA device (conftest)
+
+METHODS = PruningMethod.available()
 
 SPECS = {"60%": LayerSpec(sparsity=0.6), "2:4": LayerSpec(nm=NMPattern(n=2, m=4))}
 
@@ -132,18 +131,18 @@ def test_prune_on_cuda_saves_the_cpu_checkpoint(capsys, tiny_llama_dir, data_dir
     assert evaluated["cuda"]["ppl"] == pytest.approx(reports["cuda"]["ppl"], rel=1e-3)
 
 
-def test_a_refinement_on_cuda_walks_the_cpu_path(studied, tmp_path) -> None:  # noqa: F811
+def test_a_refinement_on_cuda_walks_the_cpu_path(studied, tmp_path) -> None:
     """Ranked on sequential statistics too (a calibration pass on the device)."""
     folder, _ = studied
     trials = {}
     for device in ("cpu", "cuda"):
         copy = tmp_path / f"{device}.db"
         copy.write_bytes((folder / "s.db").read_bytes())
-        config = refine_config(
-            studied, storage=f"sqlite:///{copy}", generations=3, sequential_every=2, device=device
+        config = studied.refine_config(
+            storage=f"sqlite:///{copy}", generations=3, sequential_every=2, device=device
         )
         summary = refine_trial(config, progress=False)
-        study = optuna.load_study(study_name=STUDY, storage=config.storage)
+        study = optuna.load_study(study_name=REFINE_STUDY, storage=config.storage)
         trials[device] = (summary, study.trials[summary.trial], study.trials[config.trial])
     (cpu, cpu_trial, parent), (gpu, gpu_trial, _) = trials["cpu"], trials["cuda"]
     assert gpu.accepted == cpu.accepted and trial_plan(gpu_trial) == trial_plan(cpu_trial)

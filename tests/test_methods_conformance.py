@@ -4,30 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_jobs, with_spec
 
-from autoprune.calibration import LinearStats
 from autoprune.methods import LayerJob, PruningMethod
 from autoprune.plan import LayerSpec, NMPattern
 
 METHODS = PruningMethod.available()
-
-
-def make_jobs(seed: int = 0, shapes=((48, 64), (24, 64), (40, 128))) -> list[LayerJob]:
-    """Layers with their own statistics; the first two share an input group, as q/k/v do."""
-    generator = torch.Generator().manual_seed(seed)
-    jobs = []
-    inputs: dict[int, LinearStats] = {}
-    for index, (rows, cols) in enumerate(shapes):
-        if cols not in inputs:
-            x = torch.randn(512, cols, generator=generator) * torch.rand(cols, generator=generator)
-            inputs[cols] = LinearStats(f"group{cols}", (x * x).sum(0), x.T @ x, 512)
-        weight = torch.randn(rows, cols, generator=generator)
-        jobs.append(LayerJob(f"layer{index}", weight, inputs[cols], LayerSpec()))
-    return jobs
-
-
-def with_spec(jobs: list[LayerJob], spec: LayerSpec) -> list[LayerJob]:
-    return [LayerJob(j.name, j.weight, j.stats, spec) for j in jobs]
 
 
 @pytest.mark.parametrize("method", METHODS)

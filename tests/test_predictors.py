@@ -10,10 +10,10 @@ import sys
 import numpy as np
 import optuna
 import pytest
+from conftest import copy_search, run_cli, tiny_config
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from autoprune import CalibrationConfig, prepare
-from autoprune.cli import main
 from autoprune.errors import AutopruneError
 from autoprune.plan import LayerSpec, NMPattern, Plan
 from autoprune.study import SearchConfig, load_existing_study, run_search, trial_plan, trial_row
@@ -37,24 +37,30 @@ from search_spaces import SearchSpace, SpaceContext
 STUDY = "tiny"
 
 
-def tiny_config(model_dir, data_dir, folder, **overrides) -> SearchConfig:
-    settings = dict(
-        model=str(model_dir), data=str(data_dir), storage=f"sqlite:///{folder / 'study.db'}",
-        study=STUDY, trials=30, population=4, space="layerwise", method="wanda",
-        sparsity_range=(0.3, 0.7), eval_windows=2, min_windows=1, seq_len=32, calib_samples=8,
-        cache_dir=str(folder / "cache"), early_stop_margin=None,
-    )
-    return SearchConfig(**{**settings, **overrides})
+def predictor_config(model_dir, data_dir, folder, **overrides) -> SearchConfig:
+    """A seeded layer-wise Wanda study long enough to train a predictor on, never stopping early."""
+    settings = dict(study=STUDY, trials=30, seeded=True, eval_windows=2, early_stop_margin=None)
+    return tiny_config(model_dir, data_dir, folder, **{**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
-def searched(tiny_llama_dir, data_dir, tmp_path_factory):
-    """A finished layer-wise study and the featurizer of its model."""
+def searched_source(tiny_llama_dir, data_dir, tmp_path_factory):
+    """A finished layer-wise study and the featurizer of its model, built once for the module."""
     folder = tmp_path_factory.mktemp("predictor")
-    config = tiny_config(tiny_llama_dir, data_dir, folder)
+    config = predictor_config(tiny_llama_dir, data_dir, folder)
     run_search(config, progress=False)
     study = load_existing_study(config.storage, STUDY)
-    return config, study, study_featurizer(study, folder / "cache"), folder
+    return config, study_featurizer(study, folder / "cache"), folder
+
+
+@pytest.fixture
+def searched(searched_source, tmp_path):
+    """This test's own copy of the study's folder (predictors a test fits land there), the study
+    in it, and the shared featurizer."""
+    config, featurizer, folder = searched_source
+    copy = tmp_path / "predictor"
+    config = copy_search(folder, copy, config)
+    return config, load_existing_study(config.storage, STUDY), featurizer, copy
 
 
 def uniform(featurizer: Featurizer, spec: LayerSpec, removed: list[int] | None = None) -> Plan:
@@ -126,6 +132,7 @@ def test_plans_and_predictors_of_other_models_are_refused(searched, tiny_opt_dir
         predictor.predict([Plan(method="sparsegpt")], featurizer)
 
 
+@pytest.mark.slow
 def test_a_saved_predictor_predicts_identically_in_another_process(searched, tmp_path):
     config, study, featurizer, folder = searched
     predictor = Predictor.fit(training_set(study, featurizer), featurizer.schema)
@@ -248,8 +255,9 @@ def test_front_members_with_more_exclusive_hypervolume_are_likelier_parents():
     assert weights[3] < 0.2  # the dense end's box stops just beyond it: near the uniform floor
 
 
+@pytest.mark.slow
 def test_screening_picks_from_many_candidates_and_records_predictions(tiny_llama_dir, data_dir, tmp_path):
-    config = tiny_config(tiny_llama_dir, data_dir, tmp_path, trials=22)
+    config = predictor_config(tiny_llama_dir, data_dir, tmp_path, trials=22)
     space = SearchSpace.named(config.space)
     calibration = config.calibration()
     loaded, stats, _ = prepare(config.model, calibration, tmp_path / "cache", False)
@@ -278,14 +286,9 @@ def test_screening_picks_from_many_candidates_and_records_predictions(tiny_llama
     assert "predicted_ppl" not in trial_row(proposed[0])
 
 
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
+@pytest.mark.slow
 def test_search_flag_turns_screening_on(tiny_llama_dir, data_dir, tmp_path, capsys, monkeypatch):
-    config = tiny_config(tiny_llama_dir, data_dir, tmp_path, trials=20)
+    config = predictor_config(tiny_llama_dir, data_dir, tmp_path, trials=20)
 
     def second_copy(*args, **kwargs):
         raise AssertionError("the proposer loaded a second copy of the model")

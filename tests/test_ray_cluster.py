@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from functools import partial
@@ -22,12 +20,11 @@ import pytest
 import ray
 import ray.cloudpickle
 import torch
+from conftest import STATES_QUERY, assert_resumed, free_port, kill_mid_trial, tiny_config
 from optuna.trial import TrialState
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
-from test_search_resume import STATES_QUERY, assert_resumed, kill_mid_trial
-from test_search_storage import _free_port, postgres_url  # noqa: F401 (postgres_url: a fixture)
 
 from autoprune.cli import main
 from autoprune.study import (
@@ -54,27 +51,10 @@ OOM = 5  # runs out of memory the first time it runs
 COLLAPSES = {1: float("nan"), 2: float("inf")}  # its model's output layer filled with this value
 
 
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray of 2 CPUs; its files (logs included) in a short folder, since socket paths are
-    length-limited. Yields the address drivers in other processes join, and that folder."""
-    folder = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _temp_dir=str(folder))
-    try:
-        yield ray.get_runtime_context().gcs_address, folder
-    finally:
-        ray.shutdown()
-        shutil.rmtree(folder, ignore_errors=True)
-
-
 def tiny_search(model_dir: Path, data_dir: Path, tmp_path: Path, **overrides) -> SearchConfig:
-    values = dict(
-        model=str(model_dir), data=str(data_dir), storage=f"sqlite:///{tmp_path / 'study.db'}",
-        study="ray", trials=TRIALS, space="layerwise", population=4, sparsity_range=(0.3, 0.7),
-        eval_windows=2, min_windows=1, seq_len=32, calib_samples=8, threads=1, seeded=False,
-        cache_dir=str(tmp_path / "cache"),
-    )
-    return SearchConfig(**{**values, **overrides})
+    """The conftest's tiny search on 2 validation windows, its workers on one thread each."""
+    settings = dict(study="ray", trials=TRIALS, eval_windows=2, threads=1)
+    return tiny_config(model_dir, data_dir, tmp_path, **{**settings, **overrides})
 
 
 def cli_args(config: SearchConfig, storage: str) -> list[str]:
@@ -119,6 +99,8 @@ class Faulty(TrialWorker):
         return super().run(request)
 
 
+@pytest.mark.ray
+@pytest.mark.slow
 def test_ray_workers_killed_or_out_of_memory_retry_then_fail_and_collapsed_models_are_recorded(
     ray_cluster, tiny_llama_dir, data_dir, tmp_path
 ):
@@ -165,8 +147,11 @@ def test_ray_workers_killed_or_out_of_memory_retry_then_fail_and_collapsed_model
     assert all(t.user_attrs.get("retries", 0) == 0 for t in others)  # duplicates never ran
 
 
+@pytest.mark.ray
+@pytest.mark.postgres
+@pytest.mark.slow
 def test_ray_search_on_postgres_resumes_after_driver_sigkill_and_never_shows_the_password(
-    ray_cluster, postgres_url, tiny_llama_dir, data_dir, tmp_path, capsys, monkeypatch  # noqa: F811
+    ray_cluster, postgres_url, tiny_llama_dir, data_dir, tmp_path, capsys, monkeypatch
 ):
     """The first driver joins the cluster by HOST:PORT, reads the password from a file (as the
     cluster guide says) and is killed; the second joins by ``auto`` as a ``ray job submit`` driver
@@ -196,7 +181,7 @@ def test_ray_search_on_postgres_resumes_after_driver_sigkill_and_never_shows_the
             return None
 
     process = subprocess.Popen(driver(url, address), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    kill_mid_trial(process, states, deadline_s=180)
+    kill_mid_trial(process, states)
     storage = optuna.storages.RDBStorage(engine.url.render_as_string(hide_password=False))
     before = optuna.load_study(study_name=config.study, storage=storage).trials
     shown = [process.stdout.read().decode(), process.stderr.read().decode()]
@@ -232,9 +217,11 @@ def test_ray_search_on_postgres_resumes_after_driver_sigkill_and_never_shows_the
     assert not leaks
 
 
+@pytest.mark.slow
+@pytest.mark.ray
 def test_ray_address_that_does_not_answer_is_a_one_line_error(tiny_llama_dir, data_dir, tmp_path):
     """At once, where Ray alone would retry it for many minutes."""
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     search = subprocess.run(
         [sys.executable, "-m", "autoprune", "search", "--executor", "ray", "--ray-address", address,
          "--model", str(tiny_llama_dir), "--data", str(data_dir), "--storage", str(tmp_path / "s.db")],
@@ -244,12 +231,13 @@ def test_ray_address_that_does_not_answer_is_a_one_line_error(tiny_llama_dir, da
     assert search.stderr == f"autoprune: error: cannot connect to Ray at {address}: Connection refused\n"
 
 
-def test_postgres_password_never_in_errors(postgres_url, capsys, tmp_path, monkeypatch):  # noqa: F811
+@pytest.mark.postgres
+def test_postgres_password_never_in_errors(postgres_url, capsys, tmp_path, monkeypatch):
     """An unreachable database, a wrong password, a missing password file: one line each, masked."""
     url, password = postgres_url
     assert password, "the test database must want a password"
     monkeypatch.delenv(PASSWORD_ENV, raising=False)
-    closed = f"postgresql://autoprune:{password}@127.0.0.1:{_free_port()}/nowhere"
+    closed = f"postgresql://autoprune:{password}@127.0.0.1:{free_port()}/nowhere"
     shown: list[str] = []
     _cli(capsys, shown, "front", "--storage", closed, "--study", "x", code=2)
     assert "cannot open storage postgresql://autoprune:***@127.0.0.1:" in shown[-1]

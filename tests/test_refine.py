@@ -14,10 +14,10 @@ import optuna
 import pytest
 import torch
 import yaml
+from conftest import REFINE_STUDY, run_cli
 from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from autoprune.cli import main
 from autoprune.data import validation_windows
 from autoprune.measure import measure_size, perplexity
 from autoprune.methods import prune_count
@@ -26,13 +26,10 @@ from autoprune.pruner import prune_sequentially
 from autoprune.plan import LayerSpec, NMPattern, Plan
 from autoprune.errors import AutopruneError
 from autoprune.study import (
-    RefineConfig,
-    SearchConfig,
     TrialRequest,
     TrialWorker,
     WorkerSpec,
     refine_trial,
-    run_search,
     trial_plan,
     trial_row,
 )
@@ -46,7 +43,7 @@ from autoprune.study.refine import (
     refinable_layers,
 )
 
-STUDY = "refine"
+STUDY = REFINE_STUDY
 #: SmolLM2's decoder linear shapes (rows, columns): q/o, k/v, gate/up, down.
 SHAPES = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576),
           "gate": (1536, 576), "up": (1536, 576), "down": (576, 1536)}
@@ -85,28 +82,6 @@ def test_no_switch_leaves_a_layer_out_of_range():
         assert stuck.mutated(random.Random(0), 5).counts == counts
 
 
-@pytest.fixture(scope="module")
-def studied(tiny_llama_dir, data_dir, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("refine")
-    config = SearchConfig(
-        model=str(tiny_llama_dir), data=str(data_dir), storage=f"sqlite:///{folder / 's.db'}",
-        study=STUDY, trials=6, population=4, seeded=False, space="layerwise", method="sparsegpt",
-        sparsity_range=(0.5, 0.7), eval_windows=3, min_windows=1, seq_len=32, calib_samples=8,
-        cache_dir=str(folder / "cache"), objective="kl",
-    )
-    run_search(config, progress=False)
-    return folder, config
-
-
-def refine_config(studied, **overrides) -> RefineConfig:
-    folder, config = studied
-    study = optuna.load_study(study_name=STUDY, storage=config.storage)
-    parent = min((t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.values[1])
-    settings = dict(storage=config.storage, study=STUDY, trial=parent.number, generations=6,
-                    offspring=3, pool_windows=6, screen_tokens=16, cache_dir=str(folder / "cache"))
-    return RefineConfig(**{**settings, **overrides})
-
-
 def worker_for(studied) -> TrialWorker:
     folder, config = studied
     return TrialWorker(WorkerSpec(model=config.model, calibration=config.calibration(), objective="kl",
@@ -123,7 +98,7 @@ def with_structure(plan: Plan) -> Plan:
 
 @pytest.mark.parametrize("structured", [False, True])
 def test_kept_layers_are_what_a_fresh_prune_gives(studied, structured):
-    config = refine_config(studied)
+    config = studied.refine_config()
     study = optuna.load_study(study_name=STUDY, storage=config.storage)
     base = trial_plan(study.trials[config.trial])
     base = with_structure(base) if structured else base
@@ -150,7 +125,7 @@ def test_selection_keeps_the_fitter_of_parent_and_offspring(studied, monkeypatch
     """With a fitness that only depends on the allocation (sparsity pushed to the first layer is
     good), every generation's winner is at least as fit as the last, and the parent is kept
     when no offspring beats it."""
-    config = refine_config(studied, generations=30)
+    config = studied.refine_config(generations=30)
     study = optuna.load_study(study_name=STUDY, storage=config.storage)
     base = trial_plan(study.trials[config.trial])
     evolution = LevelSwitchEvolution(worker_for(studied), base, config)
@@ -168,7 +143,7 @@ def test_sequential_ranking_prunes_the_parent_as_prune_sequentially_does(studied
     gives its plan (a candidate on weights from the parent's statistics); the model stays dense
     between candidates, and statistics replaced by a refresh leave the cache."""
     folder, search = studied
-    config = refine_config(studied, sequential_every=1)
+    config = studied.refine_config(sequential_every=1)
     study = optuna.load_study(study_name=STUDY, storage=config.storage)
     base = trial_plan(study.trials[config.trial])
     worker = worker_for(studied)
@@ -198,7 +173,7 @@ def test_the_sequential_measurement_is_the_final_plans_own(studied):
     block), on the study's windows. Run as a resumed refinement with no generation left does
     it, the checkpoint's statistics are deleted although that run never loaded them."""
     folder, search = studied
-    config = refine_config(studied, sequential_every=5)
+    config = studied.refine_config(sequential_every=5)
     study = optuna.load_study(study_name=STUDY, storage=config.storage)
     base = trial_plan(study.trials[config.trial])
     worker = worker_for(studied)
@@ -222,6 +197,7 @@ def test_the_sequential_measurement_is_the_final_plans_own(studied):
     assert set((folder / "cache" / "stats").iterdir()) == cached
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("sequential_every", "killed_at"), [(None, 2), (3, 3), (3, 2)])
 def test_a_stopped_refinement_goes_on_where_it_stopped(studied, tmp_path, monkeypatch, sequential_every, killed_at):
     """Killed right after a generation's checkpoint and run again, a refinement ends exactly where
@@ -235,8 +211,8 @@ def test_a_stopped_refinement_goes_on_where_it_stopped(studied, tmp_path, monkey
         copies[name] = tmp_path / f"{name}.db"
         copies[name].write_bytes((folder / "s.db").read_bytes())
     settings = dict(generations=4, seed=5, sequential_every=sequential_every)
-    whole = refine_trial(refine_config(studied, storage=f"sqlite:///{copies['whole']}", **settings))
-    config = refine_config(studied, storage=f"sqlite:///{copies['stopped']}", **settings)
+    whole = refine_trial(studied.refine_config(storage=f"sqlite:///{copies['whole']}", **settings))
+    config = studied.refine_config(storage=f"sqlite:///{copies['stopped']}", **settings)
 
     write = optuna.Study.set_user_attr
 
@@ -268,15 +244,10 @@ def test_a_stopped_refinement_goes_on_where_it_stopped(studied, tmp_path, monkey
         refine_trial(config.model_copy(update={"generations": 3}))
 
 
-def run_cli(capsys, *args) -> tuple[int, str, str]:
-    code = main([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
+@pytest.mark.slow
 def test_refined_trial_joins_the_study_and_exports_like_any_other(capsys, studied, tmp_path):
     folder, config = studied
-    settings = refine_config(studied)
+    settings = studied.refine_config()
     code, out, err = run_cli(
         capsys, "refine", "--storage", config.storage, "--study", STUDY, "--trial", settings.trial,
         "--generations", 6, "--offspring", 3, "--pool-windows", 6, "--screen-tokens", 16,
@@ -312,7 +283,7 @@ def test_a_refinement_with_another_method_prunes_and_exports_with_it(capsys, stu
     """``--method admm`` on a trial of a SparseGPT study: the refined trial's plan names ADMM, keeps
     the parent's size, and its export reloads to the quality the study recorded."""
     folder, config = studied
-    settings = refine_config(studied, generations=2, method="admm")
+    settings = studied.refine_config(generations=2, method="admm")
     code, out, err = run_cli(
         capsys, "refine", "--storage", config.storage, "--study", STUDY, "--trial", settings.trial,
         "--generations", 2, "--offspring", 3, "--pool-windows", 6, "--screen-tokens", 16,
@@ -338,11 +309,11 @@ def test_a_refinement_with_another_method_prunes_and_exports_with_it(capsys, stu
     assert perplexity(reloaded, windows) == pytest.approx(refined.user_attrs["ppl"], rel=0.01)
     assert measure_size(reloaded, ArchitectureAdapter.for_model(reloaded)).linear_nonzeros == parent.values[0]
     # a refinement without --method keeps the checkpoint key it had before the setting existed
-    plain = refine_config(studied)
+    plain = studied.refine_config()
     path = json.dumps(plain.model_dump(include=PATH_SETTINGS - {"method"}), sort_keys=True)
     digest = hashlib.sha256(path.encode()).hexdigest()[:12]
     assert checkpoint_key(plain) == f"{CHECKPOINT_PREFIX}{plain.trial}:{digest}"
-    assert checkpoint_key(settings) != checkpoint_key(refine_config(studied, generations=2))
+    assert checkpoint_key(settings) != checkpoint_key(studied.refine_config(generations=2))
 
 
 def test_a_trial_refined_for_sequential_exports_as_prune_sequential_makes_it(capsys, studied, tmp_path):
@@ -351,7 +322,7 @@ def test_a_trial_refined_for_sequential_exports_as_prune_sequential_makes_it(cap
     it is exactly what ``prune --sequential`` makes of its plan, the recipe says sequential, and
     the trial's recorded sequential perplexity is that model's on the study's windows."""
     folder, config = studied
-    settings = refine_config(studied)
+    settings = studied.refine_config()
     cached = set((folder / "cache" / "stats").iterdir())
     code, out, err = run_cli(
         capsys, "refine", "--storage", config.storage, "--study", STUDY, "--trial", settings.trial,

@@ -11,6 +11,7 @@ import optuna
 import pytest
 import torch
 import yaml
+from conftest import copy_study_folder, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autoprune.cli import main
@@ -21,14 +22,8 @@ from autoprune.models import ArchitectureAdapter
 STUDY = "cli"
 
 
-def run_cli(capsys, *args: str) -> tuple[int, str, str]:
-    code = main([str(arg) for arg in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.fixture(scope="module")
-def searched(tiny_llama_dir, data_dir, tmp_path_factory):
+def searched_source(tiny_llama_dir, data_dir, tmp_path_factory):
     """A finished study over layer-wise sparsity and block removal, made through the CLI. Its seed
     is one whose few sampled trials include a block removal (the export test needs one); the
     draws are deterministic, so that holds until the space or the sampler changes."""
@@ -42,6 +37,17 @@ def searched(tiny_llama_dir, data_dir, tmp_path_factory):
     (folder / "search.yaml").write_text(yaml.safe_dump(config))
     assert main(["search", "--config", str(folder / "search.yaml"), "--format", "json"]) == 0
     return folder, config
+
+
+@pytest.fixture
+def searched(searched_source, tmp_path):
+    """This test's own copy of the study's folder (and the config pointing into it): the files a
+    test writes there, no other test finds."""
+    folder, config = searched_source
+    copy = tmp_path / "cli"
+    config = copy_study_folder(folder, copy, config)
+    (copy / "search.yaml").write_text(yaml.safe_dump(config))
+    return copy, config
 
 
 def digest(path) -> str:

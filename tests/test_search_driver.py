@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import copy_search, tiny_config
 from optuna.trial import TrialState
 
 from autoprune import CalibrationConfig, prepare
@@ -17,7 +18,6 @@ from autoprune.errors import AutopruneError
 from autoprune.plan import Plan
 from autoprune.study import (
     Executor,
-    SearchConfig,
     TrialRequest,
     TrialResult,
     TrialWorker,
@@ -36,20 +36,19 @@ RECORD_KEYS = {
 }
 
 
-def tiny_config(model_dir, data_dir, folder, **overrides) -> SearchConfig:
-    settings = dict(
-        model=str(model_dir), data=str(data_dir), storage=f"sqlite:///{folder / 'study.db'}",
-        study="tiny", trials=10, population=4, seeded=False, space="layerwise", method="wanda",
-        sparsity_range=(0.3, 0.7), eval_windows=3, min_windows=1, seq_len=32, calib_samples=8,
-        cache_dir=str(folder / "cache"),
-    )
-    return SearchConfig(**{**settings, **overrides})
-
-
 @pytest.fixture(scope="module")
-def finished(tiny_llama_dir, data_dir, tmp_path_factory):
-    config = tiny_config(tiny_llama_dir, data_dir, tmp_path_factory.mktemp("driver"))
-    summary = run_search(config, progress=False)
+def finished_source(tiny_llama_dir, data_dir, tmp_path_factory):
+    """A finished search, run once for the module; tests get copies (:func:`finished`)."""
+    folder = tmp_path_factory.mktemp("driver")
+    config = tiny_config(tiny_llama_dir, data_dir, folder)
+    return folder, config, run_search(config, progress=False)
+
+
+@pytest.fixture
+def finished(finished_source, tmp_path):
+    """This test's own copy of the finished study: trials it adds, no other test counts."""
+    folder, config, summary = finished_source
+    config = copy_search(folder, tmp_path / "driver", config)
     return config, summary, optuna.load_study(study_name=config.study, storage=config.storage)
 
 

@@ -6,20 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sqlite3
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 
 import optuna
-from optuna.trial import FrozenTrial, TrialState
-
-from autoprune.study import counts_toward_budget
+import pytest
+from conftest import STATES_QUERY, assert_resumed, kill_mid_trial
 
 TRIALS = 10
-FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
 
 def search_command(model_dir, data_dir, db) -> list[str]:
@@ -32,17 +27,6 @@ def search_command(model_dir, data_dir, db) -> list[str]:
     ]
 
 
-#: The states of study ``:study`` in an Optuna RDB (RUNNING only once its parameters are written),
-#: by trial number.
-STATES_QUERY = (
-    "SELECT CASE WHEN t.state = 'RUNNING' AND NOT EXISTS "
-    "(SELECT 1 FROM trial_params p WHERE p.trial_id = t.trial_id) "
-    "THEN 'ASKING' ELSE CAST(t.state AS TEXT) END "
-    "FROM trials t JOIN studies s ON s.study_id = t.study_id WHERE s.study_name = :study "
-    "ORDER BY t.number"
-)
-
-
 def trial_states(db) -> list[str] | None:
     """States by trial number, or None while the database is mid-write."""
     try:
@@ -52,29 +36,7 @@ def trial_states(db) -> list[str] | None:
         return None
 
 
-def kill_mid_trial(
-    process: subprocess.Popen, states: Callable[[], list[str] | None], deadline_s: float = 120
-) -> None:
-    """SIGKILL once >= 2 trials finished while another one runs: stop the process first so the
-    check and the kill see the same state."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read().decode()[-2000:]
-        if ready(states()):
-            os.kill(process.pid, signal.SIGSTOP)
-            if ready(states()):
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait()
-                return
-            os.kill(process.pid, signal.SIGCONT)
-        time.sleep(0.005)
-    raise AssertionError("the search never had two finished trials and a running one")
-
-
-def ready(states: list[str] | None) -> bool:
-    return bool(states) and sum(s in FINISHED for s in states) >= 2 and "RUNNING" in states
-
-
+@pytest.mark.slow
 def test_sigkill_then_rerun_continues_the_study(tiny_llama_dir, data_dir, tmp_path):
     db = tmp_path / "study.db"
     env = {**os.environ, "AUTOPRUNE_CACHE": str(tmp_path / "cache"), "TQDM_DISABLE": "1"}
@@ -89,26 +51,3 @@ def test_sigkill_then_rerun_continues_the_study(tiny_llama_dir, data_dir, tmp_pa
     assert "re-queued" in rerun.stderr
     assert json.loads(rerun.stdout)  # the front
     assert_resumed(before, optuna.load_study(study_name="resume", storage=storage).trials, TRIALS)
-
-
-def assert_resumed(before: list[FrozenTrial], after: list[FrozenTrial], trials: int) -> None:
-    """``after`` (the study once the rerun finished) kept what ``before`` (right after the kill) had
-    finished, failed and retried once each trial the kill interrupted, and holds no duplicate."""
-    orphans = {  # what each interrupted trial was to measure (parameters are written one by one)
-        t.number: t.system_attrs.get("fixed_params") or t.params
-        for t in before
-        if t.state == TrialState.RUNNING
-    }
-    kept = {t.number: (t.state, t.values, t.params) for t in before if t.state.is_finished()}
-    assert orphans and len(kept) >= 2
-    assert {t.number: (t.state, t.values, t.params) for t in after if t.number in kept} == kept
-    for number, params in orphans.items():
-        assert after[number].state == TrialState.FAIL
-        assert after[number].user_attrs["reason"] == "orphaned"
-        retries = [t for t in after if t.user_attrs.get("retry_of") == number]
-        assert len(retries) == 1 and params.items() <= retries[0].params.items()
-        assert retries[0].state in (TrialState.COMPLETE, TrialState.PRUNED)
-    complete = [json.dumps(t.params, sort_keys=True) for t in after if t.state == TrialState.COMPLETE]
-    assert len(complete) == len(set(complete))
-    assert sum(counts_toward_budget(t) for t in after) == trials
-    assert not [t for t in after if t.state in (TrialState.RUNNING, TrialState.WAITING)]

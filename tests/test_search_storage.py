@@ -1,22 +1,16 @@
-"""Storages by URL: SQLite paths, journal files and PostgreSQL (a throw-away server started here,
-or the one CI names in ``AUTOPRUNE_TEST_POSTGRES``), passwords from the environment, and no
-password ever in a message or in what a study stores."""
+"""Storages by URL: SQLite paths, journal files and PostgreSQL (the ``postgres_url`` fixture: the
+database CI names in ``AUTOPRUNE_TEST_POSTGRES``, else a throw-away server started here), passwords
+from the environment, and no password ever in a message or in what a study stores."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import socket
 import sqlite3
-import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import optuna
 import pytest
-from sqlalchemy.engine import URL, make_url
 
 from autoprune.errors import AutopruneError
 from autoprune.study import (
@@ -29,9 +23,6 @@ from autoprune.study import (
     run_search,
     write_ahead,
 )
-
-PASSWORD = "s3cret-Pa55"
-
 
 @pytest.mark.parametrize(
     ("url", "masked"),
@@ -97,57 +88,7 @@ def test_a_file_that_is_no_database_is_a_clean_error(tmp_path):
         open_storage(str(tmp_path / "x.db"))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _postgres_bin(name: str) -> str:
-    """A PostgreSQL server program: on the PATH, else in Debian's versioned folder (newest)."""
-    versioned = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
-    found = shutil.which(name) or (str(versioned[-1]) if versioned else None)
-    if found is None:
-        pytest.fail(f"no PostgreSQL {name}: install the server, or export the DSN `bash .ci/postgres.sh` "
-                    "prints as AUTOPRUNE_TEST_POSTGRES")
-    return found
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    """A URL without password of a PostgreSQL database that wants ``PASSWORD``: CI's (the DSN in
-    ``AUTOPRUNE_TEST_POSTGRES``), else a throw-away server started here. Never a skip: these tests
-    are the only proof the storage works on a real server."""
-    given = os.environ.get("AUTOPRUNE_TEST_POSTGRES")
-    if given:
-        url = make_url(given)  # URL.set(password=None) keeps the password: build one without
-        bare = URL.create(url.drivername, url.username, None, url.host, url.port, url.database, url.query)
-        yield bare.render_as_string(), url.password
-        return
-    folder = Path(tempfile.mkdtemp(prefix="autoprune-pg-"))
-    as_user = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if as_user:
-        shutil.chown(folder, "postgres")
-    (folder / "pw").write_text(PASSWORD)
-    port = _free_port()
-    subprocess.run(
-        [*as_user, _postgres_bin("initdb"), "-D", str(folder / "data"), "-U", "autoprune", "--auth=scram-sha-256",
-         f"--pwfile={folder / 'pw'}", "--no-sync"], check=True, capture_output=True,
-    )
-    options = f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off"
-    pg_ctl = _postgres_bin("pg_ctl")
-    subprocess.run(
-        [*as_user, pg_ctl, "-D", str(folder / "data"), "-o", options, "-l", str(folder / "log"), "-w", "start"],
-        check=True, capture_output=True,
-    )
-    try:
-        yield f"postgresql://autoprune@127.0.0.1:{port}/postgres", PASSWORD
-    finally:
-        subprocess.run([*as_user, pg_ctl, "-D", str(folder / "data"), "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(folder, ignore_errors=True)
-
-
+@pytest.mark.postgres
 def test_postgres_with_the_password_from_the_environment(
     postgres_url, tiny_llama_dir, data_dir, tmp_path, monkeypatch
 ):

@@ -5,21 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import correlated_inputs, reconstruction_error
 
 from autoprune.calibration import LinearStats
 from autoprune.methods import LayerJob, SparseGPT, prune_count
 from autoprune.methods.sparsegpt import inverse_hessian_factor, sparsegpt_prune, sparsegpt_prune_columns_
 from autoprune.plan import LayerSpec, NMPattern
-
-
-def correlated_inputs(tokens: int, width: int, seed: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    mixing = torch.randn(width, width, generator=generator) / width**0.5
-    return torch.randn(tokens, width, generator=generator) @ (torch.eye(width) + mixing)
-
-
-def reconstruction_error(original: torch.Tensor, pruned: torch.Tensor, x: torch.Tensor) -> float:
-    return float(((x @ original.T - x @ pruned.T) ** 2).sum())
 
 
 def test_update_lowers_error_against_the_same_mask() -> None:
