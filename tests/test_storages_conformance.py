@@ -89,14 +89,14 @@ def test_a_search_stores_its_settings_resumes_and_refuses_changes(
     first = run_search(config, progress=False)
     study = load_existing_study(storage, name)
     assert first.finished == 3 and not first.resumed and len(study.trials) == 3
-    assert study_settings(study) == config.study_settings()
+    assert study_settings(study) == config.settings()
     before = {t.number: (t.state, t.values, t.params, t.user_attrs) for t in study.trials}
 
     again = run_search(config.model_copy(update={"trials": 4}), progress=False)
     study = load_existing_study(storage, name)
     assert again.resumed and again.finished == 4 and len(study.trials) == 4
     assert {t.number: (t.state, t.values, t.params, t.user_attrs) for t in study.trials[:3]} == before
-    assert study_settings(study) == config.study_settings()
+    assert study_settings(study) == config.settings()
 
     with pytest.raises(AutopruneError, match="eval_windows"):
         run_search(config.model_copy(update={"eval_windows": 3, "trials": 6}), progress=False)
