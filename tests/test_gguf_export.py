@@ -6,12 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import gguf
+import optuna
 import pytest
 import torch
+import yaml
 from conftest import WORDS, save_tiny_model, synthetic_text, tiny_llama_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
+from autoprune.cli import main
+from autoprune.data import evaluation_windows
 from autoprune.errors import AutopruneError
 from autoprune.export_gguf import export_checkpoint_gguf, write_gguf
 from autoprune.measure import perplexity
@@ -142,3 +146,63 @@ def test_an_existing_file_is_not_overwritten(bpe_llama_dir, tmp_path):
     with pytest.raises(AutopruneError, match="already exists"):
         export_checkpoint_gguf(bpe_llama_dir, path, "f16")
     assert path.read_text() == "keep me"
+
+
+def searched_study(model_dir: Path, data_dir: Path, folder: Path, trials: int) -> dict:
+    """A finished study over layer-wise sparsity and block removal, made through the CLI."""
+    config = {
+        "model": str(model_dir), "data": str(data_dir), "storage": f"sqlite:///{folder / 's.db'}",
+        "study": "gguf", "trials": trials, "seeded": False, "population": 4, "space": "depth_layerwise",
+        "seed": 6, "method": "sparsegpt", "sparsity_range": [0.3, 0.7], "eval_windows": 3,
+        "min_windows": 1, "seq_len": 32, "calib_samples": 8, "cache_dir": str(folder / "cache"),
+    }
+    (folder / "search.yaml").write_text(yaml.safe_dump(config))
+    assert main(["search", "--config", str(folder / "search.yaml"), "--format", "json"]) == 0
+    return config
+
+
+def export_args(config: dict, trial: int, out: Path, *extra: str) -> list[str]:
+    return ["export", "--storage", config["storage"], "--study", config["study"], "--trial", str(trial),
+            "--out", str(out), "--cache-dir", config["cache_dir"], *extra]
+
+
+def test_cli_export_gguf_matches_the_safetensors_export(bpe_llama_dir, data_dir, tmp_path, capsys):
+    config = searched_study(bpe_llama_dir, data_dir, tmp_path, trials=6)
+    study = optuna.load_study(study_name="gguf", storage=config["storage"])
+    trial = max(study.best_trials, key=lambda t: len(t.user_attrs["plan"]["removed_blocks"]))
+    out = tmp_path / "export"
+    assert main(export_args(config, trial.number, out, "--format", "gguf", "--gguf-type", "f16")) == 0
+    assert f"{out / 'model-f16.gguf'}" in capsys.readouterr().out
+    checkpoint = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    model = reload(out / "model-f16.gguf")
+    assert model.config.num_hidden_layers == 4 - len(trial.user_attrs["plan"]["removed_blocks"])
+    windows = evaluation_windows(str(data_dir), AutoTokenizer.from_pretrained(out), 32, 4)
+    assert abs(perplexity(model, windows) / perplexity(checkpoint, windows) - 1) < 0.01
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--format", "gguf", "--gguf-type", "q4_k"], "argument --gguf-type: invalid choice: 'q4_k'"),
+        (["--gguf-type", "f16"], "--gguf-type needs --format gguf"),
+    ],
+)
+def test_cli_bad_gguf_flags_write_nothing(flags, message, tmp_path, capsys):
+    out = tmp_path / "export"
+    code = main(export_args({"storage": f"sqlite:///{tmp_path / 'none.db'}", "study": "s",
+                             "cache_dir": str(tmp_path)}, 0, out, *flags))
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not (tmp_path / "none.db").exists()
+
+
+def test_cli_export_of_a_model_gguf_cannot_express_leaves_nothing(tiny_llama_dir, data_dir, tmp_path, capsys):
+    config = searched_study(tiny_llama_dir, data_dir, tmp_path, trials=2)  # a WordLevel tokenizer
+    out = tmp_path / "export"
+    out.mkdir()
+    code = main(export_args(config, 0, out, "--format", "gguf"))
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the pruning's progress bars
+    assert code == 2 and last.startswith("autoprune: error: GGUF export") and "WordLevel" in last
+    assert err.count("autoprune:") == 1
+    assert out.is_dir() and list(out.iterdir()) == []

@@ -5,11 +5,14 @@ it; ``autoprune prune --recipe DIR/recipe.yaml --out OTHER`` rebuilds the same m
 holds the model, the calibration settings and the plan, never the storage URL. ``--sequential``
 exports the variant ``prune --sequential`` makes of the trial's plan (and says so in the recipe);
 its ``recorded_ppl`` is then the study's measurement of that variant, which only trials refined for
-it have (empty for the rest: the study never measured it)."""
+it have (empty for the rest: the study never measured it). ``--format gguf`` also writes
+``DIR/model-<type>.gguf`` (:mod:`autoprune.export_gguf`) and prints the table; a model GGUF
+cannot express leaves nothing behind."""
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,6 +22,7 @@ from autoprune.api import prune
 from autoprune.cli._common import add_format, render
 from autoprune.errors import AutopruneError
 from autoprune.export import check_output_dir
+from autoprune.export_gguf import GGUF_TYPES, export_checkpoint_gguf
 from autoprune.study import (
     DEFAULT_STORAGE,
     find_trial,
@@ -42,12 +46,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="prune block after block from the already-pruned model's statistics (the recipe "
         "keeps it): what `refine --sequential-every` tunes a trial for, not what the study measured",
     )
-    add_format(parser)
+    add_format(parser, ("table", "json", "gguf"))
+    parser.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
+                        help="with --format gguf: f16 (default) or q8_0")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.gguf_type is not None and args.format != "gguf":
+        raise AutopruneError("--gguf-type needs --format gguf")
     check_output_dir(args.out)
+    out_existed = args.out.exists()
     study = load_existing_study(args.storage, args.study)
     trial = find_trial(study, args.trial)
     if trial.state != TrialState.COMPLETE:
@@ -64,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
     report = prune(recipe.model, recipe.calibration, recipe.plan, args.out,
                    cache_dir=args.cache_dir, sequential=recipe.sequential)
     recipe.save(args.out / RECIPE_FILE)
+    gguf_file = _write_gguf(args.out, args.gguf_type or "f16", out_existed) if args.format == "gguf" else None
     recorded = trial.user_attrs["size"]["linear_nonzeros"]
     if report.size.linear_nonzeros != recorded:
         print(
@@ -80,5 +90,21 @@ def run(args: argparse.Namespace) -> int:
         "recorded_nonzeros": recorded,
         "recorded_ppl": recorded_sequential_ppl(trial) if args.sequential else trial.user_attrs.get("ppl"),
     }
-    print(render([row], args.format))
+    if gguf_file is not None:
+        row["gguf"] = str(gguf_file)
+    print(render([row], "table" if args.format == "gguf" else args.format))
     return 0
+
+
+def _write_gguf(out: Path, gguf_type: str, out_existed: bool) -> Path:
+    """The checkpoint in ``out`` as a GGUF beside it; on failure ``out`` is as it was before (absent
+    or empty), so a model GGUF cannot express leaves nothing written."""
+    path = out / f"model-{gguf_type}.gguf"
+    try:
+        export_checkpoint_gguf(out, path, gguf_type)
+    except BaseException:
+        shutil.rmtree(out)
+        if out_existed:
+            out.mkdir()
+        raise
+    return path

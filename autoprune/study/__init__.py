@@ -31,6 +31,7 @@ from autoprune.study._storage import (
     opened_storage,
     write_ahead,
 )
+from autoprune.study._tasks import recorded_task_scores, score_trials_on_tasks
 from autoprune.study._worker import (
     Objective,
     TrialRequest,
@@ -68,6 +69,8 @@ __all__ = [
     "load_existing_study",
     "mask_url",
     "open_storage",
+    "recorded_task_scores",
+    "score_trials_on_tasks",
     "opened_storage",
     "pareto_trials",
     "recorded_sequential_ppl",
