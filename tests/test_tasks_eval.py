@@ -102,6 +102,7 @@ def test_front_tasks_records_each_front_members_scores(tiny_llama_dir, data_dir,
     out_dir = tmp_path / "export"
     export = ["export", *where, "--trial", str(first), "--out", str(out_dir), "--cache-dir", config["cache_dir"]]
     assert main(export) == 0
+    capsys.readouterr()
     reference = lm_eval_scores(out_dir, include_path, limit=8)
     assert rows[0][f"acc:{TASK}"] == pytest.approx(reference["acc,none"], abs=1e-12)
     code, out, _ = run_cli(capsys, "front", *where, "--format", "json")
