@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from autoprune.cli import main
 from autoprune.data import evaluation_windows
 from autoprune.errors import AutopruneError
+from autoprune.export import save_checkpoint
 from autoprune.export_gguf import export_checkpoint_gguf, write_gguf
 from autoprune.measure import perplexity
 from autoprune.models import LlamaFamilyAdapter, load_model
@@ -206,3 +207,22 @@ def test_cli_export_of_a_model_gguf_cannot_express_leaves_nothing(tiny_llama_dir
     assert code == 2 and last.startswith("autoprune: error: GGUF export") and "WordLevel" in last
     assert err.count("autoprune:") == 1
     assert out.is_dir() and list(out.iterdir()) == []
+
+
+def test_a_model_from_a_gguf_keeps_that_files_tokenizer_metadata(bpe_llama_dir, tokenizer, tmp_path):
+    """A checkpoint whose recipe names a .gguf (as the smollm2-135m alias does) copies the source's
+    tokenizer.* fields verbatim. The checkpoint here carries a WordLevel tokenizer, which could not
+    be converted: only the copy can succeed."""
+    loaded = load_model(str(bpe_llama_dir))
+    source = tmp_path / "source.gguf"
+    write_gguf(loaded.model, loaded.tokenizer, source)
+    checkpoint = tmp_path / "checkpoint"
+    save_checkpoint(loaded.model, tokenizer, checkpoint, {"recipe": {"model": str(source)}})
+    copied = tmp_path / "copied.gguf"
+    export_checkpoint_gguf(checkpoint, copied, "f16")
+    want, got = gguf.GGUFReader(source).fields, gguf.GGUFReader(copied).fields
+    names = sorted(name for name in want if name.startswith("tokenizer."))
+    assert names == sorted(name for name in got if name.startswith("tokenizer."))
+    assert {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.pre"} <= set(names)
+    for name in names:
+        assert got[name].contents() == want[name].contents(), name
