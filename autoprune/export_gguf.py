@@ -136,7 +136,8 @@ def write_gguf(
         else:
             write_tokenizer_metadata(writer, tokenizer, vocab_rows)
         for name, tensor in state.items():
-            _add_tensor(writer, name, tensor, layout, gguf_type)
+            if not _orphan_norm(name, layout):
+                _add_tensor(writer, name, tensor, layout, gguf_type)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -189,6 +190,19 @@ def _write_header(
     writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))))
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_file_type(FILE_TYPES[gguf_type])
+
+
+def _orphan_norm(name: str, layout: GGUFLayout) -> bool:
+    """The norm of a sub-block that has no attention (no heads) or no FFN: llama.cpp's ``deci``
+    creates no such tensor and refuses a file with tensors it did not ask for."""
+    target = _gguf_name(name) or ""
+    block = target.split(".")[1] if target.startswith("blk.") else None
+    if block is None:
+        return False
+    index = int(block)
+    return (target.endswith("attn_norm.weight") and layout.heads[index] == 0) or (
+        target.endswith("ffn_norm.weight") and layout.ffn[index] == 0
+    )
 
 
 def _gguf_name(name: str) -> str | None:

@@ -226,3 +226,14 @@ def test_a_model_from_a_gguf_keeps_that_files_tokenizer_metadata(bpe_llama_dir, 
     assert {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.pre"} <= set(names)
     for name in names:
         assert got[name].contents() == want[name].contents(), name
+
+
+def test_a_block_without_ffn_is_written_without_its_ffn_tensors(bpe_llama_dir, tmp_path):
+    loaded = load_model(str(bpe_llama_dir))
+    del LlamaFamilyAdapter().blocks(loaded.model)[2].mlp  # a sub-network that dropped block 2's FFN
+    path = tmp_path / "no-ffn.gguf"
+    layout = write_gguf(loaded.model, loaded.tokenizer, path)
+    assert layout.architecture == "deci" and layout.ffn == [128, 128, 0, 128]
+    names = {tensor.name for tensor in gguf.GGUFReader(path).tensors}
+    assert not any(name.startswith("blk.2.ffn_") for name in names)
+    assert {"blk.2.attn_norm.weight", "blk.2.attn_q.weight", "blk.1.ffn_norm.weight"} <= names
