@@ -66,10 +66,14 @@ def run_tasks(
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    output = simple_evaluate(
-        model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False,
-        bootstrap_iters=100_000,
-    )
+    try:
+        output = simple_evaluate(
+            model=lm, tasks=list(tasks), task_manager=manager, limit=limit, log_samples=False,
+            bootstrap_iters=100_000,
+        )
+    except (ConnectionError, FileNotFoundError) as error:  # a task's data set, offline or absent
+        reason = " ".join(str(error).split())[:200]
+        raise AutopruneError(f"lm-eval could not load the data of {', '.join(tasks)}: {reason}") from None
     rows = []
     for name in tasks:
         result = output["results"].get(name, {})

@@ -107,3 +107,14 @@ def test_front_tasks_records_each_front_members_scores(tiny_llama_dir, data_dir,
     assert rows[0][f"acc:{TASK}"] == pytest.approx(reference["acc,none"], abs=1e-12)
     code, out, _ = run_cli(capsys, "front", *where, "--format", "json")
     assert json.loads(out)[0][f"acc:{TASK}"] == rows[0][f"acc:{TASK}"]  # a plain front shows them
+
+
+def test_a_task_whose_data_cannot_be_loaded_is_one_line(tiny_llama_dir, tmp_path, capsys):
+    """As a hub task is offline: lm-eval knows the task but cannot read its data."""
+    text = (TASK_FOLDER / "tiny_mc.yaml").read_text()
+    (tmp_path / "tiny_mc.yaml").write_text(text.replace("DATA_FILE", str(tmp_path / "missing.jsonl")))
+    code, out, err = run_cli(capsys, "eval", "--model", tiny_llama_dir, "--tasks", TASK,
+                             "--include-path", tmp_path)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and out == "" and err.count("autoprune:") == 1
+    assert last.startswith(f"autoprune: error: lm-eval could not load the data of {TASK}")
