@@ -121,7 +121,7 @@ def markdown(result: dict) -> str:
         f"# GGUF round trip: {result['model']}, {result['windows']} WikiText-2 test windows of "
         f"{result['seq_len']} tokens",
         "",
-        "`python experiments/gguf_roundtrip.py --data ../shared/data/wikitext-2 --work WORK`",
+        "`python experiments/gguf_roundtrip.py --data ../shared/data/wikitext-2 --work WORK --threads 1`",
         "",
         "| variant | type | blocks | safetensors ppl | GGUF ppl | difference | same token ids | GGUF MB |",
         "|---|---|---|---|---|---|---|---|",
