@@ -73,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     report = prune(recipe.model, recipe.calibration, recipe.plan, args.out,
                    cache_dir=args.cache_dir, sequential=recipe.sequential)
     recipe.save(args.out / RECIPE_FILE)
-    gguf_file = _write_gguf(args.out, args.gguf_type or "f16", out_existed) if args.format == "gguf" else None
+    gguf_file = None
+    if args.format == "gguf":
+        gguf_file = _write_gguf(args.out, args.gguf_type or "f16", out_existed)
     recorded = trial.user_attrs["size"]["linear_nonzeros"]
     if report.size.linear_nonzeros != recorded:
         print(
