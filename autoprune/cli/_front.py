@@ -1,6 +1,8 @@
 """``autoprune front``: the non-dominated trials of a study, as a table, JSON or CSV, and a plot.
 
 It only reads: the storage must exist and hold the study (nothing is ever created by a query).
+``--tasks`` is the exception: it scores the front's members on lm-eval tasks and records the
+scores in the study (``tasks:<trial>``); every later ``front`` shows them.
 """
 
 from __future__ import annotations
@@ -12,9 +14,17 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from autoprune.cli._common import add_format, render
+from autoprune.cli._common import add_device_flag, add_format, render
+from autoprune.cli._eval import add_task_flags, check_task_flags
 from autoprune.errors import AutopruneError
-from autoprune.study import DEFAULT_STORAGE, front_trials, load_existing_study, trial_row
+from autoprune.study import (
+    DEFAULT_STORAGE,
+    front_trials,
+    load_existing_study,
+    recorded_task_scores,
+    score_trials_on_tasks,
+    trial_row,
+)
 
 PLOT_SUFFIXES = (".png", ".html")
 
@@ -25,18 +35,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--study", required=True, help="study name")
     add_format(parser, ("table", "json", "csv"))
     parser.add_argument("--plot", type=Path, help="also plot all trials and the front (.png/.html)")
+    add_task_flags(parser)
+    parser.add_argument("--cache-dir", type=Path, default=None, help="calibration cache (--tasks)")
+    add_device_flag(parser)
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    check_task_flags(args)
     if args.plot is not None:
         check_plot_path(args.plot)
     study = load_existing_study(args.storage, args.study)
     front = front_trials(study)
-    print(render([trial_row(trial) for trial in front], args.format))
+    if args.tasks is not None:
+        score_trials_on_tasks(study, front, args.tasks, args.include_path, args.limit,
+                              args.device, args.cache_dir)
+    print(render([front_row(study, trial) for trial in front], args.format))
     if args.plot is not None:
         plot_front(study, front, args.plot)
     return 0
+
+
+def front_row(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict:
+    """:func:`trial_row` with the trial's recorded task accuracies, one ``acc:<task>`` column each."""
+    row = trial_row(trial)
+    for task, score in recorded_task_scores(study, trial.number).items():
+        row[f"acc:{task}"] = score.get("acc")
+    return row
 
 
 def check_plot_path(path: Path) -> None:

@@ -26,6 +26,7 @@ from autoprune.study._storage import (
     storage_file,
     write_ahead,
 )
+from autoprune.study._tasks import recorded_task_scores, score_trials_on_tasks
 from autoprune.study._worker import (
     Objective,
     TrialRequest,
@@ -79,8 +80,10 @@ __all__ = [
     "opened_storage",
     "pareto_trials",
     "recorded_sequential_ppl",
+    "recorded_task_scores",
     "refine_trial",
     "run_search",
+    "score_trials_on_tasks",
     "storage_file",
     "study_settings",
     "trial_plan",

@@ -5,11 +5,14 @@ it; ``autoprune prune --recipe out/recipe.yaml --out OTHER`` rebuilds the same m
 holds the model, the calibration settings and the plan, never the storage URL. ``sequential``
 exports the variant ``prune --sequential`` makes of the trial's plan (and says so in the recipe);
 its ``recorded_ppl`` is then the study's measurement of that variant, which only trials refined for
-it have (None for the rest: the study never measured it).
+it have (None for the rest: the study never measured it). ``gguf_type`` also writes
+``out/model-<type>.gguf`` (:mod:`autoprune.export_gguf`); a model GGUF cannot express leaves ``out``
+as it was before the export.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +22,7 @@ from optuna.trial import TrialState
 from autoprune.api import PruneReport, prune
 from autoprune.errors import AutopruneError
 from autoprune.export import check_output_dir
+from autoprune.export_gguf import GGUF_TYPES, export_checkpoint_gguf
 from autoprune.study._records import find_trial, recorded_sequential_ppl
 from autoprune.study._settings import trial_recipe
 from autoprune.study._storage import load_existing_study
@@ -38,6 +42,8 @@ class ExportResult:
     #: The study's perplexity of the exported variant; None where the study never measured it.
     recorded_ppl: float | None
     notes: list[str] = field(default_factory=list)
+    #: The GGUF file written beside the checkpoint, if one was asked for.
+    gguf: Path | None = None
 
     @property
     def recipe(self) -> Path:
@@ -53,7 +59,7 @@ class ExportResult:
             "nonzeros": self.report.size.linear_nonzeros,
             "recorded_nonzeros": self.recorded_nonzeros,
             "recorded_ppl": self.recorded_ppl,
-        }
+        } | ({"gguf": str(self.gguf)} if self.gguf is not None else {})
 
 
 def export_trial(
@@ -64,12 +70,17 @@ def export_trial(
     sequential: bool = False,
     cache_dir: Path | None = None,
     progress: bool = True,
+    gguf_type: str | None = None,
 ) -> ExportResult:
     """Prune the model of ``study``'s complete trial number ``trial`` as the study recipe says,
     save it to ``out`` (a new or empty folder, checked before anything loads) with its recipe, and
     compare its size with the study's record. ``sequential`` prunes block after block from the
-    already-pruned model's statistics (what ``refine --sequential-every`` tunes a trial for)."""
+    already-pruned model's statistics (what ``refine --sequential-every`` tunes a trial for).
+    ``gguf_type`` (one of :data:`GGUF_TYPES`) also writes the checkpoint as a GGUF file."""
+    if gguf_type is not None and gguf_type not in GGUF_TYPES:
+        raise AutopruneError(f"unknown GGUF type {gguf_type!r} (known: {', '.join(GGUF_TYPES)})")
     check_output_dir(out)
+    out_existed = out.exists()
     loaded_study = load_existing_study(storage, study)
     frozen = find_trial(loaded_study, trial)
     if frozen.state != TrialState.COMPLETE:
@@ -86,6 +97,7 @@ def export_trial(
     report = prune(recipe.model, recipe.calibration, recipe.plan, out, cache_dir=cache_dir,
                    progress=progress, sequential=recipe.sequential)
     recipe.save(out / RECIPE_FILE)
+    gguf = _write_gguf(out, gguf_type, out_existed) if gguf_type is not None else None
     recorded = frozen.user_attrs["size"]["linear_nonzeros"]
     if report.size.linear_nonzeros != recorded:
         notes.append(
@@ -93,4 +105,18 @@ def export_trial(
             f"recorded {recorded} (different calibration data or model?)"
         )
     ppl = recorded_sequential_ppl(frozen) if sequential else frozen.user_attrs.get("ppl")
-    return ExportResult(frozen.number, out, report, recorded, ppl, notes)
+    return ExportResult(frozen.number, out, report, recorded, ppl, notes, gguf)
+
+
+def _write_gguf(out: Path, gguf_type: str, out_existed: bool) -> Path:
+    """The checkpoint in ``out`` as a GGUF beside it; on failure ``out`` is as it was before (absent
+    or empty), so a model GGUF cannot express leaves nothing written."""
+    path = out / f"model-{gguf_type}.gguf"
+    try:
+        export_checkpoint_gguf(out, path, gguf_type)
+    except BaseException:
+        shutil.rmtree(out)
+        if out_existed:
+            out.mkdir()
+        raise
+    return path
