@@ -17,7 +17,7 @@ from optuna.trial import FrozenTrial
 from autoprune.api import prepare
 from autoprune.models import compute_device
 from autoprune.pruner import Pruner
-from autoprune.study._records import trial_recipe
+from autoprune.study._settings import trial_recipe
 from autoprune.tasks import run_tasks, task_manager, task_scores
 
 TASKS_ATTR_PREFIX = "tasks:"
