@@ -19,6 +19,9 @@ from optuna.trial import FrozenTrial, TrialState
 from autoprune.study import counts_toward_budget
 
 TRIALS = 10
+#: A short heartbeat, so a killed driver's trials are stale (re-queued) after GRACE_S seconds.
+GRACE_S = 3.0
+HEARTBEAT = {"AUTOPRUNE_HEARTBEAT_S": "0.3", "AUTOPRUNE_HEARTBEAT_GRACE_S": str(GRACE_S)}
 FINISHED = ("COMPLETE", "PRUNED", "FAIL")
 
 
@@ -77,10 +80,11 @@ def ready(states: list[str] | None) -> bool:
 
 def test_sigkill_then_rerun_continues_the_study(tiny_llama_dir, data_dir, tmp_path):
     db = tmp_path / "study.db"
-    env = {**os.environ, "AUTOPRUNE_CACHE": str(tmp_path / "cache"), "TQDM_DISABLE": "1"}
+    env = {**os.environ, "AUTOPRUNE_CACHE": str(tmp_path / "cache"), "TQDM_DISABLE": "1", **HEARTBEAT}
     command = search_command(tiny_llama_dir, data_dir, db)
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     kill_mid_trial(process, lambda: trial_states(db))
+    time.sleep(GRACE_S)  # the killed driver's heartbeat goes stale (test_search_liveness: not before)
 
     storage = f"sqlite:///{db}"
     before = optuna.load_study(study_name="resume", storage=storage).trials
