@@ -99,8 +99,13 @@ class _Claim:
 class DriverLease:
     """The lease of one study, claimed by :meth:`acquire` and renewed by a thread."""
 
-    def __init__(self, storage: BaseStorage, study: str, interval: float, grace: float) -> None:
+    def __init__(
+        self, storage: BaseStorage, study: str, interval: float, grace: float, label: str | None = None
+    ) -> None:
+        """``study`` names what is leased (a study, or a refinement: any name); ``label`` says
+        what it is in messages ("study 'NAME'" by default)."""
         self.storage, self.study, self.interval, self.grace = storage, study, interval, grace
+        self.label = label or f"study {study!r}"
         self.lost = False
         self._trial_id: int | None = None
         self._in_flight: Callable[[], Iterable[int]] = tuple
@@ -148,10 +153,10 @@ class DriverLease:
         holder = min((c for c in claims if c.live(now)), key=lambda c: c.trial_id, default=None)
         if holder is not None and holder.trial_id != self._trial_id:
             raise AutopruneError(
-                f"study {self.study!r} is driven by another search ({holder.host} pid {holder.pid}, "
+                f"{self.label} is driven by another process ({holder.host} pid {holder.pid}, "
                 f"last heartbeat {now - holder.beat:.0f} s ago); stop it or let it finish, then run "
                 f"this again (a driver that died is taken over {holder.grace:.0f} s after its last "
-                f"heartbeat), or use another --study"
+                f"heartbeat)"
             )
 
     def track(self, in_flight: Callable[[], Iterable[int]]) -> None:
@@ -170,12 +175,12 @@ class DriverLease:
             self.storage.set_trial_system_attr(self._trial_id, HEARTBEAT_ATTR, now)
         except UpdateFinishedTrialError:
             if not self.lost:
-                _LOG.warning("autoprune: the lease on study %r was taken over by another driver; "
-                             "no more trials are asked here", self.study)
+                _LOG.warning("autoprune: the lease on %s was taken over by another driver; "
+                             "no more work is started here", self.label)
             self.lost = True
             return
         except Exception as error:  # a storage hiccup: the next beat tries again
-            _LOG.warning("autoprune: heartbeat of study %r not written (%s)", self.study, type(error).__name__)
+            _LOG.warning("autoprune: heartbeat of %s not written (%s)", self.label, type(error).__name__)
             return
         for trial_id in list(self._in_flight()):
             try:
@@ -203,10 +208,10 @@ def _finish_quietly(storage: BaseStorage, trial_id: int, state: TrialState = Tri
         pass  # another driver finished it first: the same outcome
 
 
-def lease_for(storage: BaseStorage, study: str) -> DriverLease:
+def lease_for(storage: BaseStorage, study: str, label: str | None = None) -> DriverLease:
     """The lease of ``study`` with the heartbeat settings of the environment; :meth:`DriverLease.check`
     refuses early if another driver holds it."""
-    lease = DriverLease(storage, study, *heartbeat_settings())
+    lease = DriverLease(storage, study, *heartbeat_settings(), label=label)
     lease.check()
     return lease
 

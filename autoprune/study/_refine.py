@@ -54,7 +54,8 @@ from autoprune.methods import prune_count
 from autoprune.plan import LayerSpec, MethodName, Plan
 from autoprune.pruner import Pruner, sequential_statistics, sequential_statistics_folder
 from autoprune.study._records import find_trial, study_settings, trial_plan, trial_row
-from autoprune.study._storage import DEFAULT_STORAGE, load_existing_study
+from autoprune.study._liveness import holding, lease_for
+from autoprune.study._storage import DEFAULT_STORAGE, load_existing_study, opened_storage
 from autoprune.study._worker import TrialRequest, TrialResult, TrialWorker, WorkerSpec
 from search_spaces import MAX_LAYER_SPARSITY
 
@@ -442,7 +443,17 @@ def refine_trial(config: RefineConfig, progress: bool = False) -> RefineSummary:
     The same command is safe to run again: a refinement the study already holds is reported, not
     repeated, and one that was stopped goes on from its last generation (each generation leaves a
     checkpoint in the study; the trial is only added at the end, so the study never holds half a
-    refinement)."""
+    refinement). One process at a time runs a refinement (its checkpoints have one writer): a
+    second one on the same trial and settings refuses while the first one's lease is live (see
+    :mod:`autoprune.study._liveness`)."""
+    find_trial(load_existing_study(config.storage, config.study), config.trial)  # bad input: nothing written
+    with opened_storage(config.storage) as storage:
+        label = f"the refinement of trial {config.trial} in study {config.study!r} with these settings"
+        with holding(lease_for(storage, f"{config.study}:{checkpoint_key(config)}", label)):
+            return _refine_trial(config, progress)
+
+
+def _refine_trial(config: RefineConfig, progress: bool) -> RefineSummary:
     study = load_existing_study(config.storage, config.study)
     settings = study_settings(study)
     parent = find_trial(study, config.trial)
@@ -579,4 +590,4 @@ def _record(
         system_attrs=constraints,
     )
     study.add_trial(trial)
-    return study.get_trials(deepcopy=False)[-1]
+    return find_refinement(study, config)  # not the last trial: a search may add trials meanwhile
