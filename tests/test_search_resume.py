@@ -58,16 +58,23 @@ def trial_states(db) -> list[str] | None:
 def kill_mid_trial(
     process: subprocess.Popen, states: Callable[[], list[str] | None], deadline_s: float = 120
 ) -> None:
-    """SIGKILL once >= 2 trials finished while another one runs: stop the process first so the
-    check and the kill see the same state."""
+    """SIGKILL once >= 2 trials finished while another one runs."""
+    stop_mid_trial(process, states, deadline_s)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def stop_mid_trial(
+    process: subprocess.Popen, states: Callable[[], list[str] | None], deadline_s: float = 120
+) -> None:
+    """SIGSTOP once >= 2 trials finished while another one runs: stop the process first so the
+    check and the stop see the same state."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
         if ready(states()):
             os.kill(process.pid, signal.SIGSTOP)
             if ready(states()):
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait()
                 return
             os.kill(process.pid, signal.SIGCONT)
         time.sleep(0.005)

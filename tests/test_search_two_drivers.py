@@ -15,7 +15,7 @@ import time
 import optuna
 import pytest
 from optuna.trial import TrialState
-from test_search_resume import assert_resumed, kill_mid_trial, ready
+from test_search_resume import assert_resumed, kill_mid_trial, stop_mid_trial
 from test_search_storage import postgres_url  # noqa: F401 (a fixture)
 
 from autoprune.study import counts_toward_budget
@@ -76,20 +76,6 @@ def _go(process: subprocess.Popen) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
 
 
-def _stop_mid_trial(process: subprocess.Popen, states: _States, deadline_s: float = 180) -> None:
-    """SIGSTOP ``process`` at a moment it has finished trials and one in flight."""
-    deadline = time.monotonic() + deadline_s
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stderr.read().decode()[-2000:]
-        if ready(states()):
-            os.kill(process.pid, signal.SIGSTOP)
-            if ready(states()):
-                return
-            os.kill(process.pid, signal.SIGCONT)
-        time.sleep(0.01)
-    raise AssertionError("the search never had two finished trials and a running one")
-
-
 def _refusal(result: subprocess.CompletedProcess, pid: int) -> str:
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
@@ -113,7 +99,7 @@ def _second_driver_is_refused(model_dir, data_dir, tmp_path, url, study, passwor
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     second = _warm(command, env)
     try:
-        _stop_mid_trial(first, states)  # paused with a trial in flight: a slow trial, say
+        stop_mid_trial(first, states, deadline_s=180)  # paused with a trial in flight: a slow trial, say
         before = [(t.number, t.state) for t in states.trials()]
         _refusal(_go(second), first.pid)
         assert [(t.number, t.state) for t in states.trials()] == before  # nothing touched

@@ -59,7 +59,6 @@ from autoprune.study._executor import Executor
 from autoprune.study._liveness import DriverLease, holding, lease_for, lost_race, requeue, requeue_stale
 from autoprune.study._records import (
     BASELINES_ATTR,
-    ORPHANED,
     SETTINGS_ATTR,
     counts_toward_budget,
     front_trials,
