@@ -3,6 +3,9 @@
 A. tiny random-weight LLaMA, 60 trials; the second driver starts while the first has a trial in
    flight (RUNNING with its parameters written).
 B. two drivers with ``--trials 30`` started one second apart, before either has a trial in flight.
+C. as A, but the second driver has imported autoprune beforehand and starts the moment the first
+   has a trial in flight (in A, on a loaded 2-core machine, the second one's start-up can outlast
+   the first one's 60 tiny trials, so the two may never overlap).
 
 Default heartbeat settings (no AUTOPRUNE_HEARTBEAT_* in the environment). Writes the exit codes,
 each driver's last stderr line, whether any stderr holds a traceback, and what the study holds
@@ -101,6 +104,19 @@ def main() -> None:
     second = subprocess.Popen(command(model, data, db, "b", 30), env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     results["B_two_drivers_one_second_apart"] = {
         "first": outcome(first), "second": outcome(second), "study": study_facts(db, "b"), "asked": 30,
+    }
+    db = folder / "c.db"
+    warm = "import sys; from autoprune.cli import main; sys.stdin.readline(); sys.exit(main(sys.argv[1:]))"
+    second = subprocess.Popen([sys.executable, "-c", warm, *command(model, data, db, "c", 60)[3:]], env=env,
+                              stdin=subprocess.PIPE, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    first = subprocess.Popen(command(model, data, db, "c", 60), env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    while not in_flight(db, "c"):
+        assert first.poll() is None
+        time.sleep(0.05)
+    second.stdin.write(b"go\n")
+    second.stdin.flush()  # communicate() closes it
+    results["C_warm_second_while_first_has_a_trial_in_flight"] = {
+        "first": outcome(first), "second": outcome(second), "study": study_facts(db, "c"), "asked": 60,
     }
     out = ROOT / "experiments" / "results" / "two_drivers.json"
     out.parent.mkdir(parents=True, exist_ok=True)
