@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import SQLAlchemyError
-from test_search_resume import STATES_QUERY, assert_resumed, kill_mid_trial
+from test_search_resume import GRACE_S, HEARTBEAT, STATES_QUERY, assert_resumed, kill_mid_trial
 from test_search_storage import _free_port, postgres_url  # noqa: F401 (postgres_url: a fixture)
 
 from autoprune.cli import main
@@ -180,7 +180,7 @@ def test_ray_search_on_postgres_resumes_after_driver_sigkill_and_never_shows_the
     config = tiny_search(tiny_llama_dir, data_dir, tmp_path, study=f"ray-pg-{time.time_ns()}",
                          trials=10)
     (tmp_path / "pw").write_text(password + "\n")
-    env = {**os.environ, PASSWORD_FILE_ENV: str(tmp_path / "pw"), "TQDM_DISABLE": "1"}
+    env = {**os.environ, PASSWORD_FILE_ENV: str(tmp_path / "pw"), "TQDM_DISABLE": "1", **HEARTBEAT}
 
     def driver(storage: str, ray_address: str) -> list[str]:
         return [sys.executable, "-m", "autoprune", *cli_args(config, storage), "--ray-address", ray_address]
@@ -200,6 +200,7 @@ def test_ray_search_on_postgres_resumes_after_driver_sigkill_and_never_shows_the
     storage = optuna.storages.RDBStorage(engine.url.render_as_string(hide_password=False))
     before = optuna.load_study(study_name=config.study, storage=storage).trials
     shown = [process.stdout.read().decode(), process.stderr.read().decode()]
+    time.sleep(GRACE_S)  # the killed driver's heartbeat goes stale: only then is it taken over
 
     rerun = subprocess.run(driver(secret_url, "auto"), capture_output=True, text=True, timeout=300,
                            env={**env, PASSWORD_FILE_ENV: "", "RAY_ADDRESS": address})
