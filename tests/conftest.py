@@ -296,28 +296,41 @@ STATES_QUERY = (
 )
 
 
+#: A short driver heartbeat for tests, so a killed driver's trials are stale (re-queued) after
+#: GRACE_S seconds; pass HEARTBEAT in the environment of the search processes.
+GRACE_S = 3.0
+HEARTBEAT = {"AUTOPRUNE_HEARTBEAT_S": "0.3", "AUTOPRUNE_HEARTBEAT_GRACE_S": str(GRACE_S)}
+
+
 def kill_mid_trial(
     process: subprocess.Popen, states: Callable[[], list[str] | None], deadline_s: float = 900
 ) -> None:
-    """SIGKILL once >= 2 trials finished while another one runs: stop the process first so the
-    check and the kill see the same state. A process that ends first fails at once; the deadline
+    """SIGKILL once >= 2 trials finished while another one runs (see :func:`stop_mid_trial`)."""
+    stop_mid_trial(process, states, deadline_s)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def stop_mid_trial(
+    process: subprocess.Popen, states: Callable[[], list[str] | None], deadline_s: float = 900
+) -> None:
+    """SIGSTOP once >= 2 trials finished while another one runs: stop the process first so the
+    check and the stop see the same state. A process that ends first fails at once; the deadline
     only bounds a hung one, generously: on a loaded machine (CI, a shared box) a search's start,
     Ray's above all, takes minutes."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         assert process.poll() is None, process.stderr.read().decode()[-2000:]
-        if _ready_to_kill(states()):
+        if _mid_trial(states()):
             os.kill(process.pid, signal.SIGSTOP)
-            if _ready_to_kill(states()):
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait()
+            if _mid_trial(states()):
                 return
             os.kill(process.pid, signal.SIGCONT)
         time.sleep(0.005)
     raise AssertionError("the search never had two finished trials and a running one")
 
 
-def _ready_to_kill(states: list[str] | None) -> bool:
+def _mid_trial(states: list[str] | None) -> bool:
     return bool(states) and sum(s in FINISHED for s in states) >= 2 and "RUNNING" in states
 
 

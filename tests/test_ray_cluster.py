@@ -20,7 +20,7 @@ import pytest
 import ray
 import ray.cloudpickle
 import torch
-from conftest import STATES_QUERY, assert_resumed, free_port, kill_mid_trial, tiny_config
+from conftest import GRACE_S, HEARTBEAT, STATES_QUERY, assert_resumed, free_port, kill_mid_trial, tiny_config
 from optuna.trial import TrialState
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -165,7 +165,7 @@ def test_ray_search_on_postgres_resumes_after_driver_sigkill_and_never_shows_the
     config = tiny_search(tiny_llama_dir, data_dir, tmp_path, study=f"ray-pg-{time.time_ns()}",
                          trials=10)
     (tmp_path / "pw").write_text(password + "\n")
-    env = {**os.environ, PASSWORD_FILE_ENV: str(tmp_path / "pw"), "TQDM_DISABLE": "1"}
+    env = {**os.environ, PASSWORD_FILE_ENV: str(tmp_path / "pw"), "TQDM_DISABLE": "1", **HEARTBEAT}
 
     def driver(storage: str, ray_address: str) -> list[str]:
         return [sys.executable, "-m", "autoprune", *cli_args(config, storage), "--ray-address", ray_address]
@@ -185,6 +185,7 @@ def test_ray_search_on_postgres_resumes_after_driver_sigkill_and_never_shows_the
     storage = optuna.storages.RDBStorage(engine.url.render_as_string(hide_password=False))
     before = optuna.load_study(study_name=config.study, storage=storage).trials
     shown = [process.stdout.read().decode(), process.stderr.read().decode()]
+    time.sleep(GRACE_S)  # the killed driver's heartbeat goes stale: only then is it taken over
 
     rerun = subprocess.run(driver(secret_url, "auto"), capture_output=True, text=True, timeout=300,
                            env={**env, PASSWORD_FILE_ENV: "", "RAY_ADDRESS": address})

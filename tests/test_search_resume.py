@@ -9,10 +9,11 @@ import os
 import sqlite3
 import subprocess
 import sys
+import time
 
 import optuna
 import pytest
-from conftest import STATES_QUERY, assert_resumed, kill_mid_trial
+from conftest import GRACE_S, HEARTBEAT, STATES_QUERY, assert_resumed, kill_mid_trial
 
 TRIALS = 10
 
@@ -39,10 +40,11 @@ def trial_states(db) -> list[str] | None:
 @pytest.mark.slow
 def test_sigkill_then_rerun_continues_the_study(tiny_llama_dir, data_dir, tmp_path):
     db = tmp_path / "study.db"
-    env = {**os.environ, "AUTOPRUNE_CACHE": str(tmp_path / "cache"), "TQDM_DISABLE": "1"}
+    env = {**os.environ, "AUTOPRUNE_CACHE": str(tmp_path / "cache"), "TQDM_DISABLE": "1", **HEARTBEAT}
     command = search_command(tiny_llama_dir, data_dir, db)
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     kill_mid_trial(process, lambda: trial_states(db))
+    time.sleep(GRACE_S)  # the killed driver's heartbeat goes stale (test_search_two_drivers: not before)
 
     storage = f"sqlite:///{db}"
     before = optuna.load_study(study_name="resume", storage=storage).trials

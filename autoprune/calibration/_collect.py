@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from autoprune._atomic import check_folder, replace_folder, warn_damaged, write_manifest
 from autoprune.calibration._stats import (
     STATS_FORMAT_VERSION,
     CalibrationStats,
@@ -26,6 +27,7 @@ from autoprune.calibration._stats import (
     write_block,
 )
 from autoprune.data import windows_fingerprint
+from autoprune.errors import AutopruneError
 from autoprune.models import LoadedModel
 
 
@@ -75,25 +77,27 @@ def calibrate(
     """
     folder = statistics_folder(loaded, windows, cache_dir, edit[0] if edit is not None else None)
     key = folder.name
-    if (folder / "meta.json").is_file():
-        return CalibrationResult(CalibrationStats(folder), from_cache=True)
+    if folder.exists():
+        problem = check_folder(folder)
+        if problem is None:
+            return CalibrationResult(CalibrationStats(folder), from_cache=True)
+        warn_damaged("calibration statistics", folder, problem)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".partial-"))
     try:
         block_edit = edit[1] if edit is not None else None
         passes = block_passes(loaded, windows, torch.device(device), batch_size, progress, block_edit, skip)
         _collect(loaded, passes, staging, key, windows)
-        staging.rename(folder)
-    except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
-        if not (folder / "meta.json").is_file():
-            raise
-        # Another process (a second Ray worker, say) cached the same statistics first: use theirs.
-        return CalibrationResult(CalibrationStats(folder), from_cache=True)
+        write_manifest(staging)  # last: it commits the entry
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return CalibrationResult(CalibrationStats(folder), from_cache=False)
+    if replace_folder(staging, folder):
+        return CalibrationResult(CalibrationStats(folder), from_cache=False)
+    # Another process (a second Ray worker, say) cached the same statistics first: use theirs.
+    if check_folder(folder) is not None:
+        raise AutopruneError(f"calibration statistics {folder} are being rewritten by another process")
+    return CalibrationResult(CalibrationStats(folder), from_cache=True)
 
 
 #: Called with a block's index, the block (on the compute device) and the statistics of its inputs,

@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-STATS_FORMAT_VERSION = 1
+#: 2: a folder is committed by its manifest (sizes and sha256, see :mod:`autoprune._atomic`).
+STATS_FORMAT_VERSION = 2
 
 
 @dataclass(frozen=True)

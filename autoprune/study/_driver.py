@@ -1,11 +1,13 @@
 """The search loop: Optuna ask/tell over an executor, resumable from the storage alone.
 
-One driver per study at a time: it alone writes the storage, keeps ``executor.capacity`` trials in
-flight, and records every trial (see :mod:`autoprune.study._records`). Starting it again with the
-same settings continues the study:
+One driver per study at a time: it holds the study's lease (:mod:`autoprune.study._liveness`; a
+second driver on a live study refuses, naming the first), alone writes the storage, keeps
+``executor.capacity`` trials in flight, and records every trial (see
+:mod:`autoprune.study._records`). Starting it again with the same settings continues the study:
 
-- trials a killed driver left RUNNING are told FAIL with ``reason="orphaned"`` and their parameters
-  re-enqueued, so they run again; finished trials are kept and the budget counts them;
+- trials a dead driver left RUNNING are told FAIL with ``reason="orphaned"`` once their heartbeat
+  is stale, and their parameters re-enqueued, so they run again; finished trials are kept and the
+  budget counts them;
 - baselines (the space's uniform/OWL points at ``config.targets``) are enqueued once per study,
   before anything is sampled, so the front is never worse than them, followed by the space's
   seeds (structured prior guesses the sampler refines);
@@ -49,6 +51,7 @@ from autoprune.errors import AutopruneError
 from autoprune.plan import Plan
 from autoprune.study._config import SearchConfig
 from autoprune.study._executor import Executor
+from autoprune.study._liveness import DriverLease, holding, lease_for, lost_race, requeue, requeue_stale
 from autoprune.study._proposing import (
     Proposer,
     ProposerFactory,
@@ -58,7 +61,6 @@ from autoprune.study._proposing import (
 )
 from autoprune.study._records import (
     BASELINES_ATTR,
-    ORPHANED,
     counts_toward_budget,
     front_trials,
     trial_plan,
@@ -68,9 +70,7 @@ from autoprune.study._settings import StudySettings
 from autoprune.study._storage import (
     mask_url,
     opened_storage,
-    running_trial,
     storage_url,
-    stored_params,
     write_ahead,
 )
 from autoprune.study._worker import TrialRequest, TrialResult
@@ -126,6 +126,7 @@ def run_search(
     with opened_storage(config.storage, create=True) as storage:
         space = SearchSpace.named(config.space)
         resumed = _check_existing(storage, config)
+        lease = lease_for(storage, config.study)  # a live driver refuses this one before it prepares
         owned = executor is None
         executor = executor or config.make_executor(progress)
         try:
@@ -135,20 +136,23 @@ def run_search(
                 setup = SearchSetup(config, space, ctx, distributions, executor, progress)
                 proposer = proposer_factory(setup)
             write_ahead(storage)  # checks done: from here on the study is written
-            study = optuna.create_study(
-                storage=storage, study_name=config.study, directions=DIRECTIONS, load_if_exists=True
-            )
-            if not resumed:
-                config.settings().write(study)
-            study.sampler = config.make_sampler(seed_offset=len(study.get_trials(deepcopy=False)))
-            orphans = _requeue_orphans(study, storage)
-            if not study.user_attrs.get(BASELINES_ATTR):
-                for label, params in space.baselines(ctx, config.targets).items():
-                    study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
-                for label, params in space.seeds(ctx, config.targets).items() if config.seeded else ():
-                    study.enqueue_trial(params, user_attrs={"seed": label}, skip_if_exists=True)
-                study.set_user_attr(BASELINES_ATTR, True)
-            _Loop(study, space, ctx, distributions, config, executor, proposer).run(progress)
+            with holding(lease):
+                study = optuna.create_study(
+                    storage=storage, study_name=config.study, directions=DIRECTIONS, load_if_exists=True
+                )
+                if not resumed:
+                    config.settings().write(study)
+                study.sampler = config.make_sampler(seed_offset=len(study.get_trials(deepcopy=False)))
+                orphans = requeue_stale(study, storage, lease.grace)
+                if not study.user_attrs.get(BASELINES_ATTR):
+                    for label, params in space.baselines(ctx, config.targets).items():
+                        study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
+                    for label, params in space.seeds(ctx, config.targets).items() if config.seeded else ():
+                        study.enqueue_trial(params, user_attrs={"seed": label}, skip_if_exists=True)
+                    study.set_user_attr(BASELINES_ATTR, True)
+                _Loop(study, space, ctx, distributions, config, executor, proposer, lease).run(progress)
+                if lease.lost:
+                    raise AutopruneError(f"study {config.study!r} was taken over by another driver")
         finally:
             if owned:
                 executor.shutdown()
@@ -186,24 +190,6 @@ def _space_context(config: SearchConfig, executor: Executor, progress: bool) -> 
     return SpaceContext.from_model(prepared.loaded, prepared.stats, config.method, config.sparsity_range)
 
 
-def _requeue_orphans(study: optuna.Study, storage: optuna.storages.BaseStorage) -> int:
-    """Trials a killed driver left RUNNING: failed as orphans, their parameters queued again."""
-    orphans = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    for frozen in orphans:
-        _requeue(study, running_trial(study, storage, frozen.number), stored_params(frozen))
-    return len(orphans)
-
-
-def _requeue(study: optuna.Study, trial: optuna.Trial, params: dict[str, Any]) -> None:
-    """Tell ``trial`` FAIL (``reason="orphaned"``) and enqueue its parameters to run again."""
-    if params:
-        carried = {key: value for key, value in trial.user_attrs.items() if key == "baseline"}
-        study.enqueue_trial(params, user_attrs={"retry_of": trial.number, **carried})
-    trial.set_user_attr("reason", ORPHANED)
-    trial.set_user_attr("status", "failed")
-    study.tell(trial, state=TrialState.FAIL)
-
-
 def plan_digest(plan: Plan) -> str:
     return hashlib.sha256(plan.to_json().encode()).hexdigest()
 
@@ -227,9 +213,10 @@ class _Loop:
         config: SearchConfig,
         executor: Executor,
         proposer: Proposer | None,
+        lease: DriverLease | None = None,
     ) -> None:
         self.study, self.space, self.ctx, self.distributions = study, space, ctx, distributions
-        self.config, self.executor, self.proposer = config, executor, proposer
+        self.config, self.executor, self.proposer, self.lease = config, executor, proposer, lease
         self.in_flight: dict[int, _Pending] = {}
         self.digests: set[str] = set()
         self.finished = 0
@@ -251,6 +238,8 @@ class _Loop:
             disable=not progress,
             postfix={"front": front_size(self.points)},
         )
+        if self.lease is not None:
+            self.lease.track(lambda: [p.trial.number for p in list(self.in_flight.values())])
         try:
             while self._wanted() > 0 or self.in_flight:
                 while len(self.in_flight) < self.executor.capacity and self._wanted() > 0:
@@ -267,7 +256,7 @@ class _Loop:
 
     def _wanted(self) -> int:
         """Trials still to ask for: none once the time budget is spent."""
-        if self.deadline is not None and time.monotonic() > self.deadline:
+        if self.deadline is not None and time.monotonic() > self.deadline or self.lease and self.lease.lost:
             return 0
         return self.config.trials - self.finished - len(self.in_flight)
 
@@ -298,9 +287,10 @@ class _Loop:
         }.items():
             trial.set_user_attr(key, value)
         if digest in self.digests or any(p.digest == digest for p in self.in_flight.values()):
-            trial.set_user_attr("status", "duplicate")
-            trial.set_user_attr("reason", "duplicate")
-            self.study.tell(trial, state=TrialState.FAIL)
+            with lost_race(trial.number):
+                trial.set_user_attr("status", "duplicate")
+                trial.set_user_attr("reason", "duplicate")
+                self.study.tell(trial, state=TrialState.FAIL)
             return False
         self.executor.submit(TrialRequest(trial.number, plan, stop_above))
         self.in_flight[trial.number] = _Pending(trial, digest, time.perf_counter() - start)
@@ -338,15 +328,18 @@ class _Loop:
             state = TrialState.PRUNED
         else:
             attrs["reason"] = result.error or result.status
-        for key, value in attrs.items():
-            trial.set_user_attr(key, value)
-        feasible = state == TrialState.COMPLETE and self._constrain(trial, result)
-        seconds = dict(result.seconds)
-        driver = pending.driver_seconds + time.perf_counter() - start
-        seconds["bookkeeping"] = round(seconds.get("bookkeeping", 0.0) + driver, 4)
-        seconds["total"] = round(seconds.get("total", 0.0) + driver, 4)
-        trial.set_user_attr("seconds", seconds)
-        self.study.tell(trial, values, state=state)
+        with lost_race(result.number) as race:
+            for key, value in attrs.items():
+                trial.set_user_attr(key, value)
+            feasible = state == TrialState.COMPLETE and self._constrain(trial, result)
+            seconds = dict(result.seconds)
+            driver = pending.driver_seconds + time.perf_counter() - start
+            seconds["bookkeeping"] = round(seconds.get("bookkeeping", 0.0) + driver, 4)
+            seconds["total"] = round(seconds.get("total", 0.0) + driver, 4)
+            trial.set_user_attr("seconds", seconds)
+            self.study.tell(trial, values, state=state)
+        if race.lost:
+            return
         if state != TrialState.FAIL:
             self.digests.add(pending.digest)
         if feasible:
@@ -365,8 +358,9 @@ class _Loop:
 
     def _requeue_in_flight(self) -> None:
         """On Ctrl-C, in-flight trials become orphans now rather than on the next start."""
-        for pending in self.in_flight.values():
-            _requeue(self.study, pending.trial, pending.trial.params)
+        for number, pending in self.in_flight.items():
+            with lost_race(number):
+                requeue(self.study, pending.trial, pending.trial.params)
         self.in_flight.clear()
 
 

@@ -48,6 +48,8 @@ DEFAULT_STORAGE = "sqlite:///autoprune.db"
 PASSWORD_ENV = "AUTOPRUNE_STORAGE_PASSWORD"
 PASSWORD_FILE_ENV = "AUTOPRUNE_STORAGE_PASSWORD_FILE"
 JOURNAL_PREFIX = "journal://"
+#: The suffix of a study's lease companion (see :mod:`autoprune.study._liveness`), left out of listings.
+LEASE_SUFFIX = ":driver-lease"
 _CONNECT_TIMEOUT_S = 10
 
 _USERINFO_PASSWORD = re.compile(r"^(?P<head>[^:/?#]+://[^:/@?#]*):(?P<password>.*)@(?P<tail>[^@]*)$")
@@ -180,7 +182,11 @@ def load_existing_study(url: str, name: str) -> optuna.Study:
     try:
         return optuna.load_study(study_name=name, storage=storage)
     except KeyError:
-        names = sorted(summary.study_name for summary in optuna.get_all_study_summaries(storage))
+        names = sorted(
+            summary.study_name
+            for summary in optuna.get_all_study_summaries(storage)
+            if not summary.study_name.endswith(LEASE_SUFFIX)
+        )
         known = f" (studies there: {', '.join(names)})" if names else " (it holds no studies)"
         raise AutopruneError(f"study {name!r} not found in {mask_url(storage_url(url))}{known}") from None
 

@@ -75,4 +75,4 @@ def record_refinement(
         },
     )
     study.add_trial(trial)
-    return study.get_trials(deepcopy=False)[-1]
+    return find_refinement(study, config)  # not the last trial: a search may add trials meanwhile

@@ -11,9 +11,10 @@ from optuna.trial import TrialState
 from autoprune.errors import AutopruneError
 from autoprune.study._records import find_trial, trial_plan, trial_row
 from autoprune.study._settings import study_settings
-from autoprune.study._storage import load_existing_study
+from autoprune.study._liveness import holding, lease_for
+from autoprune.study._storage import load_existing_study, opened_storage
 from autoprune.study._worker import TrialRequest, TrialWorker
-from autoprune.study.refine._checkpoint import load_checkpoint, save_checkpoint
+from autoprune.study.refine._checkpoint import checkpoint_key, load_checkpoint, save_checkpoint
 from autoprune.study.refine._config import RefineConfig, RefineSummary
 from autoprune.study.refine._evolution import LevelSwitchEvolution
 from autoprune.study.refine._record import find_refinement, record_refinement
@@ -25,7 +26,17 @@ def refine_trial(config: RefineConfig, progress: bool = False) -> RefineSummary:
     The same command is safe to run again: a refinement the study already holds is reported, not
     repeated, and one that was stopped goes on from its last generation (each generation leaves a
     checkpoint in the study; the trial is only added at the end, so the study never holds half a
-    refinement)."""
+    refinement). One process at a time runs a refinement (its checkpoints have one writer): a
+    second one on the same trial and settings refuses while the first one's lease is live (see
+    :mod:`autoprune.study._liveness`)."""
+    find_trial(load_existing_study(config.storage, config.study), config.trial)  # bad input: nothing written
+    with opened_storage(config.storage) as storage:
+        label = f"the refinement of trial {config.trial} in study {config.study!r} with these settings"
+        with holding(lease_for(storage, f"{config.study}:{checkpoint_key(config)}", label)):
+            return _refine_trial(config, progress)
+
+
+def _refine_trial(config: RefineConfig, progress: bool) -> RefineSummary:
     study = load_existing_study(config.storage, config.study)
     settings = study_settings(study)
     parent = find_trial(study, config.trial)
