@@ -112,7 +112,7 @@ def _obs_cost(w: torch.Tensor, hinv: torch.Tensor, cols: list[int]) -> float:
 
 def _unit_costs(w: torch.Tensor, hinv: torch.Tensor, units: list[int], layout: UnitLayout) -> torch.Tensor:
     """:func:`_obs_cost` of every unit in ``units`` at once (batched solves)."""
-    cols = torch.tensor([layout.columns([unit]) for unit in units])  # (n, size)
+    cols = torch.tensor(units).unsqueeze(1) * layout.unit_size + torch.arange(layout.unit_size)
     blocks = hinv[cols.unsqueeze(2), cols.unsqueeze(1)]  # (n, size, size)
     w_s = w[:, cols].permute(1, 2, 0)  # (n, size, out)
     return (w_s * torch.linalg.solve(blocks, w_s)).sum(dim=(1, 2))
