@@ -22,6 +22,7 @@ from autoprune.structure._schema import (
     ModelDims,
     Structure,
     StructuredMethodName,
+    StructureRequest,
     heads_to_groups,
     resolve_blocks,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "Structure",
     "StructuredMethod",
     "StructuredMethodName",
+    "StructureRequest",
     "UnitLayout",
     "activation_scores",
     "build_subnet",

@@ -171,3 +171,57 @@ def heads_to_groups(heads: int, dims: ModelDims) -> tuple[int, int]:
         f"({dims.num_kv_heads} KV groups of {dims.heads_per_group} heads: keep whole groups and "
         "the same number of heads in each)"
     )
+
+
+@dataclass(frozen=True)
+class StructureRequest:
+    """A uniform structure asked for on the command line (``heads=6,ffn=1152``): a total query
+    head count needs the model's KV groups to become a :class:`BlockWidths`."""
+
+    heads: int | None = None
+    ffn: int | None = None
+    drop_attention: bool = False
+    drop_mlp: bool = False
+    method: StructuredMethodName = DEFAULT_STRUCTURED_METHOD
+    correct: bool = DEFAULT_CORRECTION
+
+    @classmethod
+    def parse(cls, text: str, method: str | None = None, correct: bool = DEFAULT_CORRECTION) -> StructureRequest:
+        """Read ``heads=N,ffn=M,drop=attention|mlp``; a one-line error on anything else."""
+        values: dict[str, object] = {"correct": correct}
+        if method is not None:
+            if method not in StructuredMethodName.__args__:
+                raise AutopruneError(
+                    f"unknown structured method {method!r} (known: {', '.join(StructuredMethodName.__args__)})"
+                )
+            values["method"] = method
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, _, value = item.partition("=")
+            if key in ("heads", "ffn"):
+                if not value.isdigit():
+                    raise AutopruneError(f"invalid --structured {item!r}: {key} takes a non-negative integer")
+                values[key] = int(value)
+            elif key == "drop" and value in ("attention", "mlp"):
+                values[f"drop_{value}"] = True
+            else:
+                raise AutopruneError(
+                    f"invalid --structured {item!r}: expected heads=N, ffn=N or drop=attention|mlp"
+                )
+        return cls(**values)
+
+    def structure(self, dims: ModelDims) -> Structure:
+        """The :class:`Structure` for ``dims``; one-line errors for what does not fit."""
+        groups = per_group = None
+        if self.heads is not None and not self.drop_attention:
+            if self.heads == 0:
+                raise AutopruneError("heads=0 keeps no attention: use drop=attention")
+            groups, per_group = heads_to_groups(self.heads, dims)
+        try:
+            widths = BlockWidths(kv_groups=groups, heads_per_group=per_group, ffn=self.ffn,
+                                 drop_attention=self.drop_attention, drop_mlp=self.drop_mlp)
+        except ValueError as error:
+            message = error.errors()[0]["msg"] if hasattr(error, "errors") else str(error)
+            raise AutopruneError(f"invalid --structured: {message.removeprefix('Value error, ')}") from None
+        structure = Structure(method=self.method, correct=self.correct, every_block=widths)
+        resolve_blocks(structure, [], dims)
+        return structure
