@@ -56,16 +56,20 @@ def main() -> None:
                 rows.append({"cut": cut, "method": method, "correct": correct,
                              "ppl": perplexity(subnet, windows), "seconds": round(seconds, 1)})
                 print(rows[-1], flush=True)
+                _write(rows, calibration, args.eval_windows)  # after every row: a long run keeps what it measured
+
+
+def _write(rows: list[dict], calibration: CalibrationConfig, eval_windows: int) -> None:
     RESULTS.mkdir(exist_ok=True)
     settings = {"model": "smollm2-135m", "calibration": calibration.model_dump(),
-                "eval_windows": args.eval_windows, "seq_len": 512}
+                "eval_windows": eval_windows, "seq_len": 512}
     (RESULTS / "structured_methods.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
     lines = ["| cut | method | LS correction | ppl | cut seconds |", "|---|---|---|---|---|"]
     lines += [f"| {r['cut']} | {r['method']} | {'yes' if r['correct'] else 'no'} | {r['ppl']:.2f} | {r['seconds']} |"
               for r in rows]
     (RESULTS / "structured_methods.md").write_text(
         "Command: `python experiments/structured_methods.py --eval-windows "
-        f"{args.eval_windows}`\n\n" + "\n".join(lines) + "\n"
+        f"{eval_windows}`\n\n" + "\n".join(lines) + "\n"
     )
 
 

@@ -67,11 +67,16 @@ def _top(values: torch.Tensor, k: int) -> list[int]:
     return sorted(order[:k])
 
 
-def damped_inverse(xtx: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
-    """(X^T X + damping * mean(diag) I)^-1 in float64."""
+def damped(xtx: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    """X^T X + damping * mean(diag) I, in float64 (invertible even for dead channels)."""
     h = xtx.double().clone()
     h.diagonal().add_(damping * h.diagonal().mean().clamp_min(1e-12))
-    return torch.cholesky_inverse(torch.linalg.cholesky(h))
+    return h
+
+
+def damped_inverse(xtx: torch.Tensor, damping: float = DAMPING) -> torch.Tensor:
+    """The inverse of :func:`damped`."""
+    return torch.cholesky_inverse(torch.linalg.cholesky(damped(xtx, damping)))
 
 
 def obs_select(
@@ -134,8 +139,7 @@ def least_squares_correction(
     """The weight on the kept input columns that best reproduces the dense layer's output:
     argmin_V ||X W^T - X_K V^T||^2 = W H_{:,K} H_KK^-1 with H = X^T X (damped). Returns
     (out x len(kept_columns)) in ``weight``'s dtype."""
-    h = xtx.double().clone()
-    h.diagonal().add_(damping * h.diagonal().mean().clamp_min(1e-12))
+    h = damped(xtx, damping)
     kept = torch.tensor(kept_columns)
     h_kk = h[kept][:, kept]
     rhs = h[kept] @ weight.double().T  # (k, out) = H_K,: W^T
