@@ -124,16 +124,23 @@ class Plan(BaseModel):
         return cls.model_validate_json(text)
 
     def summary(self) -> dict[str, object]:
-        """A short description for tables: mean layer sparsity, N:M patterns used, removed blocks."""
+        """A short description for tables: mean layer sparsity, N:M patterns used, removed blocks
+        (and, for a sub-network plan, its structure)."""
         specs = list(self.layers.values())
         patterns = sorted({str(spec.nm) for spec in specs if spec.nm is not None})
         mean = sum(spec.effective_sparsity for spec in specs) / len(specs) if specs else 0.0
-        return {
+        summary: dict[str, object] = {
             "method": self.method,
             "mean_layer_sparsity": round(mean, 4),
             "nm": patterns,
             "removed_blocks": list(self.removed_blocks),
         }
+        if self.structure is not None:
+            widths = self.structure.model_dump(mode="json", exclude_defaults=True)
+            summary["structure"] = {
+                **widths, "method": self.structure.method, "correct": self.structure.correct
+            }
+        return summary
 
 
 class Recipe(BaseModel):
