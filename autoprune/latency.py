@@ -100,7 +100,7 @@ def measure(model: PreTrainedModel, settings: LatencySettings) -> Timing:
         torch.set_num_threads(previous)
 
 
-@dataclass
+@dataclass(eq=False)
 class LatencyTable:
     """Per-shape costs in milliseconds (one sub-block each) and the fixed part."""
 
@@ -111,28 +111,45 @@ class LatencyTable:
     mlp: dict[int, Timing]  # FFN width -> cost
 
     def predict(self, shapes: list[BlockShape | None]) -> Timing:
-        """Predicted end-to-end timing of a model whose blocks have ``shapes`` (None: removed)."""
+        """Predicted end-to-end timing of a model whose blocks have ``shapes`` (None: removed).
+
+        Sub-block costs come from least-squares lines through the measured cells (attention:
+        a + b * query heads + c * KV heads; MLP: a + b * width), not from the cells themselves:
+        on a shared CPU one cell is a difference of two noisy timings, and the cost of a matrix
+        product is linear in its width, so the line is the better estimate of every cell."""
         prefill, decode = self.base.prefill_ms, self.base.decode_ms
         for shape in shapes:
             if shape is None:
                 continue
-            if shape.heads:
-                cost = self.attention[_attention_key(shape.kv_groups, shape.heads_per_group)]
+            for cost in self._costs(shape):
                 prefill, decode = prefill + cost.prefill_ms, decode + cost.decode_ms
-            if shape.ffn:
-                prefill += self._mlp(shape.ffn, "prefill_ms")
-                decode += self._mlp(shape.ffn, "decode_ms")
         return Timing(prefill, decode)
 
-    def _mlp(self, width: int, field: str) -> float:
-        widths = sorted(self.mlp)
-        if width in self.mlp:
-            return getattr(self.mlp[width], field)
-        below = [w for w in widths if w < width] or widths[:1]
-        above = [w for w in widths if w > width] or widths[-1:]
-        low, high = (below[-1], above[0]) if below[-1] != above[0] else (widths[0], widths[1])
-        y0, y1 = getattr(self.mlp[low], field), getattr(self.mlp[high], field)
-        return y0 + (y1 - y0) * (width - low) / (high - low)
+    def _costs(self, shape: BlockShape) -> list[Timing]:
+        costs = []
+        if shape.heads:
+            features = [1.0, shape.heads, shape.kv_groups]
+            costs.append(_apply(self._fit("attention"), features))
+        if shape.ffn:
+            costs.append(_apply(self._fit("mlp"), [1.0, shape.ffn]))
+        return costs
+
+    def _fit(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coefficients of the prefill and decode lines of ``kind`` (cached on the instance)."""
+        cache = self.__dict__.setdefault("_fits", {})
+        if kind not in cache:
+            if kind == "attention":
+                cells = [(_attention_features(key), timing) for key, timing in self.attention.items()]
+            else:
+                cells = [([1.0, float(width)], timing) for width, timing in self.mlp.items()]
+            x = torch.tensor([features for features, _ in cells], dtype=torch.float64)
+            y = torch.tensor([[t.prefill_ms, t.decode_ms] for _, t in cells], dtype=torch.float64)
+            solution = torch.linalg.lstsq(x, y).solution
+            cache[kind] = (solution[:, 0], solution[:, 1])
+        return cache[kind]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, LatencyTable) and self.to_json() == other.to_json()
 
     def to_json(self) -> str:
         return json.dumps({
@@ -158,6 +175,16 @@ class LatencyTable:
 
 def _attention_key(groups: int, per_group: int) -> str:
     return f"{groups}x{per_group}"
+
+
+def _attention_features(key: str) -> list[float]:
+    groups, per_group = (int(part) for part in key.split("x"))
+    return [1.0, float(groups * per_group), float(groups)]
+
+
+def _apply(fit: tuple[torch.Tensor, torch.Tensor], features: list[float]) -> Timing:
+    x = torch.tensor(features, dtype=torch.float64)
+    return Timing(float(x @ fit[0]), float(x @ fit[1]))
 
 
 def table_key(config: LlamaConfig, settings: LatencySettings) -> str:
