@@ -82,3 +82,26 @@ def test_structured_with_sparsity_is_refused(capsys, tiny_llama_dir, data_dir, t
     code, _, stderr = _prune(capsys, tiny_llama_dir, data_dir, tmp_path / "x", "--structured", "ffn=64",
                              "--sparsity", "0.5")
     assert code == 2 and "cannot be combined" in stderr
+
+
+@pytest.mark.parametrize(
+    ("plan", "message"),
+    [
+        ({"schema_version": 1, "structure": {"every_block": {"ffn": 64}}}, "needs schema_version 2"),
+        ({"structure": {"every_block": {"ffn": 64}},
+          "layers": {"model.layers.0.mlp.up_proj": {"sparsity": 0.5}}}, "not supported yet"),
+        ({"structure": {"blocks": {"7": {"ffn": 64}}}}, "block 7 does not exist"),
+        ({"structure": {}, "removed_blocks": [0, 1, 2, 3]}, "removes every block"),
+    ],
+)
+def test_bad_sub_network_recipes_fail_in_one_line(capsys, tiny_llama_dir, data_dir, tmp_path, plan, message) -> None:
+    recipe = {"model": str(tiny_llama_dir),
+              "calibration": {"source": str(data_dir), "n_samples": 8, "seq_len": 32, "seed": 0}, "plan": plan}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    out = tmp_path / "cut"
+    code = main(["prune", "--recipe", str(path), "--out", str(out), "--format", "json"])
+    stderr = capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("autoprune: error:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0]
+    assert not out.exists()
