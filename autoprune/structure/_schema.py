@@ -23,7 +23,10 @@ from autoprune.errors import AutopruneError
 #: (ZipLM / SlimGPT) on the X^T X of the ``o_proj`` / ``down_proj`` input.
 StructuredMethodName = Literal["activation", "weighted", "obs"]
 
-#: Default structured method and correction; chosen by experiments/structured_methods.py.
+#: Default structured method and correction: greedy OBS with the correction, the only choice that
+#: minimises the layer's reconstruction error given X^T X. Provisional: experiments/
+#: structured_methods.py measures every method with and without correction on SmolLM2, and the
+#: default follows its best row once the run is complete (see experiments/results).
 DEFAULT_STRUCTURED_METHOD: StructuredMethodName = "obs"
 DEFAULT_CORRECTION = True
 
