@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -19,6 +20,7 @@ from autoprune.measure import SizeReport, measure_size, perplexity
 from autoprune.models import LoadedModel, compute_device, load_model
 from autoprune.plan import MethodName, NMPattern, Plan, Recipe
 from autoprune.pruner import Pruner, prune_sequentially
+from autoprune.structure import StructureRequest, build_subnet, model_dims, resolve_blocks, save_subnet
 
 
 @dataclass
@@ -82,11 +84,15 @@ def prepare_with_windows(
     cache_dir: Path | None,
     progress: bool,
     device: str | torch.device = "cpu",
+    check: Callable[[LoadedModel], None] | None = None,
 ) -> PreparedWithWindows:
     """:func:`prepare`, also returning the calibration windows (sequential pruning reads them
     again; for ``self`` data they are generated text, too costly to make twice). Uncached
-    statistics are computed on ``device``, one block there at a time; the model stays on the CPU."""
+    statistics are computed on ``device``, one block there at a time; the model stays on the CPU.
+    ``check`` sees the loaded model before anything is computed (a plan checked against it)."""
     loaded = load_model(model)
+    if check is not None:
+        check(loaded)
     if calibration.source == SELF:
         windows, _ = self_calibration_windows(
             loaded, calibration.n_samples, calibration.seq_len, calibration.seed, cache_dir, progress
@@ -123,7 +129,7 @@ class PlanRequest:
 def prune(
     model: str,
     calibration: CalibrationConfig,
-    plan: Plan | PlanRequest,
+    plan: Plan | PlanRequest | StructureRequest,
     out: Path | None = None,
     evaluation: EvaluationConfig | None = None,
     cache_dir: Path | None = None,
@@ -145,7 +151,16 @@ def prune(
     compute = compute_device(device)
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    prepared = prepare_with_windows(model, calibration, cache_dir, progress, compute)
+    structured = isinstance(plan, StructureRequest) or (isinstance(plan, Plan) and plan.structure)
+    if structured and sequential:
+        raise AutopruneError("--sequential does not apply to sub-network plans yet")
+
+    def check(loaded: LoadedModel) -> None:
+        nonlocal plan
+        if structured:
+            plan = _checked_structured_plan(plan, loaded)
+
+    prepared = prepare_with_windows(model, calibration, cache_dir, progress, compute, check)
     loaded = prepared.loaded
     timings["load_and_calibrate"] = time.perf_counter() - start
     if isinstance(plan, PlanRequest):
@@ -156,7 +171,9 @@ def prune(
     pruner = Pruner(loaded, prepared.stats)
     dense_linear = pruner.dense_linear_params
     start = time.perf_counter()
-    if sequential:
+    if structured:
+        model = build_subnet(loaded.model, prepared.stats, recipe.plan.structure, recipe.plan.removed_blocks)
+    elif sequential:
         model = prune_sequentially(loaded, prepared.windows, recipe.plan, compute, progress=progress)
     else:
         model = pruner.materialize(recipe.plan)
@@ -178,8 +195,19 @@ def prune(
             "evaluation": evaluation.model_dump() if evaluation else None,
             "report": report.as_dict(),
         }
-        save_checkpoint(model, loaded.tokenizer, out, metadata)
+        (save_subnet if structured else save_checkpoint)(model, loaded.tokenizer, out, metadata)
     return report
+
+
+def _checked_structured_plan(plan: Plan | StructureRequest, loaded: LoadedModel) -> Plan:
+    """The sub-network plan, checked against the loaded model before anything is computed."""
+    dims = model_dims(loaded.model)
+    if isinstance(plan, StructureRequest):
+        return Plan(structure=plan.structure(dims))
+    if plan.layers:
+        raise AutopruneError("per-layer sparsity on top of a sub-network plan is not supported yet")
+    resolve_blocks(plan.structure, plan.removed_blocks, dims)
+    return plan
 
 
 def evaluate(

@@ -27,9 +27,14 @@ def check_output_dir(out_dir: Path) -> None:
 
 
 def save_checkpoint(
-    model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: Path, metadata: dict
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: Path,
+    metadata: dict,
+    extra_files: dict[str, Path] | None = None,
 ) -> None:
-    """Write ``model`` and ``tokenizer`` to ``out_dir`` with autoprune's metadata beside them."""
+    """Write ``model`` and ``tokenizer`` to ``out_dir`` with autoprune's metadata beside them, and
+    ``extra_files`` (name in the checkpoint -> source file: a modelling file for remote code)."""
     check_output_dir(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
@@ -37,6 +42,8 @@ def save_checkpoint(
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2))
+        for name, source in (extra_files or {}).items():
+            shutil.copyfile(source, staging / name)
         if out_dir.exists():
             out_dir.rmdir()
         staging.chmod(0o755)  # mkdtemp makes it private; a checkpoint is meant to be shared

@@ -5,8 +5,9 @@ for every decoder linear layer it touches, how much of it to remove (a fraction 
 pattern), and which whole decoder blocks to drop. It never holds tensors, so it round-trips through
 JSON/YAML exactly and travels to remote workers for free.
 
-``schema_version`` is bumped whenever a field is added (structured heads/channels are the next
-ones); readers accept every version up to their own so old studies stay readable.
+``schema_version`` is bumped whenever a field is added; readers accept every version up to their
+own so old studies stay readable. Version 2 added ``structure``: the heads, KV groups, FFN channels
+and sub-blocks each block keeps (see :mod:`autoprune.structure`).
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from autoprune.config import CalibrationConfig
 from autoprune.errors import AutopruneError
+from autoprune.structure._schema import Structure
 
-PLAN_SCHEMA_VERSION = 1
+PLAN_SCHEMA_VERSION = 2
 
 
 
@@ -104,6 +106,9 @@ class Plan(BaseModel):
     method: MethodName = "wanda"
     layers: dict[str, LayerSpec] = Field(default_factory=dict)
     removed_blocks: list[int] = Field(default_factory=list)
+    #: Sub-network widths (schema version 2); ``None``: every kept block keeps all its heads and
+    #: channels, as in version 1.
+    structure: Structure | None = None
 
     @field_validator("schema_version")
     @classmethod
@@ -119,6 +124,12 @@ class Plan(BaseModel):
             raise ValueError("block indices are non-negative")
         return sorted(set(blocks))
 
+    @model_validator(mode="after")
+    def _structure_needs_v2(self) -> Plan:
+        if self.structure is not None and self.schema_version < 2:
+            raise ValueError("a plan with a structure needs schema_version 2")
+        return self
+
     def to_json(self) -> str:
         return self.model_dump_json()
 
@@ -127,16 +138,23 @@ class Plan(BaseModel):
         return cls.model_validate_json(text)
 
     def summary(self) -> dict[str, object]:
-        """A short description for tables: mean layer sparsity, N:M patterns used, removed blocks."""
+        """A short description for tables: mean layer sparsity, N:M patterns used, removed blocks
+        (and, for a sub-network plan, its structure)."""
         specs = list(self.layers.values())
         patterns = sorted({str(spec.nm) for spec in specs if spec.nm is not None})
         mean = sum(spec.effective_sparsity for spec in specs) / len(specs) if specs else 0.0
-        return {
+        summary: dict[str, object] = {
             "method": self.method,
             "mean_layer_sparsity": round(mean, 4),
             "nm": patterns,
             "removed_blocks": list(self.removed_blocks),
         }
+        if self.structure is not None:
+            widths = self.structure.model_dump(mode="json", exclude_defaults=True)
+            summary["structure"] = {
+                **widths, "method": self.structure.method, "correct": self.structure.correct
+            }
+        return summary
 
 
 class Recipe(BaseModel):

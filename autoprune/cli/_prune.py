@@ -13,6 +13,7 @@ from autoprune.data import SELF
 from autoprune.errors import AutopruneError
 from autoprune.methods import PruningMethod
 from autoprune.plan import NMPattern, Recipe
+from autoprune.structure import StructureRequest
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -23,6 +24,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--nm", default=None, help="N:M pattern such as 2:4 (instead of --sparsity)")
     parser.add_argument("--owl", action="store_true", help="OWL layer-wise allocation at --sparsity")
     parser.add_argument("--recipe", type=Path, help="a recipe written by `autoprune export`")
+    parser.add_argument(
+        "--structured", default=None, metavar="SPEC",
+        help="cut a smaller model instead: heads=N (GQA-consistent), ffn=N, drop=attention|mlp, "
+        "e.g. heads=6,ffn=1152 in every block",
+    )
+    parser.add_argument("--structured-method", choices=["activation", "weighted", "obs"], default=None,
+                        help="how heads / channels are chosen (default: the measured best)")
+    parser.add_argument("--no-correction", action="store_true",
+                        help="skip the least-squares correction of o_proj / down_proj")
     parser.add_argument(
         "--sequential", action="store_true",
         help="prune block after block from the pruned model's own statistics (as SparseGPT's paper "
@@ -78,7 +88,13 @@ def calibration_config(args: argparse.Namespace) -> CalibrationConfig:
     )
 
 
-def plan_request(args: argparse.Namespace) -> PlanRequest:
+def plan_request(args: argparse.Namespace) -> PlanRequest | StructureRequest:
+    if args.structured is not None:
+        if args.sparsity is not None or args.nm or args.owl:
+            raise AutopruneError("--structured cannot be combined with --sparsity, --nm or --owl yet")
+        return StructureRequest.parse(
+            args.structured, args.structured_method, correct=not args.no_correction
+        )
     nm = NMPattern.parse(args.nm) if args.nm else None
     if nm is None and args.sparsity is None:
         raise AutopruneError("prune needs --sparsity S or --nm N:M")

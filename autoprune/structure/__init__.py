@@ -1,0 +1,63 @@
+"""Sub-networks: fewer heads, KV groups, FFN channels, sub-blocks and blocks, physically cut.
+
+The plan part (:class:`Structure`, schema v2) is plain data; structured methods choose what goes
+from the cached calibration statistics; :func:`build_subnet` makes the smaller model.
+"""
+
+from autoprune.structure._build import (
+    BlockCut,
+    build_subnet,
+    choose_cuts,
+    decoder_linear_params,
+    model_dims,
+    subnet_config,
+)
+from autoprune.structure._export import save_subnet
+from autoprune.structure._methods import StructuredMethod
+from autoprune.structure._schema import (
+    DEFAULT_CORRECTION,
+    DEFAULT_STRUCTURED_METHOD,
+    BlockShape,
+    BlockWidths,
+    ModelDims,
+    Structure,
+    StructuredMethodName,
+    StructureRequest,
+    heads_to_groups,
+    resolve_blocks,
+)
+from autoprune.structure._select import (
+    UnitLayout,
+    activation_scores,
+    least_squares_correction,
+    obs_select,
+    select_by_scores,
+    weighted_scores,
+)
+
+__all__ = [
+    "DEFAULT_CORRECTION",
+    "DEFAULT_STRUCTURED_METHOD",
+    "BlockCut",
+    "BlockShape",
+    "BlockWidths",
+    "ModelDims",
+    "Structure",
+    "StructuredMethod",
+    "StructuredMethodName",
+    "StructureRequest",
+    "UnitLayout",
+    "activation_scores",
+    "build_subnet",
+    "choose_cuts",
+    "decoder_linear_params",
+    "heads_to_groups",
+    "least_squares_correction",
+    "model_dims",
+    "obs_select",
+    "resolve_blocks",
+    "select_by_scores",
+    "subnet_config",
+    "save_subnet",
+    "weighted_scores",
+]

@@ -1,0 +1,234 @@
+"""Building the physically smaller model a structure describes.
+
+Heads, KV heads and FFN channels are cut out of q/k/v/o and gate/up/down, sub-blocks and blocks
+that go are left out, and the result is a new model whose tensors are only what is kept: equal
+widths in every kept block give a stock ``LlamaForCausalLM`` with a plain ``LlamaConfig``; blocks
+that differ give :class:`SubnetLlamaForCausalLM` over a ``per_layer_config`` (see
+:mod:`autoprune.structure.remote.modeling_subnet_llama`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from autoprune.calibration import CalibrationStats
+from autoprune.errors import AutopruneError
+from autoprune.models import LlamaFamilyAdapter
+from autoprune.structure._methods import StructuredMethod
+from autoprune.structure._schema import BlockShape, ModelDims, Structure, resolve_blocks
+from autoprune.structure._select import UnitLayout, least_squares_correction
+from autoprune.structure.remote.modeling_subnet_llama import SubnetLlamaForCausalLM
+
+#: The file that ``auto_map`` points to inside an exported per-block checkpoint.
+REMOTE_MODULE = "modeling_subnet_llama"
+REMOTE_CLASS = "SubnetLlamaForCausalLM"
+
+
+@dataclass(frozen=True)
+class BlockCut:
+    """What one kept block keeps: its shape, and which original query heads and FFN channels."""
+
+    index: int
+    shape: BlockShape
+    heads: list[int]
+    channels: list[int]
+
+
+def model_dims(model: PreTrainedModel) -> ModelDims:
+    """The dense shape of ``model``, or a one-line error when it is not a dense LLaMA-family model."""
+    config = model.config
+    if config.model_type not in LlamaFamilyAdapter.model_types:
+        raise AutopruneError(
+            f"sub-networks need a LLaMA-family model, not {config.model_type!r}"
+        )
+    if getattr(config, "is_heterogeneous", False):
+        raise AutopruneError("sub-networks are cut from a dense model, not from one already cut")
+    return ModelDims.of(config)
+
+
+def choose_cuts(
+    model: PreTrainedModel, stats: CalibrationStats | None, structure: Structure, removed: list[int]
+) -> list[BlockCut]:
+    """Each kept block's cut; the structured method reads ``stats`` (needed only where a block
+    keeps fewer heads or channels than it has)."""
+    dims = model_dims(model)
+    shapes = resolve_blocks(structure, removed, dims)
+    method = StructuredMethod.get(structure.method)
+    heads_layout = UnitLayout(dims.head_dim, dims.num_kv_heads, dims.heads_per_group)
+    ffn_layout = UnitLayout(1, 1, dims.ffn)
+    cuts = []
+    for index, shape in enumerate(shapes):
+        if shape is None:
+            continue
+        heads = _kept(model, stats, method, index, "self_attn.o_proj", heads_layout,
+                      shape.kv_groups, shape.heads_per_group)
+        channels = _kept(model, stats, method, index, "mlp.down_proj", ffn_layout, 1, shape.ffn)
+        cuts.append(BlockCut(index, shape, heads, channels))
+    return cuts
+
+
+def _kept(
+    model: PreTrainedModel,
+    stats: CalibrationStats | None,
+    method: StructuredMethod,
+    index: int,
+    layer: str,
+    layout: UnitLayout,
+    groups: int,
+    per_group: int,
+) -> list[int]:
+    if per_group == 0 or groups == 0:
+        return []
+    if groups == layout.n_groups and per_group == layout.units_per_group:
+        return list(range(layout.n_units))
+    if stats is None:
+        raise AutopruneError("cutting heads or channels needs calibration statistics")
+    name = LlamaFamilyAdapter().layer_name(index, layer)
+    weight = model.get_submodule(name).weight.detach()
+    return method.select(weight, stats.layer(name), layout, groups, per_group)
+
+
+def build_subnet(
+    model: PreTrainedModel,
+    stats: CalibrationStats | None,
+    structure: Structure,
+    removed: list[int] | None = None,
+) -> PreTrainedModel:
+    """The smaller model ``structure`` (and ``removed`` blocks) makes of the dense ``model``.
+    ``model`` is left unchanged; the new model holds copies of the kept weights."""
+    removed = list(removed or [])
+    cuts = choose_cuts(model, stats, structure, removed)
+    dims = model_dims(model)
+    config = subnet_config(model.config, [cut.shape for cut in cuts], dims)
+    state = _sliced_state(model, stats, cuts, dims, structure.correct)
+    cls = SubnetLlamaForCausalLM if config.is_heterogeneous else LlamaForCausalLM
+    subnet = cls(config)
+    subnet.load_state_dict(state, strict=True)
+    subnet.tie_weights()
+    subnet.eval()
+    return subnet.to(next(model.parameters()).dtype)
+
+
+def subnet_config(dense: LlamaConfig, shapes: list[BlockShape], dims: ModelDims) -> LlamaConfig:
+    """A plain ``LlamaConfig`` when every kept block has the same full shape, else the dense
+    config with per-block differences in ``per_layer_config`` and ``auto_map`` to the shipped
+    modelling file."""
+    base = dense.to_dict()
+    for key in ("architectures", "auto_map", "transformers_version", "per_layer_config"):
+        base.pop(key, None)
+    base.update(num_hidden_layers=len(shapes), head_dim=dims.head_dim)
+    first = shapes[0]
+    if all(shape == first for shape in shapes) and first.heads > 0 and first.ffn > 0:
+        base.update(
+            num_attention_heads=first.heads,
+            num_key_value_heads=first.kv_groups,
+            intermediate_size=first.ffn,
+            architectures=["LlamaForCausalLM"],
+        )
+        return LlamaConfig(**base)
+    per_layer = {index: _layer_overrides(shape, dims) for index, shape in enumerate(shapes)}
+    base.update(
+        architectures=["LlamaForCausalLM"],
+        auto_map={"AutoModelForCausalLM": f"{REMOTE_MODULE}.{REMOTE_CLASS}"},
+        # LlamaConfig's own checks read the head count globally; the dense values stay global.
+        allow_global_per_layer_attribute_access=True,
+        per_layer_config={k: v for k, v in per_layer.items() if v},
+    )
+    return LlamaConfig(**base)
+
+
+def _layer_overrides(shape: BlockShape, dims: ModelDims) -> dict:
+    overrides: dict = {}
+    skip = []
+    if shape.heads == 0:
+        skip.append("self_attn")
+    elif shape.heads != dims.num_heads or shape.kv_groups != dims.num_kv_heads:
+        overrides.update(num_attention_heads=shape.heads, num_key_value_heads=shape.kv_groups)
+    if shape.ffn == 0:
+        skip.append("mlp")
+    elif shape.ffn != dims.ffn:
+        overrides["intermediate_size"] = shape.ffn
+    if skip:
+        overrides["skip"] = skip
+    return overrides
+
+
+def _sliced_state(
+    model: PreTrainedModel,
+    stats: CalibrationStats | None,
+    cuts: list[BlockCut],
+    dims: ModelDims,
+    correct: bool,
+) -> dict[str, torch.Tensor]:
+    """The new model's state dict: everything outside the blocks as is, kept blocks renumbered."""
+    source = model.state_dict()
+    prefix = LlamaFamilyAdapter.blocks_path + "."
+    state = {k: v.clone() for k, v in source.items() if not k.startswith(prefix)}
+    heads_layout = UnitLayout(dims.head_dim, dims.num_kv_heads, dims.heads_per_group)
+    for new_index, cut in enumerate(cuts):
+        old, new = f"{prefix}{cut.index}.", f"{prefix}{new_index}."
+
+        def put(name: str, tensor: torch.Tensor, new: str = new) -> None:
+            state[new + name] = tensor.contiguous().clone()
+
+        if cut.heads:
+            q_rows = torch.tensor(heads_layout.columns(cut.heads))
+            kv_heads = sorted({head // dims.heads_per_group for head in cut.heads})
+            kv_rows = torch.tensor(UnitLayout(dims.head_dim, 1, dims.num_kv_heads).columns(kv_heads))
+            for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+                _put_rows(source, old, new, f"self_attn.{name}", rows, put)
+            o_weight = source[old + "self_attn.o_proj.weight"]
+            put("self_attn.o_proj.weight",
+                _consumer(o_weight, q_rows, stats, old + "self_attn.o_proj", correct))
+            _copy_if_present(source, old, "self_attn.o_proj.bias", put)
+            put("input_layernorm.weight", source[old + "input_layernorm.weight"])
+        if cut.channels:
+            rows = torch.tensor(cut.channels)
+            for name in ("gate_proj", "up_proj"):
+                _put_rows(source, old, new, f"mlp.{name}", rows, put)
+            down = source[old + "mlp.down_proj.weight"]
+            put("mlp.down_proj.weight", _consumer(down, rows, stats, old + "mlp.down_proj", correct))
+            _copy_if_present(source, old, "mlp.down_proj.bias", put)
+            put("post_attention_layernorm.weight", source[old + "post_attention_layernorm.weight"])
+    return state
+
+
+def _put_rows(source: dict, old: str, new: str, layer: str, rows: torch.Tensor, put) -> None:
+    put(f"{layer}.weight", source[f"{old}{layer}.weight"][rows])
+    if f"{old}{layer}.bias" in source:
+        put(f"{layer}.bias", source[f"{old}{layer}.bias"][rows])
+
+
+def _copy_if_present(source: dict, old: str, name: str, put) -> None:
+    if old + name in source:
+        put(name, source[old + name])
+
+
+def _consumer(
+    weight: torch.Tensor,
+    columns: torch.Tensor,
+    stats: CalibrationStats | None,
+    layer: str,
+    correct: bool,
+) -> torch.Tensor:
+    """The consuming layer restricted to the kept input columns, least-squares corrected when
+    asked and something was cut."""
+    if not correct or len(columns) == weight.shape[1]:
+        return weight[:, columns]
+    if stats is None:
+        raise AutopruneError("the least-squares correction needs calibration statistics")
+    return least_squares_correction(weight, stats.layer(layer).xtx, columns.tolist())
+
+
+def decoder_linear_params(shapes: list[BlockShape | None], dims: ModelDims) -> int:
+    """Decoder linear weights a structure keeps, from shapes alone (what the search budgets)."""
+    total = 0
+    for shape in shapes:
+        if shape is None:
+            continue
+        q, kv = shape.heads * dims.head_dim, shape.kv_groups * dims.head_dim
+        total += dims.hidden * (2 * q + 2 * kv) + 3 * dims.hidden * shape.ffn
+    return total
