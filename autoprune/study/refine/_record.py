@@ -13,11 +13,12 @@ from autoprune.study.refine._config import RECORDED_SETTINGS, RefineConfig
 
 
 def find_refinement(study: optuna.Study, config: RefineConfig) -> FrozenTrial | None:
-    """The trial the study holds from refining ``config.trial`` with the same settings (a setting
-    an older record lacks counts as its default)."""
+    """The newest trial the study holds from refining ``config.trial`` with the same settings (a
+    setting an older record lacks counts as its default): the one just recorded, right after
+    :func:`record_refinement`, even where a search has added trials since."""
     wanted = config.model_dump(include=RECORDED_SETTINGS)
     defaults = {key: RefineConfig.model_fields[key].default for key in RECORDED_SETTINGS}
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    for trial in reversed(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))):
         done = trial.user_attrs.get("refine", {})
         if trial.user_attrs.get("refined_from") == config.trial and all(
             done.get(key, defaults[key]) == value for key, value in wanted.items()
