@@ -9,12 +9,9 @@ change of the library's API is made in one place.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import optuna
 import torch
@@ -28,8 +25,11 @@ from autoprune.plan import Plan
 from autoprune.pruner import prune_sequentially
 from autoprune.study import StudySettings, load_existing_study, study_settings
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+# the arguments and results writing that need no torch, re-exported: scripts import them from here
+from _writing import (  # noqa: F401
+    HERE, RESULTS, Column, add_out, add_threads, column, number, parser, table, write_results,
+)
+
 #: WikiText-2 in its raw layout, beside the repository (``/work/shared/data/wikitext-2``).
 DEFAULT_DATA = str(HERE.parent.parent / "shared/data/wikitext-2")
 #: The study ``search_vs_baselines.py`` makes, which the later experiments read.
@@ -39,22 +39,7 @@ DEFAULT_STUDY = "search-vs-baselines"
 REQUIRED_REDUCTION = 0.25
 
 
-# --- arguments -------------------------------------------------------------------------------
-
-def parser(doc: str | None) -> argparse.ArgumentParser:
-    """An argument parser described by the first line of the script's docstring."""
-    return argparse.ArgumentParser(description=(doc or "").splitlines()[0])
-
-
-def add_out(parser: argparse.ArgumentParser, default: Path = RESULTS) -> None:
-    """``--out``: the folder the results' JSON and markdown go to."""
-    parser.add_argument("--out", type=Path, default=default)
-
-
-def add_threads(parser: argparse.ArgumentParser, default: int | None = None) -> None:
-    """``--threads``: torch's CPU threads (default: torch's own choice)."""
-    parser.add_argument("--threads", type=int, default=default, help="torch threads")
-
+# --- arguments (``parser``, ``add_out``, ``add_threads``: in ``_writing``) ---------------------
 
 def add_study(parser: argparse.ArgumentParser, required: bool = False) -> None:
     """``--storage`` and ``--study``: an existing study made by ``autoprune search``."""
@@ -152,42 +137,3 @@ def measure_sequential(
     prune_seconds = time.perf_counter() - start
     size = measure_size(pruned, loaded.adapter, dense_linear)
     return Measured(perplexity(pruned, windows, progress=progress), size, prune_seconds)
-
-
-# --- writing results --------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Column:
-    """One column of a markdown table: its title, the cell of a row, and its alignment."""
-
-    title: str
-    cell: Callable[[dict], Any]
-    align: str = "---:"
-
-
-def column(title: str, key: str, spec: str = "", align: str = "---:") -> Column:
-    """A column showing ``row[key]`` formatted by ``spec`` (``format(value, spec)``)."""
-    return Column(title, lambda row: format(row[key], spec), align)
-
-
-def table(rows: Sequence[dict], columns: Sequence[Column]) -> list[str]:
-    """The lines of a markdown table of ``rows``."""
-    lines = ["| " + " | ".join(c.title for c in columns) + " |",
-             "|" + "|".join(c.align for c in columns) + "|"]
-    lines += ["| " + " | ".join(str(c.cell(row)) for c in columns) + " |" for row in rows]
-    return lines
-
-
-def number(value: float | None, spec: str = ".2f") -> str:
-    """``value`` formatted, or ``-`` where it was not measured."""
-    return "-" if value is None else format(value, spec)
-
-
-def write_results(result: Any, out: Path, name: str, markdown: str | Sequence[str]) -> str:
-    """Write ``out/name.json`` (the result, indented) and ``out/name.md`` (``markdown``, text or
-    lines), creating ``out``; returns the markdown text, which scripts also print."""
-    text = markdown if isinstance(markdown, str) else "\n".join(markdown) + "\n"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / f"{name}.md").write_text(text)
-    return text

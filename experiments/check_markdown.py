@@ -1,8 +1,9 @@
 """Regenerate every result's markdown from its JSON with the current scripts and compare.
 
 A change to a script's table code (or to ``_common.py``) must not change the tables of results
-already recorded: this rebuilds each ``results/**/<script>.md`` from the JSON beside it with the
-script's ``markdown`` function and says SAME or DIFF (with the diff). Results written by an older
+already recorded: this rebuilds each ``results/**/<script>.md`` (or, for a script that names its
+files after the run's options, each ``results/**/<script>_<options>.md``) from the JSON beside it
+with the script's ``markdown`` function and says SAME or DIFF (with the diff). Results written by an older
 version of a script whose JSON lacks a field the table now shows are reported as ``older format``;
 they were not rewritten since. Exits non-zero when any table differs.
 
@@ -20,7 +21,11 @@ from _common import RESULTS, parser
 
 #: The scripts whose ``markdown(result)`` rebuilds their table from their JSON alone.
 SCRIPTS = ("baselines", "proxy_check", "search_vs_baselines", "search_speed", "ray_scaling",
-           "predictor_efficiency", "export_check", "full_test_split", "refine_front")
+           "predictor_efficiency", "export_check", "full_test_split", "refine_front", "gguf_roundtrip",
+           "structured_methods", "latency_check", "two_drivers")
+#: The scripts that name their result files after the run's options too (``--cut ffn``:
+#: ``structured_methods_ffn.json``): every ``<script>_*.json`` is theirs as well.
+SEVERAL_FILES = ("structured_methods", "latency_check")
 
 
 def main() -> None:
@@ -28,7 +33,8 @@ def main() -> None:
     differing = 0
     for name in SCRIPTS:
         script = importlib.import_module(name)
-        for path in sorted(RESULTS.rglob(f"{name}.json")):
+        patterns = (f"{name}.json", f"{name}_*.json") if name in SEVERAL_FILES else (f"{name}.json",)
+        for path in sorted(path for pattern in patterns for path in RESULTS.rglob(pattern)):
             recorded = path.with_suffix(".md").read_text()
             try:
                 rebuilt = script.markdown(json.loads(path.read_text()))

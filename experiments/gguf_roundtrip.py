@@ -15,7 +15,6 @@ compared with the safetensors model's. The GGUF files and the windows' token ids
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -32,7 +31,8 @@ from autoprune.export_gguf import export_checkpoint_gguf
 from autoprune.measure import perplexity
 from autoprune.models import load_model
 
-HERE = Path(__file__).resolve().parent
+from _common import add_out, add_threads, column, parse, parser, table, write_results
+
 MODEL = "smollm2-135m"
 REMOVED = [20, 25]
 #: Calibration windows of SparseGPT (the default is 128): the GGUF round trip does not depend on how
@@ -45,14 +45,13 @@ TOLERANCE = 0.01
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="WikiText-2 folder")
-    parser.add_argument("--work", type=Path, required=True, help="folder for checkpoints and GGUFs")
-    parser.add_argument("--windows", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    arguments = parser(__doc__)
+    arguments.add_argument("--data", required=True, help="WikiText-2 folder")
+    arguments.add_argument("--work", type=Path, required=True, help="folder for checkpoints and GGUFs")
+    arguments.add_argument("--windows", type=int, default=8)
+    add_threads(arguments, 2)
+    add_out(arguments)
+    args = parse(arguments)
     args.work.mkdir(parents=True, exist_ok=True)
     checkpoints = make_checkpoints(args.data, args.work)
     rows = []
@@ -87,9 +86,7 @@ def main() -> None:
               "f16_within_tolerance": all(abs(r["relative_difference"]) < TOLERANCE
                                           for r in rows if r["gguf_type"] == "f16"),
               "rows": rows}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gguf_roundtrip.json").write_text(json.dumps(result, indent=2))
-    (args.out / "gguf_roundtrip.md").write_text(markdown(result))
+    write_results(result, args.out, "gguf_roundtrip", markdown(result))
 
 
 def make_checkpoints(data: str, work: Path) -> dict[str, Path]:
@@ -116,23 +113,25 @@ def make_checkpoints(data: str, work: Path) -> dict[str, Path]:
     return folders
 
 
+#: The table's columns: a GGUF's perplexity against the safetensors checkpoint's it was written from.
+COLUMNS = [
+    column("variant", "variant", align="---"), column("type", "gguf_type", align="---"),
+    column("blocks", "blocks", align="---"), column("safetensors ppl", "safetensors_ppl", align="---"),
+    column("GGUF ppl", "gguf_ppl", align="---"), column("difference", "relative_difference", "+.3%", "---"),
+    column("same token ids", "tokenizer_same_ids", align="---"), column("GGUF MB", "gguf_mb", align="---"),
+]
+
+
 def markdown(result: dict) -> str:
-    lines = [
+    """The results' table, from the JSON alone."""
+    return "\n".join([
         f"# GGUF round trip: {result['model']}, {result['windows']} WikiText-2 test windows of "
         f"{result['seq_len']} tokens",
         "",
         "`python experiments/gguf_roundtrip.py --data ../shared/data/wikitext-2 --work WORK --threads 1`",
         "",
-        "| variant | type | blocks | safetensors ppl | GGUF ppl | difference | same token ids | GGUF MB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['variant']} | {r['gguf_type']} | {r['blocks']} | {r['safetensors_ppl']} | "
-            f"{r['gguf_ppl']} | {100 * r['relative_difference']:+.3f}% | {r['tokenizer_same_ids']} | "
-            f"{r['gguf_mb']} |"
-        )
-    return "\n".join(lines) + "\n"
+        *table(result["rows"], COLUMNS),
+    ]) + "\n"
 
 
 if __name__ == "__main__":

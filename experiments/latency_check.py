@@ -15,13 +15,11 @@ The CPU is shared: run it at a higher priority (``nice -n -5``) and read the spr
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import tempfile
 from pathlib import Path
 
-import torch
 from transformers import AutoModelForCausalLM
 
 from autoprune import CalibrationConfig, prepare
@@ -29,9 +27,9 @@ from autoprune.latency import LatencySettings, latency_table, measure
 from autoprune.models import load_model
 from autoprune.structure import BlockWidths, Structure, build_subnet, model_dims, resolve_blocks, save_subnet
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-DATA = str(HERE.parent.parent / "shared" / "data" / "wikitext-2")
+from _common import DEFAULT_DATA as DATA
+from _common import RESULTS, add_threads, column, parse, parser, table, write_results
+
 VARIANTS: dict[str, tuple[Structure, list[int]]] = {
     "ffn 1152 everywhere": (Structure(method="activation", every_block=BlockWidths(ffn=1152)), []),
     "heads 6/9 + ffn 1024": (
@@ -56,31 +54,30 @@ VARIANTS: dict[str, tuple[Structure, list[int]]] = {
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--table-only", action="store_true", help="measure and cache the table only")
-    parser.add_argument(
+    arguments = parser(__doc__)
+    add_threads(arguments, 1)
+    arguments.add_argument("--repeats", type=int, default=5)
+    arguments.add_argument("--table-only", action="store_true", help="measure and cache the table only")
+    arguments.add_argument(
         "--fresh-table", action="store_true",
         help="measure the table again in this run (into a temporary cache, FFN widths every 256) "
         "just before the variants, so both see the same load on a shared CPU",
     )
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse(arguments)
     settings = LatencySettings(repeats=args.repeats, threads=args.threads)
     dense = load_model("smollm2-135m")
     if args.fresh_table:
         with tempfile.TemporaryDirectory() as cache:
-            table = latency_table(dense.model.config, settings, cache_dir=Path(cache), ffn_step=256)
+            shapes = latency_table(dense.model.config, settings, cache_dir=Path(cache), ffn_step=256)
     else:
-        table = latency_table(dense.model.config, settings)
-    print("table", table.key, flush=True)
+        shapes = latency_table(dense.model.config, settings)
+    print("table", shapes.key, flush=True)
     if args.table_only:
         return
     dims = model_dims(dense.model)
     calibration = CalibrationConfig(source=DATA, n_samples=128, seq_len=512, seed=0)
     loaded, stats, _ = prepare("smollm2-135m", calibration, progress=False)
-    rows = [_row("dense", table.predict(resolve_blocks(None, [], dims)), measure(loaded.model, settings))]
+    rows = [_row("dense", shapes.predict(resolve_blocks(None, [], dims)), measure(loaded.model, settings))]
     print(rows[-1], flush=True)
     for name, (structure, removed) in VARIANTS.items():
         subnet = build_subnet(loaded.model, stats, structure, removed)
@@ -89,29 +86,39 @@ def main() -> None:
             save_subnet(subnet, loaded.tokenizer, out, {"variant": name})
             reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
             measured = measure(reloaded, settings)
-        rows.append(_row(name, table.predict(resolve_blocks(structure, removed, dims)), measured))
+        rows.append(_row(name, shapes.predict(resolve_blocks(structure, removed, dims)), measured))
         print(rows[-1], flush=True)
     errors = [abs(r[f"{k}_error"]) for r in rows for k in ("prefill", "decode")]
     summary = {"max_abs_error": max(errors), "median_abs_error": statistics.median(errors)}
-    RESULTS.mkdir(exist_ok=True)
-    payload = {"settings": vars(args), "table_key": table.key, "table": json.loads(table.to_json()),
+    payload = {"settings": vars(args), "table_key": shapes.key, "table": json.loads(shapes.to_json()),
                "rows": rows, "summary": summary}
-    name = "latency_check_fresh" if args.fresh_table else "latency_check"
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2))
-    lines = [
-        f"Command: `nice -n -5 python experiments/latency_check.py --threads {args.threads} --repeats {args.repeats}"
-        f"{' --fresh-table' if args.fresh_table else ''}`",
+    write_results(payload, RESULTS, "latency_check_fresh" if args.fresh_table else "latency_check", markdown(payload))
+
+
+#: The table's columns: predicted against measured prefill and decode latency.
+COLUMNS = [
+    column("variant", "variant", align="---"),
+    column("prefill predicted ms", "prefill_predicted", ".1f", "---"),
+    column("prefill measured ms", "prefill_measured", ".1f", "---"),
+    column("error", "prefill_error", "+.1%", "---"),
+    column("decode predicted ms/token", "decode_predicted", ".2f", "---"),
+    column("decode measured", "decode_measured", ".2f", "---"),
+    column("error", "decode_error", "+.1%", "---"),
+]
+
+
+def markdown(result: dict) -> str:
+    """The results' table, from the JSON alone (runs from before ``--fresh-table`` existed lack it
+    in their settings: they did not measure a fresh table)."""
+    settings, summary = result["settings"], result["summary"]
+    return "\n".join([
+        f"Command: `nice -n -5 python experiments/latency_check.py --threads {settings['threads']} "
+        f"--repeats {settings['repeats']}{' --fresh-table' if settings.get('fresh_table') else ''}`",
         "",
-        "| variant | prefill predicted ms | prefill measured ms | error | decode predicted ms/token | decode measured | error |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    lines += [
-        f"| {r['variant']} | {r['prefill_predicted']:.1f} | {r['prefill_measured']:.1f} | {r['prefill_error']:+.1%} "
-        f"| {r['decode_predicted']:.2f} | {r['decode_measured']:.2f} | {r['decode_error']:+.1%} |"
-        for r in rows
-    ]
-    lines += ["", f"max |error| {summary['max_abs_error']:.1%}, median |error| {summary['median_abs_error']:.1%}"]
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+        *table(result["rows"], COLUMNS),
+        "",
+        f"max |error| {summary['max_abs_error']:.1%}, median |error| {summary['median_abs_error']:.1%}",
+    ]) + "\n"
 
 
 def _row(name: str, predicted, measured) -> dict:

@@ -19,7 +19,6 @@ Writes ``results/llamacpp_speed.json`` and ``.md``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import platform
@@ -30,20 +29,21 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
+from _writing import Column, add_out, column, parser, table, write_results  # not _common: no torch here
+
 VARIANTS = {"dense": "dense", "sparsegpt-50": "sparsegpt-50", "sparsegpt-50-minus-2-blocks": "sparsegpt-50-cut"}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, required=True)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--ppl-windows", type=int, default=4, help="windows scored in llama.cpp")
-    parser.add_argument("--prefill", type=int, default=512)
-    parser.add_argument("--decode", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", type=Path, default=HERE / "results")
-    args = parser.parse_args()
+    arguments = parser(__doc__)
+    arguments.add_argument("--work", type=Path, required=True)
+    arguments.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    arguments.add_argument("--ppl-windows", type=int, default=4, help="windows scored in llama.cpp")
+    arguments.add_argument("--prefill", type=int, default=512)
+    arguments.add_argument("--decode", type=int, default=64)
+    arguments.add_argument("--repeats", type=int, default=3)
+    add_out(arguments)
+    args = arguments.parse_args()
     windows = np.load(args.work / "windows.npy")
     transformers_rows = json.loads((args.out / "gguf_roundtrip.json").read_text())["rows"]
     rows = []
@@ -75,8 +75,7 @@ def main() -> None:
         "llama_cpp_python": llama_cpp.__version__, "threads": args.threads, "cpu": platform.processor(),
         "prefill_tokens": args.prefill, "decode_tokens": args.decode, "repeats": args.repeats, "rows": rows,
     }
-    (args.out / "llamacpp_speed.json").write_text(json.dumps(result, indent=2))
-    (args.out / "llamacpp_speed.md").write_text(markdown(result))
+    write_results(result, args.out, "llamacpp_speed", markdown(result))
 
 
 def llamacpp_perplexity(llm: llama_cpp.Llama, windows: np.ndarray) -> float:
@@ -117,8 +116,21 @@ def speed(llm: llama_cpp.Llama, prompt: list[int], decode: int, repeats: int) ->
             "decode_tok_s": round(statistics.median(generate), 1)}
 
 
+#: The table's columns: llama.cpp's perplexity against transformers' on the same GGUF, and speed.
+COLUMNS = [
+    column("variant", "variant", align="---"), column("type", "gguf_type", align="---"),
+    column("GGUF MB", "gguf_mb", align="---"),
+    Column("llama.cpp ppl", lambda r: f"{r['llamacpp_ppl']} ({r['ppl_windows']} windows)", "---"),
+    column("transformers ppl", "transformers_gguf_ppl", align="---"),
+    column("difference", "relative_difference", "+.3%", "---"),
+    column("same ids", "tokenizer_same_ids", align="---"), column("prefill tok/s", "prefill_tok_s", align="---"),
+    column("decode tok/s", "decode_tok_s", align="---"),
+]
+
+
 def markdown(result: dict) -> str:
-    lines = [
+    """The results' table, from the JSON alone."""
+    return "\n".join([
         f"# llama.cpp (llama-cpp-python {result['llama_cpp_python']}), {result['threads']} threads",
         "",
         "`.venv-llamacpp/bin/python experiments/llamacpp_speed.py --work WORK --threads "
@@ -129,18 +141,8 @@ def markdown(result: dict) -> str:
         "",
         "Perplexity on the same windows (token ids) in llama.cpp and in transformers (GGUF reloaded).",
         "",
-        "| variant | type | GGUF MB | llama.cpp ppl | transformers ppl | difference | same ids "
-        "| prefill tok/s | decode tok/s |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in result["rows"]:
-        lines.append(
-            f"| {r['variant']} | {r['gguf_type']} | {r['gguf_mb']} | {r['llamacpp_ppl']} "
-            f"({r['ppl_windows']} windows) | {r['transformers_gguf_ppl']} | "
-            f"{100 * r['relative_difference']:+.3f}% | {r['tokenizer_same_ids']} | {r['prefill_tok_s']} | "
-            f"{r['decode_tok_s']} |"
-        )
-    return "\n".join(lines) + "\n"
+        *table(result["rows"], COLUMNS),
+    ]) + "\n"
 
 
 if __name__ == "__main__":

@@ -14,21 +14,16 @@ method and correction in :mod:`autoprune.structure` are the best row here. Write
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
-
-import torch
 
 from autoprune import CalibrationConfig, prepare
 from autoprune.data import evaluation_windows
 from autoprune.measure import perplexity
 from autoprune.structure import BlockWidths, Structure, build_subnet
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-DATA = str(HERE.parent.parent / "shared" / "data" / "wikitext-2")
+from _common import DEFAULT_DATA as DATA
+from _common import RESULTS, Column, add_threads, column, parse, parser, table, write_results
+
 CUTS = {
     "ffn": ("ffn 1152/1536", BlockWidths(ffn=1152)),
     "heads": ("heads 6/9 (3x2)", BlockWidths(kv_groups=3, heads_per_group=2)),
@@ -39,12 +34,11 @@ SETTINGS = [("activation", False), ("activation", True), ("obs", True), ("weight
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--eval-windows", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--cut", choices=sorted(CUTS), default=None, help="one cut only (default: both)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    arguments = parser(__doc__)
+    arguments.add_argument("--eval-windows", type=int, default=16)
+    add_threads(arguments, 2)
+    arguments.add_argument("--cut", choices=sorted(CUTS), default=None, help="one cut only (default: both)")
+    args = parse(arguments)
     calibration = CalibrationConfig(source=DATA, n_samples=128, seq_len=512, seed=0)
     loaded, stats, _ = prepare("smollm2-135m", calibration, progress=False)
     windows = evaluation_windows(DATA, loaded.tokenizer, 512, args.eval_windows)
@@ -63,17 +57,27 @@ def main() -> None:
 
 
 def _write(rows: list[dict], calibration: CalibrationConfig, eval_windows: int, suffix: str) -> None:
-    RESULTS.mkdir(exist_ok=True)
     settings = {"model": "smollm2-135m", "calibration": calibration.model_dump(),
                 "eval_windows": eval_windows, "seq_len": 512}
-    (RESULTS / f"structured_methods{suffix}.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=2))
-    lines = ["| cut | method | LS correction | ppl | cut seconds |", "|---|---|---|---|---|"]
-    lines += [f"| {r['cut']} | {r['method']} | {'yes' if r['correct'] else 'no'} | {r['ppl']:.2f} | {r['seconds']} |"
-              for r in rows]
-    (RESULTS / f"structured_methods{suffix}.md").write_text(
-        f"Command: `python experiments/structured_methods.py --eval-windows {eval_windows}"
-        f"{' --cut ' + suffix[1:] if suffix else ''}`\n\n" + "\n".join(lines) + "\n"
-    )
+    result = {"settings": settings, "rows": rows}
+    write_results(result, RESULTS, f"structured_methods{suffix}", markdown(result))
+
+
+#: The table's columns: a cut's perplexity by method, with and without the correction.
+COLUMNS = [
+    column("cut", "cut", align="---"), column("method", "method", align="---"),
+    Column("LS correction", lambda r: "yes" if r["correct"] else "no", "---"),
+    column("ppl", "ppl", ".2f", "---"), column("cut seconds", "seconds", align="---"),
+]
+
+
+def markdown(result: dict) -> str:
+    """The results' table, from the JSON alone. The command's ``--cut`` is the one cut the rows
+    hold, if one (a run of both cuts stopped before its first heads row reads as ``--cut ffn``)."""
+    cuts = {key for key, (label, _) in CUTS.items() for row in result["rows"] if row["cut"] == label}
+    cut = f" --cut {cuts.pop()}" if len(cuts) == 1 else ""
+    return (f"Command: `python experiments/structured_methods.py --eval-windows "
+            f"{result['settings']['eval_windows']}{cut}`\n\n" + "\n".join(table(result["rows"], COLUMNS)) + "\n")
 
 
 if __name__ == "__main__":

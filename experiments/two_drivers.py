@@ -9,7 +9,8 @@ C. as A, but the second driver has imported autoprune beforehand and starts the 
 
 Default heartbeat settings (no AUTOPRUNE_HEARTBEAT_* in the environment). Writes the exit codes,
 each driver's last stderr line, whether any stderr holds a traceback, and what the study holds
-(finished trials, orphaned trials, plans measured twice) to experiments/results/two_drivers.json.
+(finished trials, orphaned trials, plans measured twice) to experiments/results/two_drivers.json,
+and a table of it to ``two_drivers.md``.
 
     PYTHONPATH=$PWD python experiments/two_drivers.py
 """
@@ -32,6 +33,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import save_tiny_model, synthetic_text, tiny_llama_config  # noqa: E402
 
 from autoprune.study import counts_toward_budget  # noqa: E402
+
+from _common import Column, add_out, column, parser, table, write_results  # noqa: E402
 
 
 def tiny_model(folder: Path) -> tuple[Path, Path]:
@@ -85,6 +88,9 @@ def study_facts(db: Path, study: str) -> dict:
 
 
 def main() -> None:
+    arguments = parser(__doc__)
+    add_out(arguments)
+    args = arguments.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="two-drivers-"))
     model, data = tiny_model(folder)
     env = {**os.environ, "AUTOPRUNE_CACHE": str(folder / "cache"), "TQDM_DISABLE": "1"}
@@ -118,10 +124,32 @@ def main() -> None:
     results["C_warm_second_while_first_has_a_trial_in_flight"] = {
         "first": outcome(first), "second": outcome(second), "study": study_facts(db, "c"), "asked": 60,
     }
-    out = ROOT / "experiments" / "results" / "two_drivers.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1) + "\n")
+    write_results(results, args.out, "two_drivers", markdown(results))
     print(json.dumps(results, indent=1))
+
+
+#: The table's columns: each scenario's two drivers and what the study holds afterwards.
+COLUMNS = [
+    column("scenario", "scenario", align="---"), column("trials asked", "asked"),
+    Column("exit codes (first, second)", lambda r: f"{r['first']['exit']}, {r['second']['exit']}", "---"),
+    Column("traceback", lambda r: r["first"]["traceback"] or r["second"]["traceback"], "---"),
+    *(Column(title, lambda r, key=key: r["study"][key]) for title, key in (
+        ("finished (counted)", "finished_counted"), ("orphaned", "orphaned"),
+        ("running or waiting", "running_or_waiting"), ("plans measured twice", "plans_measured_twice"))),
+    Column("second driver's last stderr line", lambda r: r["second"]["last_line"].replace("|", "\\|"), "---"),
+]
+
+
+def markdown(result: dict) -> str:
+    """The results' table, from the JSON alone."""
+    rows = [{"scenario": name, **scenario} for name, scenario in result.items()]
+    return "\n".join([
+        "# Two `autoprune search` drivers on one SQLite study (issue #24)",
+        "",
+        "`PYTHONPATH=$PWD python experiments/two_drivers.py`",
+        "",
+        *table(rows, COLUMNS),
+    ]) + "\n"
 
 
 if __name__ == "__main__":
