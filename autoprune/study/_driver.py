@@ -67,12 +67,7 @@ from autoprune.study._records import (
     trial_row,
 )
 from autoprune.study._settings import StudySettings
-from autoprune.study._storage import (
-    mask_url,
-    opened_storage,
-    storage_url,
-    write_ahead,
-)
+from autoprune.study._storage import mask_url, opened_storage, storage_url, write_ahead
 from autoprune.study._worker import TrialRequest, TrialResult
 from search_spaces import SearchSpace, SpaceContext
 
