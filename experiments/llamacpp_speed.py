@@ -42,13 +42,15 @@ def main() -> None:
     arguments.add_argument("--prefill", type=int, default=512)
     arguments.add_argument("--decode", type=int, default=64)
     arguments.add_argument("--repeats", type=int, default=3)
+    arguments.add_argument("--gguf-types", nargs="+", choices=("f16", "q8_0"), default=["f16", "q8_0"],
+                           help="which of each variant's GGUF files to run")
     add_out(arguments)
     args = arguments.parse_args()
     windows = np.load(args.work / "windows.npy")
     transformers_rows = json.loads((args.out / "gguf_roundtrip.json").read_text())["rows"]
     rows = []
     for variant, folder in VARIANTS.items():
-        for gguf_type in ("f16", "q8_0"):
+        for gguf_type in args.gguf_types:
             path = args.work / folder / f"model-{gguf_type}.gguf"
             if not path.exists():
                 continue
@@ -73,7 +75,8 @@ def main() -> None:
             del llm
     result = {
         "llama_cpp_python": llama_cpp.__version__, "threads": args.threads, "cpu": platform.processor(),
-        "prefill_tokens": args.prefill, "decode_tokens": args.decode, "repeats": args.repeats, "rows": rows,
+        "prefill_tokens": args.prefill, "decode_tokens": args.decode, "repeats": args.repeats,
+        "gguf_types": args.gguf_types, "rows": rows,
     }
     write_results(result, args.out, "llamacpp_speed", markdown(result))
 
@@ -134,7 +137,7 @@ def markdown(result: dict) -> str:
         f"# llama.cpp (llama-cpp-python {result['llama_cpp_python']}), {result['threads']} threads",
         "",
         "`.venv-llamacpp/bin/python experiments/llamacpp_speed.py --work WORK --threads "
-        f"{result['threads']}`",
+        f"{result['threads']} --gguf-types {' '.join(result.get('gguf_types', ['f16', 'q8_0']))}`",
         "",
         f"Prefill: one {result['prefill_tokens']}-token window; decode: {result['decode_tokens']} "
         f"greedy tokens; medians of {result['repeats']}.",
