@@ -186,9 +186,15 @@ class DriverLease:
         except Exception as error:  # a storage hiccup: the next beat tries again
             _LOG.warning("autoprune: heartbeat of %s not written (%s)", self.label, type(error).__name__)
             return
-        for number in list(self._in_flight()):
+        in_flight = list(self._in_flight())
+        if not in_flight:
+            return
+        try:
+            study_id = self.storage.get_study_id_from_name(self.study)
+        except Exception:  # a hiccup: the next beat stamps them
+            return
+        for number in in_flight:
             try:
-                study_id = self.storage.get_study_id_from_name(self.study)
                 trial_id = self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
                 self.storage.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, now)
                 if isinstance(self.storage, RDBStorage):
