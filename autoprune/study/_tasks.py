@@ -34,16 +34,20 @@ def score_trials_on_tasks(
     progress: bool = False,
 ) -> dict[int, dict[str, Any]]:
     """Rebuild each trial's model as the study measured it (its recipe, one-shot, from the cached
-    calibration), score it on ``tasks`` and record the scores in the study."""
+    calibration), score it on ``tasks`` and record the scores in the study. The study's trials
+    share one model and calibration, so both are prepared once and each plan is applied to it."""
     manager = task_manager(tasks, include_path)
     compute = compute_device(device)
-    scores = {}
+    scores: dict[int, dict[str, Any]] = {}
+    if not trials:
+        return scores
+    first = trial_recipe(study, trials[0])
+    loaded, stats, _ = prepare(first.model, first.calibration, cache_dir, progress, compute)
+    loaded.model.to(compute)
+    pruner = Pruner(loaded, stats)
     for trial in trials:
-        recipe = trial_recipe(study, trial)
-        loaded, stats, _ = prepare(recipe.model, recipe.calibration, cache_dir, progress, compute)
-        loaded.model.to(compute)
-        model = Pruner(loaded, stats).materialize(recipe.plan)
-        rows = run_tasks(model, loaded.tokenizer, tasks, manager, limit)
+        with pruner.applied(trial_recipe(study, trial).plan) as model:
+            rows = run_tasks(model, loaded.tokenizer, tasks, manager, limit)
         recorded = {**recorded_task_scores(study, trial.number), **task_scores(rows, limit)}
         study.set_user_attr(f"{TASKS_ATTR_PREFIX}{trial.number}", recorded)
         scores[trial.number] = recorded
