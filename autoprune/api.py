@@ -20,7 +20,7 @@ from autoprune.measure import SizeReport, measure_size, perplexity
 from autoprune.models import LoadedModel, compute_device, load_model
 from autoprune.plan import MethodName, NMPattern, Plan, Recipe
 from autoprune.pruner import Pruner, prune_sequentially
-from autoprune.structure import StructureRequest, build_subnet, model_dims, resolve_blocks, save_subnet
+from autoprune.structure import StructureRequest, model_dims, resolve_blocks, save_subnet
 
 
 @dataclass
@@ -171,9 +171,7 @@ def prune(
     pruner = Pruner(loaded, prepared.stats)
     dense_linear = pruner.dense_linear_params
     start = time.perf_counter()
-    if structured:
-        model = build_subnet(loaded.model, prepared.stats, recipe.plan.structure, recipe.plan.removed_blocks)
-    elif sequential:
+    if sequential:
         model = prune_sequentially(loaded, prepared.windows, recipe.plan, compute, progress=progress)
     else:
         model = pruner.materialize(recipe.plan)

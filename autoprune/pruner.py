@@ -21,6 +21,7 @@ from autoprune.errors import AutopruneError
 from autoprune.methods import LayerJob, PruningMethod
 from autoprune.models import LoadedModel
 from autoprune.plan import LayerSpec, MethodName, Plan
+from autoprune.structure import CutCache, build_subnet
 
 
 class Pruner:
@@ -39,6 +40,7 @@ class Pruner:
             name: loaded.model.get_submodule(name).weight.data for name in self.layer_names
         }
         self._methods: dict[str, PruningMethod] = {}
+        self._cuts = CutCache()
 
     @property
     def num_blocks(self) -> int:
@@ -84,9 +86,20 @@ class Pruner:
 
     @contextmanager
     def applied(self, plan: Plan) -> Iterator[torch.nn.Module]:
-        """The model pruned to ``plan`` inside the ``with``; dense again after it."""
+        """The model pruned to ``plan`` inside the ``with``; dense again after it. A sub-network
+        plan gives a new, smaller model (:meth:`subnet`) instead."""
+        if plan.structure is not None:
+            yield self.subnet(plan)
+            return
         with self.pointed(self.pruned_weights(plan), plan.removed_blocks) as model:
             yield model
+
+    def subnet(self, plan: Plan) -> torch.nn.Module:
+        """The physically smaller model of a sub-network plan, cut from the dense weights (left
+        unchanged) with the cached statistics."""
+        if plan.layers:
+            raise AutopruneError("per-layer sparsity on top of a sub-network plan is not supported yet")
+        return build_subnet(self.loaded.model, self.stats, plan.structure, plan.removed_blocks, self._cuts)
 
     @contextmanager
     def pointed(
@@ -106,7 +119,12 @@ class Pruner:
                 model.get_submodule(name).weight.data = weight
 
     def materialize(self, plan: Plan) -> torch.nn.Module:
-        """Prune the model in place for good (blocks removed), for saving. The pruner is spent."""
+        """Prune the model in place for good (blocks removed), for saving; a sub-network plan gives
+        its smaller model. The pruner is spent."""
+        if plan.structure is not None:
+            model = self.subnet(plan)
+            self._dense.clear()
+            return model
         model = self.loaded.model
         for name, weight in self.pruned_weights(plan).items():
             model.get_submodule(name).weight.data = weight.contiguous()

@@ -21,6 +21,7 @@ from search_spaces._depth_ramp import DepthRampSpace
 from search_spaces._layerwise import LayerwiseSpace
 from search_spaces._nm import NMSpace
 from search_spaces._owl import OWLSpace
+from search_spaces._subnet import SubnetSpace
 from search_spaces._uniform import UniformSpace
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "Params",
     "SearchSpace",
     "SpaceContext",
+    "SubnetSpace",
     "UniformSpace",
     "project_to_budget",
 ]

@@ -20,6 +20,14 @@ from autoprune.errors import AutopruneError
 from autoprune.measure import expected_linear_nonzeros
 from autoprune.models import LayerKind, LoadedModel
 from autoprune.plan import MethodName, Plan
+from autoprune.structure import (
+    ModelDims,
+    UnitLayout,
+    decoder_linear_params,
+    model_dims,
+    resolve_blocks,
+    weighted_scores,
+)
 
 #: The parameter every space with a size target calls it by: the fraction of the dense model's
 #: decoder linear weights removed (removed blocks count).
@@ -58,6 +66,11 @@ class SpaceContext:
     block_influence: tuple[float, ...]
     outlier_ratios: dict[float, tuple[float, ...]] = field(default_factory=dict)
     sparsity_range: tuple[float, float] = (0.4, 0.8)
+    #: The dense shape sub-network spaces cut (None: not a LLaMA-family model).
+    dims: ModelDims | None = None
+    #: Per block, the importance of each query head and of each FFN channel (FLAP's metric on the
+    #: cached statistics, :func:`autoprune.structure.weighted_scores`); empty without ``dims``.
+    unit_scores: dict[int, tuple[tuple[float, ...], tuple[float, ...]]] = field(default_factory=dict)
 
     @classmethod
     def from_model(
@@ -85,6 +98,7 @@ class SpaceContext:
                 for m in outlier_thresholds
             },
             sparsity_range=sparsity_range,
+            **_structure_info(loaded, stats),
         )
 
     @property
@@ -105,7 +119,10 @@ class SpaceContext:
         return sum(info.rows * info.cols for info in self.layers.values())
 
     def nonzeros(self, plan: Plan) -> int:
-        """Decoder linear non-zeros ``plan`` leaves, from shapes alone."""
+        """Decoder linear non-zeros ``plan`` leaves, from shapes alone (a sub-network's kept weights)."""
+        if plan.structure is not None and self.dims is not None:
+            shapes = resolve_blocks(plan.structure, plan.removed_blocks, self.dims)
+            return decoder_linear_params(shapes, self.dims)
         return expected_linear_nonzeros(plan, self.layer_shapes, self.block_of)
 
     def sparsity(self, plan: Plan) -> float:
@@ -124,6 +141,25 @@ class SpaceContext:
         return FloatDistribution(low, high, step=round((high - low) / steps, 12))
 
 
+def _structure_info(loaded: LoadedModel, stats: CalibrationStats) -> dict[str, object]:
+    """``dims`` and ``unit_scores`` of a LLaMA-family model; nothing for other families."""
+    try:
+        dims = model_dims(loaded.model)
+    except AutopruneError:
+        return {}
+    heads = UnitLayout(dims.head_dim, dims.num_kv_heads, dims.heads_per_group)
+    channels = UnitLayout(1, 1, dims.ffn)
+    scores = {}
+    for block in range(dims.num_blocks):
+        per_kind = []
+        for layer, layout in (("self_attn.o_proj", heads), ("mlp.down_proj", channels)):
+            name = loaded.adapter.layer_name(block, layer)
+            weight = loaded.model.get_submodule(name).weight.detach()
+            per_kind.append(tuple(weighted_scores(stats.layer(name).sq_norm, weight, layout).tolist()))
+        scores[block] = (per_kind[0], per_kind[1])
+    return {"dims": dims, "unit_scores": scores}
+
+
 class SearchSpace(ABC):
     """A family of plans: ``distributions`` says what Optuna samples, ``cast`` makes the plan.
 
@@ -135,6 +171,16 @@ class SearchSpace(ABC):
     name: ClassVar[str]
     #: Whether the space's plans have a size target (``params[TARGET]``) that casting lands on.
     has_target: ClassVar[bool] = True
+    #: The targets searched when the config names none (fractions of the dense decoder linear
+    #: weights removed): sub-networks lose quality at far smaller sizes than sparse layers.
+    default_range: ClassVar[tuple[float, float]] = (0.4, 0.8)
+    #: How far above its target a cast may land (a fraction of the dense decoder linear weights):
+    #: sub-networks move in whole heads and channel steps, sparse layers in single weights.
+    target_tolerance: ClassVar[float] = 0.005
+
+    def applies_to(self, ctx: SpaceContext) -> bool:
+        """Whether the space can cut the model ``ctx`` describes (every family, unless it says)."""
+        return True
 
     @abstractmethod
     def distributions(self, ctx: SpaceContext) -> dict[str, BaseDistribution]:

@@ -27,7 +27,12 @@ def model_ctx(request, data_dir, tmp_path_factory):
 
 
 def sampled_params(space: SearchSpace, ctx: SpaceContext, count: int = 6) -> list[dict]:
-    """Random points of the space, plus its baselines: the points a study asks first."""
+    """Random points of the space, plus its baselines: the points a study asks first. A space that
+    cannot cut this family says so in one line instead, and the test has nothing more to check."""
+    if not space.applies_to(ctx):
+        with pytest.raises(AutopruneError, match="needs"):
+            space.distributions(ctx)
+        pytest.skip(f"the {space.name} space does not apply to this family")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     distributions = space.distributions(ctx)
@@ -64,7 +69,8 @@ def test_targets_are_met_and_sizes_are_true(name, model_ctx):
     for index, params in enumerate(sampled_params(space, ctx)):
         plan = space.cast(params, ctx)
         if space.has_target:
-            assert ctx.sparsity(plan) == pytest.approx(params[TARGET], abs=0.005)
+            landed = ctx.sparsity(plan) - params[TARGET]
+            assert -SearchSpace.target_tolerance <= landed <= space.target_tolerance
         if index % 3 == 0:  # the real weights agree with the shape arithmetic
             with pruner.applied(plan) as model:
                 size = measure_size(model, pruner.adapter, ctx.dense_linear_params)
@@ -75,6 +81,7 @@ def test_targets_are_met_and_sizes_are_true(name, model_ctx):
 def test_baselines_are_points_of_the_space(name, model_ctx):
     _, ctx = model_ctx
     space = SearchSpace.named(name)
+    sampled_params(space, ctx, count=0)
     distributions = space.distributions(ctx)
     baselines = space.baselines(ctx, TARGETS)
     assert baselines

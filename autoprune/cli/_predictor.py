@@ -97,7 +97,7 @@ def _predict(args: argparse.Namespace) -> int:
         chosen = [plan for _, plan in plans]
     else:
         trials = [t for t in study.get_trials(deepcopy=False) if "plan" in t.user_attrs]
-        rows = [{"trial": t.number, "measured": t.values[1] if t.values else None} for t in trials]
+        rows = [{"trial": t.number, "measured": t.values[-1] if t.values else None} for t in trials]
         chosen = [trial_plan(t) for t in trials]
     featurizer = study_featurizer(study, args.cache_dir)
     if predictor.meta.objective == "regression":

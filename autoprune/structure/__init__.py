@@ -6,6 +6,7 @@ from the cached calibration statistics; :func:`build_subnet` makes the smaller m
 
 from autoprune.structure._build import (
     BlockCut,
+    CutCache,
     build_subnet,
     choose_cuts,
     decoder_linear_params,
@@ -39,6 +40,7 @@ __all__ = [
     "DEFAULT_CORRECTION",
     "DEFAULT_STRUCTURED_METHOD",
     "BlockCut",
+    "CutCache",
     "BlockShape",
     "BlockWidths",
     "ModelDims",

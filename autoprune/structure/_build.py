@@ -9,7 +9,10 @@ that differ give :class:`SubnetLlamaForCausalLM` over a ``per_layer_config`` (se
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
@@ -21,6 +24,8 @@ from autoprune.structure._methods import StructuredMethod
 from autoprune.structure._schema import BlockShape, ModelDims, Structure, resolve_blocks
 from autoprune.structure._select import UnitLayout, least_squares_correction
 from autoprune.structure.remote.modeling_subnet_llama import SubnetLlamaForCausalLM
+
+T = TypeVar("T")
 
 #: The file that ``auto_map`` points to inside an exported per-block checkpoint.
 REMOTE_MODULE = "modeling_subnet_llama"
@@ -49,23 +54,54 @@ def model_dims(model: PreTrainedModel) -> ModelDims:
     return ModelDims.of(config)
 
 
+class CutCache:
+    """Kept units and corrected consuming weights of (block, sub-block, width, method) already
+    cut, newest last, at most ``size`` of them: a search's trials share most block widths, and a
+    width is the same cut in every trial, so it is chosen and corrected once."""
+
+    def __init__(self, size: int = 512) -> None:
+        self.size = size
+        self._entries: OrderedDict[tuple, object] = OrderedDict()
+
+    def get(self, key: tuple, compute: Callable[[], T]) -> T:
+        if key in self._entries:
+            self._entries.move_to_end(key)
+            return self._entries[key]
+        value = compute()
+        self._entries[key] = value
+        if len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+        return value
+
+
 def choose_cuts(
-    model: PreTrainedModel, stats: CalibrationStats | None, structure: Structure, removed: list[int]
+    model: PreTrainedModel,
+    stats: CalibrationStats | None,
+    structure: Structure,
+    removed: list[int],
+    cache: CutCache | None = None,
 ) -> list[BlockCut]:
     """Each kept block's cut; the structured method reads ``stats`` (needed only where a block
     keeps fewer heads or channels than it has)."""
     dims = model_dims(model)
     shapes = resolve_blocks(structure, removed, dims)
     method = StructuredMethod.get(structure.method)
+    cache = cache or CutCache()
     heads_layout = UnitLayout(dims.head_dim, dims.num_kv_heads, dims.heads_per_group)
     ffn_layout = UnitLayout(1, 1, dims.ffn)
     cuts = []
     for index, shape in enumerate(shapes):
         if shape is None:
             continue
-        heads = _kept(model, stats, method, index, "self_attn.o_proj", heads_layout,
-                      shape.kv_groups, shape.heads_per_group)
-        channels = _kept(model, stats, method, index, "mlp.down_proj", ffn_layout, 1, shape.ffn)
+        heads = cache.get(
+            ("heads", index, structure.method, shape.kv_groups, shape.heads_per_group),
+            lambda: _kept(model, stats, method, index, "self_attn.o_proj", heads_layout,
+                          shape.kv_groups, shape.heads_per_group),
+        )
+        channels = cache.get(
+            ("channels", index, structure.method, shape.ffn),
+            lambda: _kept(model, stats, method, index, "mlp.down_proj", ffn_layout, 1, shape.ffn),
+        )
         cuts.append(BlockCut(index, shape, heads, channels))
     return cuts
 
@@ -96,17 +132,22 @@ def build_subnet(
     stats: CalibrationStats | None,
     structure: Structure,
     removed: list[int] | None = None,
+    cache: CutCache | None = None,
 ) -> PreTrainedModel:
     """The smaller model ``structure`` (and ``removed`` blocks) makes of the dense ``model``.
-    ``model`` is left unchanged; the new model holds copies of the kept weights."""
+    ``model`` is left unchanged; the new model holds new tensors for what it cuts and shares the
+    rest (embeddings, norms, whole layers) with ``model``. ``cache`` keeps cuts across calls."""
     removed = list(removed or [])
-    cuts = choose_cuts(model, stats, structure, removed)
+    cache = cache or CutCache()
+    cuts = choose_cuts(model, stats, structure, removed, cache)
     dims = model_dims(model)
     config = subnet_config(model.config, [cut.shape for cut in cuts], dims)
-    state = _sliced_state(model, stats, cuts, dims, structure.correct)
+    state = _sliced_state(model, stats, cuts, dims, structure, cache)
     cls = SubnetLlamaForCausalLM if config.is_heterogeneous else LlamaForCausalLM
-    subnet = cls(config)
-    subnet.load_state_dict(state, strict=True)
+    with torch.device("meta"):  # no random initialization of weights that are replaced at once
+        subnet = cls(config)
+    subnet.load_state_dict(state, strict=True, assign=True)
+    subnet.model.rotary_emb = type(subnet.model.rotary_emb)(config=config)  # its buffers are not state
     subnet.tie_weights()
     subnet.eval()
     return subnet.to(next(model.parameters()).dtype)
@@ -161,18 +202,20 @@ def _sliced_state(
     stats: CalibrationStats | None,
     cuts: list[BlockCut],
     dims: ModelDims,
-    correct: bool,
+    structure: Structure,
+    cache: CutCache,
 ) -> dict[str, torch.Tensor]:
     """The new model's state dict: everything outside the blocks as is, kept blocks renumbered."""
-    source = model.state_dict()
+    source = {k: v.detach() for k, v in model.state_dict().items()}
     prefix = LlamaFamilyAdapter.blocks_path + "."
-    state = {k: v.clone() for k, v in source.items() if not k.startswith(prefix)}
+    state = {k: v for k, v in source.items() if not k.startswith(prefix)}
+    correct = structure.correct
     heads_layout = UnitLayout(dims.head_dim, dims.num_kv_heads, dims.heads_per_group)
     for new_index, cut in enumerate(cuts):
         old, new = f"{prefix}{cut.index}.", f"{prefix}{new_index}."
 
         def put(name: str, tensor: torch.Tensor, new: str = new) -> None:
-            state[new + name] = tensor.contiguous().clone()
+            state[new + name] = tensor.contiguous()
 
         if cut.heads:
             q_rows = torch.tensor(heads_layout.columns(cut.heads))
@@ -181,8 +224,9 @@ def _sliced_state(
             for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
                 _put_rows(source, old, new, f"self_attn.{name}", rows, put)
             o_weight = source[old + "self_attn.o_proj.weight"]
-            put("self_attn.o_proj.weight",
-                _consumer(o_weight, q_rows, stats, old + "self_attn.o_proj", correct))
+            put("self_attn.o_proj.weight", cache.get(
+                ("o_proj", cut.index, structure.method, correct, tuple(cut.heads)),
+                lambda: _consumer(o_weight, q_rows, stats, old + "self_attn.o_proj", correct)))
             _copy_if_present(source, old, "self_attn.o_proj.bias", put)
             put("input_layernorm.weight", source[old + "input_layernorm.weight"])
         if cut.channels:
@@ -190,16 +234,20 @@ def _sliced_state(
             for name in ("gate_proj", "up_proj"):
                 _put_rows(source, old, new, f"mlp.{name}", rows, put)
             down = source[old + "mlp.down_proj.weight"]
-            put("mlp.down_proj.weight", _consumer(down, rows, stats, old + "mlp.down_proj", correct))
+            put("mlp.down_proj.weight", cache.get(
+                ("down_proj", cut.index, structure.method, correct, tuple(cut.channels)),
+                lambda: _consumer(down, rows, stats, old + "mlp.down_proj", correct)))
             _copy_if_present(source, old, "mlp.down_proj.bias", put)
             put("post_attention_layernorm.weight", source[old + "post_attention_layernorm.weight"])
     return state
 
 
 def _put_rows(source: dict, old: str, new: str, layer: str, rows: torch.Tensor, put) -> None:
-    put(f"{layer}.weight", source[f"{old}{layer}.weight"][rows])
-    if f"{old}{layer}.bias" in source:
-        put(f"{layer}.bias", source[f"{old}{layer}.bias"][rows])
+    """Rows ``rows`` of a producing layer (the tensors themselves where every row is kept)."""
+    for kind in ("weight", "bias"):
+        if f"{old}{layer}.{kind}" in source:
+            tensor = source[f"{old}{layer}.{kind}"]
+            put(f"{layer}.{kind}", tensor if len(rows) == tensor.shape[0] else tensor[rows])
 
 
 def _copy_if_present(source: dict, old: str, name: str, put) -> None:
@@ -216,7 +264,9 @@ def _consumer(
 ) -> torch.Tensor:
     """The consuming layer restricted to the kept input columns, least-squares corrected when
     asked and something was cut."""
-    if not correct or len(columns) == weight.shape[1]:
+    if len(columns) == weight.shape[1]:
+        return weight
+    if not correct:
         return weight[:, columns]
     if stats is None:
         raise AutopruneError("the least-squares correction needs calibration statistics")

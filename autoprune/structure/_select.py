@@ -143,5 +143,5 @@ def least_squares_correction(
     kept = torch.tensor(kept_columns)
     h_kk = h[kept][:, kept]
     rhs = h[kept] @ weight.double().T  # (k, out) = H_K,: W^T
-    solution = torch.linalg.solve(h_kk, rhs)  # (k, out)
+    solution = torch.cholesky_solve(rhs, torch.linalg.cholesky(h_kk))  # (k, out); H_KK is SPD
     return solution.T.to(weight.dtype).contiguous()

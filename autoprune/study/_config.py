@@ -37,7 +37,8 @@ from autoprune.config import CalibrationConfig
 from autoprune.errors import AutopruneError
 from autoprune.plan import MethodName
 from autoprune.study._executor import Executor, InProcessExecutor
-from autoprune.study._settings import StudySettings
+from autoprune.study._objectives import split_objectives
+from autoprune.study._settings import SUBNET_SPACE, StudySettings
 from autoprune.study._storage import DEFAULT_STORAGE, mask_url
 from autoprune.study._worker import Objective, WorkerSpec
 from search_spaces import MAX_LAYER_SPARSITY, SearchSpace
@@ -51,6 +52,9 @@ SAMPLERS: dict[str, Callable[[int, int], BaseSampler]] = {
     ),
     "random": lambda seed, population: RandomSampler(seed=seed),
 }
+
+#: What a sub-network study minimizes beside the quality unless its config says otherwise.
+SUBNET_COSTS = ("params", "latency")
 
 Fraction = Annotated[float, Field(ge=0.0, le=MAX_LAYER_SPARSITY)]
 
@@ -74,7 +78,10 @@ class SearchConfig(BaseModel):
     population: Annotated[int, Field(ge=2)] = Field(16, description="NSGA population / TPE start-up trials")
     seed: int = Field(0, description="sampler seed")
     space: str = Field("layerwise", description=f"one of {', '.join(SearchSpace.available())}")
-    sparsity_range: tuple[Fraction, Fraction] = Field((0.4, 0.8), description="targets searched: LO HI")
+    sparsity_range: tuple[Fraction, Fraction] | None = Field(
+        None, description="targets searched: LO HI (fractions of the decoder linear weights removed; "
+        "default: the space's own, 0.4 0.8 for sparse spaces, 0.1 0.4 for subnet)"
+    )
     baseline_targets: list[Fraction] | None = Field(
         None, description="targets of the baselines enqueued first (default: LO, mid, HI)"
     )
@@ -83,6 +90,12 @@ class SearchConfig(BaseModel):
     )
     method: MethodName = Field("wanda", description="pruning method")
     objective: Objective = Field("ppl", description="quality objective: ppl or kl")
+    objectives: list[str] | None = Field(
+        None,
+        description="what the study minimizes, 2 or 3 of: ppl or kl, and nonzeros, params, bytes, "
+        "latency, decode_latency (default: nonzeros and the objective; params, latency and the "
+        "objective for the subnet space)",
+    )
     executor: str = Field("in-process", description="where trials run: in-process or ray")
     ray_address: str | None = Field(
         None, description="with --executor ray: auto or HOST:PORT of a Ray cluster (unset: a local Ray)"
@@ -135,13 +148,23 @@ class SearchConfig(BaseModel):
 
     @field_validator("sparsity_range")
     @classmethod
-    def _ordered(cls, bounds: tuple[float, float]) -> tuple[float, float]:
-        if not bounds[0] < bounds[1]:
+    def _ordered(cls, bounds: tuple[float, float] | None) -> tuple[float, float] | None:
+        if bounds is not None and not bounds[0] < bounds[1]:
             raise ValueError(f"needs LO < HI, got {bounds[0]} {bounds[1]}")
         return bounds
 
     @model_validator(mode="after")
     def _consistent(self) -> SearchConfig:
+        if self.sparsity_range is None:
+            self.sparsity_range = SearchSpace.named(self.space).default_range
+        if self.objectives is not None:
+            try:
+                _, quality = split_objectives(self.objectives)
+            except AutopruneError as error:
+                raise ValueError(str(error)) from None
+            if "objective" in self.model_fields_set and self.objective != quality:
+                raise ValueError(f"objective {self.objective!r} is not the quality objectives names ({quality!r})")
+            self.objective = quality
         low, high = self.sparsity_range
         if any(not low <= t <= high for t in self.baseline_targets or ()):
             raise ValueError("baseline_targets must lie inside sparsity_range")
@@ -201,7 +224,15 @@ class SearchConfig(BaseModel):
             sparsity_range=self.sparsity_range,
             eval_seq_len=self.seq_len,
             eval_windows=self.eval_windows,
+            costs=self.costs,
         )
+
+    @property
+    def costs(self) -> tuple[str, ...]:
+        """The costs minimized beside the quality (see :mod:`autoprune.study._objectives`)."""
+        if self.objectives is not None:
+            return split_objectives(self.objectives)[0]
+        return SUBNET_COSTS if self.space == SUBNET_SPACE else ("nonzeros",)
 
     def make_sampler(self, seed_offset: int = 0) -> BaseSampler:
         """The named sampler; ``seed_offset`` (trials already in the study) keeps a resumed run

@@ -51,6 +51,7 @@ from autoprune.errors import AutopruneError
 from autoprune.plan import Plan
 from autoprune.study._config import SearchConfig
 from autoprune.study._executor import Executor
+from autoprune.study._objectives import objective_values
 from autoprune.study._liveness import DriverLease, holding, lease_for, lost_race, requeue, requeue_stale
 from autoprune.study._proposing import (
     Proposer,
@@ -71,7 +72,10 @@ from autoprune.study._storage import mask_url, opened_storage, storage_url, writ
 from autoprune.study._worker import TrialRequest, TrialResult
 from search_spaces import SearchSpace, SpaceContext
 
-DIRECTIONS = [StudyDirection.MINIMIZE, StudyDirection.MINIMIZE]
+def directions(config: SearchConfig) -> list[StudyDirection]:
+    """Every objective is minimized: the configured costs, then the quality."""
+    return [StudyDirection.MINIMIZE] * (len(config.costs) + 1)
+
 #: User attributes the driver gives the trials it enqueues (baselines, seeds, retries, proposals).
 ENQUEUED_MARKS = frozenset({"baseline", "seed", "retry_of", "proposed"})
 _RESULT_POLL_S = 1.0
@@ -133,7 +137,8 @@ def run_search(
             write_ahead(storage)  # checks done: from here on the study is written
             with holding(lease):
                 study = optuna.create_study(
-                    storage=storage, study_name=config.study, directions=DIRECTIONS, load_if_exists=True
+                    storage=storage, study_name=config.study, directions=directions(config),
+                    load_if_exists=True,
                 )
                 if not resumed:
                     config.settings().write(study)
@@ -161,12 +166,12 @@ def _check_existing(storage: optuna.storages.BaseStorage, config: SearchConfig) 
     except KeyError:
         return False
     stored = StudySettings.stored_in(existing)
-    if existing.directions != DIRECTIONS or (stored is None and existing.trials):
+    if len(existing.directions) not in (2, 3) or (stored is None and existing.trials):
         raise AutopruneError(f"study {config.study!r} exists but was not created by autoprune search")
     if stored is None:  # created by a run killed before it wrote its settings: adopt it
         return False
-    was = stored.stored()
-    for key, value in config.settings().stored().items():
+    was = stored.model_dump(mode="json")
+    for key, value in config.settings().model_dump(mode="json").items():
         if was[key] != value:
             raise AutopruneError(
                 f"study {config.study!r} was created with {key}={was[key]!r}, this run has "
@@ -219,7 +224,7 @@ class _Loop:
             self.finished += counts_toward_budget(frozen)
             if frozen.state in (TrialState.COMPLETE, TrialState.PRUNED) and "plan" in frozen.user_attrs:
                 self.digests.add(plan_digest(trial_plan(frozen)))
-        self.points = [(int(t.values[0]), float(t.values[1])) for t in front_trials(study)]
+        self.points = [_point(t.user_attrs["size"], t.values[-1]) for t in front_trials(study)]
         self.node = f"{platform.node()}:{os.getpid()}"
         minutes = config.timeout_minutes
         self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
@@ -318,7 +323,7 @@ class _Loop:
         state, values = TrialState.FAIL, None
         if result.status == "complete":
             state = TrialState.COMPLETE
-            values = [float(result.size["linear_nonzeros"]), float(result.quality)]
+            values = objective_values(self.config.costs, result.size, result.quality)
         elif result.status == "stopped_early":
             state = TrialState.PRUNED
         else:
@@ -338,7 +343,7 @@ class _Loop:
         if state != TrialState.FAIL:
             self.digests.add(pending.digest)
         if feasible:
-            self.points.append((int(values[0]), float(values[1])))
+            self.points.append(_point(result.size, values[-1]))
 
     def _constrain(self, trial: optuna.Trial, result: TrialResult) -> bool:
         """Set the configured constraints (<= 0 is feasible); whether all hold."""
@@ -357,6 +362,11 @@ class _Loop:
             with lost_race(number):
                 requeue(self.study, pending.trial, pending.trial.params)
         self.in_flight.clear()
+
+
+def _point(size: dict[str, Any], quality: float) -> tuple[int, float]:
+    """A front member as early stopping compares candidates: (decoder linear non-zeros, quality)."""
+    return int(size["linear_nonzeros"]), float(quality)
 
 
 def front_size(points: list[tuple[int, float]]) -> int:

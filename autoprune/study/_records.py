@@ -1,7 +1,8 @@
 """What a study stores per trial and how it is read back (front, export, experiments).
 
 The study's own settings (model, calibration, space...) are in :mod:`autoprune.study._settings`.
-Objective values are ``[decoder linear non-zeros, quality]``, both minimized. Everything else lives
+Objective values are the study's costs then its quality, all minimized (``[decoder linear
+non-zeros, quality]`` unless its config chose others, see :mod:`autoprune.study._objectives`). Everything else lives
 in user attributes, written by the driver only:
 
 - at ask time: ``plan`` (the Plan as JSON data), ``plan_summary``, ``expected_nonzeros``,
@@ -95,6 +96,9 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
         "trial": trial.number,
         "sparsity": size.get("sparsity"),
         "nonzeros": size.get("linear_nonzeros"),
+        "params": size.get("linear_params"),
+        "latency_ms": size.get("latency_ms"),
+        "decode_ms": size.get("decode_ms"),
         "ppl": attrs.get("ppl"),
         "kl": attrs.get("kl"),
         "ppl_sequential": recorded_sequential_ppl(trial),

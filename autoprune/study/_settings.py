@@ -20,11 +20,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from autoprune.config import CalibrationConfig
 from autoprune.errors import AutopruneError
 from autoprune.plan import MethodName, Recipe
+from autoprune.study._objectives import LATENCY_COSTS, Cost
 from autoprune.study._records import trial_plan
 from autoprune.study._worker import Objective, WorkerSpec
 
 #: The study user attribute that holds the settings.
 SETTINGS_ATTR = "autoprune"
+#: What studies minimized beside the quality before costs were configurable.
+DEFAULT_COSTS = ("nonzeros",)
+#: Sub-network studies always price their trials' latency (the front shows it).
+SUBNET_SPACE = "subnet"
 
 
 class StudySettings(BaseModel):
@@ -41,6 +46,14 @@ class StudySettings(BaseModel):
     sparsity_range: tuple[float, float] = Field(description="targets searched: LO HI")
     eval_seq_len: Annotated[int, Field(ge=2)] = Field(description="tokens per validation window")
     eval_windows: Annotated[int, Field(ge=1)] = Field(description="validation windows per trial")
+    costs: tuple[Cost, ...] = Field(
+        DEFAULT_COSTS, description="the costs minimized beside the quality (studies before costs: non-zeros)"
+    )
+
+    @property
+    def objectives(self) -> list[str]:
+        """The objective values' names, in order: the costs, then the quality."""
+        return [*self.costs, self.objective]
 
     def worker_spec(
         self,
@@ -64,11 +77,13 @@ class StudySettings(BaseModel):
             cache_dir=cache_dir,
             device=device,
             threads=threads,
+            latency=bool(LATENCY_COSTS & set(self.costs)) or self.space == SUBNET_SPACE,
         )
 
     def stored(self) -> dict[str, Any]:
-        """The JSON-safe dictionary kept in the study."""
-        return self.model_dump(mode="json")
+        """The JSON-safe dictionary kept in the study; ``costs`` only where they are not the
+        default, so a study of non-zeros stores what every earlier version stored."""
+        return self.model_dump(mode="json", exclude={"costs"} if self.costs == DEFAULT_COSTS else None)
 
     def write(self, study: optuna.Study) -> None:
         """Store these settings with ``study`` (the one place they are written)."""

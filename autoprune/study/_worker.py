@@ -20,10 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from autoprune.api import prepare_with_windows
 from autoprune.config import CalibrationConfig
 from autoprune.data import validation_windows
+from autoprune.latency import latency_table
 from autoprune.measure import SizeMeter, ppl_from_nll, reference_logprobs, window_losses
 from autoprune.models import compute_device
 from autoprune.plan import MethodName, Plan
 from autoprune.pruner import Pruner
+from autoprune.structure import model_dims, resolve_blocks
 from autoprune.study._records import finite_or_none
 from search_spaces import SpaceContext
 
@@ -46,6 +48,8 @@ class WorkerSpec(BaseModel):
     cache_dir: str | None = None
     device: str = "cpu"
     threads: Annotated[int, Field(ge=1)] | None = None
+    #: Price every trial's prefill and decode latency from the device's per-shape table.
+    latency: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,10 @@ class TrialWorker:
             reference_logprobs(self.loaded.model, self.windows) if spec.objective == "kl" else None
         )
         self.size_meter = SizeMeter(self.loaded.adapter, self.pruner.dense_linear_params)
+        self.latency = None
+        if spec.latency:  # the table prices LLaMA-family shapes: other families fail here, in one line
+            self.dims = model_dims(self.loaded.model)
+            self.latency = latency_table(self.loaded.model.config, cache_dir=self.cache_dir)
 
     def space_context(self, method: MethodName, sparsity_range: tuple[float, float]) -> SpaceContext:
         """The search space's view of the loaded model, so the driver needs no copy of its own."""
@@ -128,7 +136,7 @@ class TrialWorker:
         weights_start = time.perf_counter()
         with (pruner or self.pruner).applied(request.plan) as model:
             timings["prune"] = time.perf_counter() - weights_start
-            size = self.size_meter(model).as_dict()
+            size = self._size(model, request.plan)
             eval_start = time.perf_counter()
             result = self._measure(model, request, size)
             timings["evaluate"] = time.perf_counter() - eval_start
@@ -136,6 +144,20 @@ class TrialWorker:
         timings["bookkeeping"] = timings["total"] - timings["prune"] - timings["evaluate"]
         result.seconds = {key: round(value, 4) for key, value in timings.items()}
         return result
+
+    def _size(self, model: torch.nn.Module, plan: Plan) -> dict[str, float | int]:
+        """The size report, and the predicted latency where the worker prices it. A sub-network is
+        a new model whose tensors the shared meter has never seen, so it gets a meter of its own."""
+        meter = self.size_meter if plan.structure is None else SizeMeter(
+            self.loaded.adapter, self.pruner.dense_linear_params
+        )
+        size: dict[str, float | int] = meter(model).as_dict()
+        if self.latency is not None:
+            shapes = resolve_blocks(plan.structure, plan.removed_blocks, self.dims)
+            timing = self.latency.predict(shapes)
+            size["latency_ms"] = round(timing.prefill_ms, 3)
+            size["decode_ms"] = round(timing.decode_ms, 3)
+        return size
 
     def _measure(self, model: torch.nn.Module, request: TrialRequest, size: dict) -> TrialResult:
         """Window after window (``eval_batch`` to a forward pass): the running perplexity and,

@@ -97,10 +97,8 @@ def training_set(
 def _label(trial: FrozenTrial) -> tuple[float, float] | None:
     """(non-zeros, quality) of a measured trial, or None where the quality is not a positive
     number (a zero KL has no logarithm)."""
-    if trial.state == TrialState.COMPLETE:
-        nonzeros, quality = trial.values
-    else:
-        nonzeros, quality = trial.user_attrs["size"]["linear_nonzeros"], trial.user_attrs["quality"]
+    nonzeros = trial.user_attrs["size"]["linear_nonzeros"]
+    quality = trial.values[-1] if trial.state == TrialState.COMPLETE else trial.user_attrs["quality"]
     if quality is None or not math.isfinite(quality) or quality <= 0:
         return None
     return float(nonzeros), float(quality)

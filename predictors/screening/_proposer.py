@@ -120,10 +120,11 @@ class PredictorProposer:
         rng = np.random.default_rng([self.seed, len(trials)])  # a resumed run draws anew
         data = training_set(study, self.featurizer, stopped_early=True)
         measured = {trial_plan(t).to_json() for t in trials if "plan" in t.user_attrs}
-        best = [t for t in pareto_trials(trials) if t.values[1] > 0]  # a zero KL has no logarithm
-        front = np.array(
-            [(t.values[0] / self.ctx.dense_linear_params, np.log(t.values[1])) for t in best]
-        ).reshape(-1, 2)
+        best = [t for t in pareto_trials(trials) if t.values[-1] > 0]  # a zero KL has no logarithm
+        front = np.array([
+            (t.user_attrs["size"]["linear_nonzeros"] / self.ctx.dense_linear_params, np.log(t.values[-1]))
+            for t in best
+        ]).reshape(-1, 2)
         worst = float(data.log_quality[data.complete].max()) + _REFERENCE_MARGIN
         count = max(SCREEN_FACTOR * n, self.min_candidates)
         params, plans = self._candidates(best, front, worst, rng, count, measured)

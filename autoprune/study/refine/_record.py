@@ -7,6 +7,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.plan import Plan
+from autoprune.study._objectives import objective_values
+from autoprune.study._settings import study_settings
 from autoprune.study._worker import TrialResult
 from autoprune.study.refine._checkpoint import EvolutionState
 from autoprune.study.refine._config import RECORDED_SETTINGS, RefineConfig
@@ -63,12 +65,13 @@ def record_refinement(
         record = sequential.record()
         attrs["sequential"] = {key: record[key] for key in ("ppl", "kl", "quality")}
     measured = {"max_ppl": result.ppl, "max_nonzeros": nonzeros}
-    parent_measured = {"max_ppl": parent.user_attrs["ppl"], "max_nonzeros": parent.values[0]}
+    parent_measured = {"max_ppl": parent.user_attrs["ppl"],
+                       "max_nonzeros": parent.user_attrs["size"]["linear_nonzeros"]}
     trial = optuna.trial.create_trial(
         state=TrialState.COMPLETE,
         params=parent.params,
         distributions=parent.distributions,
-        values=[nonzeros, float(result.quality)],
+        values=objective_values(study_settings(study).costs, result.size, result.quality),
         user_attrs=attrs,
         constraints={
             key: value - parent_measured[key] + measured[key]

@@ -1,0 +1,55 @@
+"""What a study minimizes: one or two costs and one quality, chosen in its config.
+
+``objectives: [params, latency, ppl]`` (any order, two or three names): the quality is ``ppl`` or
+``kl``; the costs are decoder linear non-zeros (``nonzeros``, what unstructured sparsity shrinks),
+decoder linear weights kept (``params``, what a sub-network's files hold), the bytes of the
+exported checkpoint stored in fp16 (``bytes``), and the latency predicted for the search's device
+from the per-shape table (``latency``: prefill of one prompt; ``decode_latency``: ms per new
+token; see :mod:`autoprune.latency`). A trial's objective values are its costs in the configured
+order, then its quality, so ``values[0]`` is the primary cost and ``values[-1]`` the quality in
+every study.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal, get_args
+
+from autoprune.errors import AutopruneError
+
+Cost = Literal["nonzeros", "params", "bytes", "latency", "decode_latency"]
+Quality = Literal["ppl", "kl"]
+
+#: Where each cost is in a trial's recorded ``size``.
+SIZE_KEYS: dict[str, str] = {
+    "nonzeros": "linear_nonzeros",
+    "params": "linear_params",
+    "bytes": "bytes_dense_fp16",
+    "latency": "latency_ms",
+    "decode_latency": "decode_ms",
+}
+#: Costs that need the device's latency table.
+LATENCY_COSTS = frozenset({"latency", "decode_latency"})
+
+
+def split_objectives(names: Sequence[str]) -> tuple[tuple[str, ...], str]:
+    """``(costs, quality)`` of an objectives list, or a one-line error naming what is wrong."""
+    costs, qualities = get_args(Cost), get_args(Quality)
+    unknown = [name for name in names if name not in costs + qualities]
+    if unknown:
+        raise AutopruneError(
+            f"unknown objective {unknown[0]!r} (qualities: {', '.join(qualities)}; costs: {', '.join(costs)})"
+        )
+    if len(set(names)) != len(names):
+        raise AutopruneError(f"objectives name one thing twice: {list(names)}")
+    if not 2 <= len(names) <= 3:
+        raise AutopruneError(f"objectives takes two or three names, got {len(names)}")
+    chosen = [name for name in names if name in qualities]
+    if len(chosen) != 1:
+        raise AutopruneError(f"objectives needs exactly one quality (ppl or kl), got {chosen or 'none'}")
+    return tuple(name for name in names if name in costs), chosen[0]
+
+
+def objective_values(costs: Sequence[str], size: Mapping[str, float | int], quality: float) -> list[float]:
+    """A measured trial's objective values: its costs in order, then its quality."""
+    return [float(size[SIZE_KEYS[cost]]) for cost in costs] + [float(quality)]
