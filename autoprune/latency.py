@@ -207,7 +207,7 @@ def latency_table(
     """The table for ``config``'s family on this device, from the cache or measured now (random
     weights: time does not depend on their values) and cached."""
     key = table_key(config, settings)
-    path = (cache_dir or default_cache_dir()) / "latency" / f"{key}.json"
+    path = (cache_dir or default_cache_dir()) / "latency" / f"{key}-v{TABLE_FORMAT_VERSION}.json"
     if path.is_file():
         return LatencyTable.from_json(path.read_text())
     dims = ModelDims.of(config)

@@ -118,9 +118,8 @@ def measure_one_shot(pruner: Pruner, plan: Plan, windows: torch.Tensor, progress
     """``plan`` pruned from the pruner's cached statistics, as a search trial prunes it (the
     first call of a method also builds its per-model caches, counted in its prune seconds)."""
     start = time.perf_counter()
-    weights = pruner.pruned_weights(plan)
-    prune_seconds = time.perf_counter() - start
-    with pruner.pointed(weights, plan.removed_blocks) as model:
+    with pruner.applied(plan) as model:  # a sub-network plan: the cut model
+        prune_seconds = time.perf_counter() - start
         size = measure_size(model, pruner.loaded.adapter, pruner.dense_linear_params)
         return Measured(perplexity(model, windows, progress=progress), size, prune_seconds)
 
