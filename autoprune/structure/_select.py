@@ -141,7 +141,12 @@ def least_squares_correction(
     (out x len(kept_columns)) in ``weight``'s dtype."""
     h = damped(xtx, damping)
     kept = torch.tensor(kept_columns)
-    h_kk = h[kept][:, kept]
-    rhs = h[kept] @ weight.double().T  # (k, out) = H_K,: W^T
-    solution = torch.cholesky_solve(rhs, torch.linalg.cholesky(h_kk))  # (k, out); H_KK is SPD
-    return solution.T.to(weight.dtype).contiguous()
+    is_kept = torch.zeros(h.shape[0], dtype=torch.bool)
+    is_kept[kept] = True
+    removed = (~is_kept).nonzero().squeeze(1)
+    w = weight.double()
+    # H_KK V^T = H_K: W^T = H_KK W_K^T + H_KR W_R^T, so V^T = W_K^T + H_KK^-1 H_KR W_R^T: the
+    # right-hand side costs the removed columns only.
+    rhs = h[kept][:, removed] @ w[:, removed].T  # (k, out)
+    update = torch.cholesky_solve(rhs, torch.linalg.cholesky(h[kept][:, kept]))  # H_KK is SPD
+    return (w[:, kept] + update.T).to(weight.dtype).contiguous()
