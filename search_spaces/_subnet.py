@@ -12,8 +12,8 @@ width at a time (largest offset first) while they still fit. Every candidate of 
 at the same size up to one width step of one block, and the search is about where width goes.
 
 Baselines at each target: uniform width of both sub-blocks (Minitron's uniform setting), uniform
-FFN width with every head kept, FLAP-style adaptive widths (unit scores standardized per kind
-across blocks, one global threshold), and block removal (ShortGPT / SLEB: blocks alone).
+FFN width with every head kept, FLAP-style adaptive widths (unit scores standardized within each
+block, one global threshold), and block removal (ShortGPT / SLEB: blocks alone).
 """
 
 from __future__ import annotations
@@ -209,14 +209,20 @@ def _allocate(
     return a, f
 
 
+def _standardized(scores: np.ndarray) -> np.ndarray:
+    """Each block's (row's) scores minus their mean, over their standard deviation."""
+    spread = scores.std(axis=1, keepdims=True)
+    return (scores - scores.mean(axis=1, keepdims=True)) / np.where(spread > 0, spread, 1.0)
+
+
 def _flap_offsets(ctx: SpaceContext, dims: ModelDims, target: float) -> dict[str, float]:
-    """FLAP's adaptive structure: unit scores standardized per kind (heads, FFN channels) across
-    all blocks, one global threshold that meets the budget; returned as this space's offsets
-    (each block's kept fraction minus the mean, so casting reproduces it)."""
-    heads = np.array([ctx.unit_scores[b][0] for b in range(dims.num_blocks)], dtype=np.float64)
-    channels = np.array([ctx.unit_scores[b][1] for b in range(dims.num_blocks)], dtype=np.float64)
-    heads = (heads - heads.mean()) / (heads.std() or 1.0)
-    channels = (channels - channels.mean()) / (channels.std() or 1.0)
+    """FLAP's adaptive structure: unit scores standardized within each block and kind (heads,
+    FFN channels), as FLAP standardizes each layer's, one global threshold that meets the budget;
+    returned as this space's offsets (each block's kept fraction minus the mean, so casting
+    reproduces it). Standardized across blocks instead, early blocks' attention (small outputs,
+    yet vital) went first and the model collapsed."""
+    heads = _standardized(np.array([ctx.unit_scores[b][0] for b in range(dims.num_blocks)]))
+    channels = _standardized(np.array([ctx.unit_scores[b][1] for b in range(dims.num_blocks)]))
     budget = (1.0 - target) * ctx.dense_linear_params
     widths = Widths.of(dims)
     head_params = widths.attention_params[-1] / dims.num_heads
