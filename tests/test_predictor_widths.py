@@ -8,14 +8,17 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import optuna
 import pytest
+from conftest import REFINE_STUDY
+from optuna.trial import TrialState
 from scipy.stats import spearmanr
 
 from autoprune import CalibrationConfig, prepare
 from autoprune.errors import AutopruneError
 from autoprune.plan import LayerSpec, NMPattern, Plan
 from autoprune.structure import BlockWidths, Structure, decoder_linear_params, model_dims, resolve_blocks
-from predictors import Featurizer, Predictor, TrainingSet
+from predictors import Featurizer, Predictor, TrainingSet, study_featurizer, training_set
 from predictors.features import space_has_widths
 from predictors.model import meta_path_of
 from search_spaces import SearchSpace, SpaceContext
@@ -164,3 +167,23 @@ def training_set_of(featurizer: Featurizer, plans: list[Plan], quality: np.ndarr
     kept = features[:, featurizer.names.index("model.kept_fraction")]
     return TrainingSet("synthetic", "ppl", np.arange(len(plans)), plans, kept, quality, features,
                        np.ones(len(plans), dtype=bool))
+
+
+def test_a_study_holding_sub_networks_gets_width_features(studied):
+    """A layer-wise study's featurizer has no width columns until the study holds a sub-network
+    trial; then it has them and its training set reads that trial's kept fraction."""
+    study = optuna.load_study(study_name=REFINE_STUDY, storage=studied.config.storage)
+    cache = studied.folder / "cache"
+    assert not study_featurizer(study, cache).schema.widths
+    template = next(t for t in study.trials if t.state == TrialState.COMPLETE)
+    plan = Plan(method="sparsegpt", structure=Structure(every_block=BlockWidths(ffn=64)))
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.COMPLETE, params=template.params, distributions=template.distributions,
+        values=template.values, user_attrs={**template.user_attrs, "plan": plan.model_dump(mode="json")},
+    ))
+    featurizer = study_featurizer(study, cache)
+    assert featurizer.schema.widths
+    data = training_set(study, featurizer)
+    row = data.features[list(data.trials).index(len(study.trials) - 1)]
+    attention, mlp = 2 * 64 * 64 + 2 * 32 * 64, 3 * 64 * 128  # q, o; k, v; gate, up, down
+    assert value(featurizer, row, "model.kept_fraction") == pytest.approx((attention + mlp / 2) / (attention + mlp))
