@@ -30,7 +30,13 @@ from autoprune.models import LoadedModel
 from autoprune.plan import LayerSpec, Plan
 from predictors.features._importance import ImportanceTable
 from predictors.features._schema import FeatureSchema, layers_hash
-from predictors.features._widths import WIDTH_COLUMNS, WIDTH_SUMMARIES, WidthTable, width_summaries
+from predictors.features._widths import (
+    WIDTH_COLUMNS,
+    WIDTH_SUMMARIES,
+    BlockWidthRow,
+    WidthTable,
+    width_summaries,
+)
 from search_spaces import LayerInfo, SearchSpace, SpaceContext
 
 KINDS = ("attention", "mlp")
@@ -185,7 +191,7 @@ class Featurizer:
         widths = [value for block in block_widths for value in block.values()]
         return np.concatenate([row, widths, width_summaries(block_widths, self._influence)])
 
-    def _cut_by_widths(self, block_widths: list) -> tuple[np.ndarray, np.ndarray]:
+    def _cut_by_widths(self, block_widths: list[BlockWidthRow]) -> tuple[np.ndarray, np.ndarray]:
         """Per layer, the share of its weights its block's widths keep, and the share of its
         block's head (attention layers) or channel (MLP layers) score mass they remove."""
         table = np.array([[b.heads, b.kv_groups, b.ffn, b.heads_mass_removed, b.ffn_mass_removed]

@@ -74,10 +74,11 @@ class WidthTable:
         self._ffn_prefix: list[np.ndarray] = []
         with torch.no_grad():
             for block in range(dims.num_blocks):
-                self._heads.append(self._scores(loaded, stats, adapter.layer_name(block, "self_attn.o_proj"),
-                                                self.heads_layout))
-                channels = self._scores(loaded, stats, adapter.layer_name(block, "mlp.down_proj"), self.ffn_layout)
-                prefix = torch.cat([channels.new_zeros(1), torch.cumsum(torch.sort(channels, descending=True).values, 0)])
+                o_proj, down_proj = (adapter.layer_name(block, part) for part in
+                                     ("self_attn.o_proj", "mlp.down_proj"))
+                self._heads.append(self._scores(loaded, stats, o_proj, self.heads_layout))
+                channels = torch.sort(self._scores(loaded, stats, down_proj, self.ffn_layout), descending=True)
+                prefix = torch.cat([channels.values.new_zeros(1), torch.cumsum(channels.values, 0)])
                 self._ffn_prefix.append((prefix / prefix[-1].clamp_min(1e-30)).numpy())
         self._heads_removed: dict[tuple[int, int, int], float] = {}
 
@@ -116,7 +117,7 @@ class WidthTable:
         key = (block, groups, per_group)
         if key not in self._heads_removed:
             scores = self._heads[block]
-            kept = select_by_scores(scores, self.heads_layout, groups, per_group) if groups and per_group else []
+            kept = select_by_scores(scores, self.heads_layout, groups, per_group) if groups * per_group else []
             share = float(scores[kept].sum() / scores.sum().clamp_min(1e-30)) if kept else 0.0
             self._heads_removed[key] = 1.0 - share
         return self._heads_removed[key]

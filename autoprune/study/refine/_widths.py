@@ -83,7 +83,8 @@ class WidthAllocation:
 
     def params(self, counts: dict[str, int]) -> int:
         """Decoder linear weights of the sub-network with these widths."""
-        return decoder_linear_params(resolve_blocks(self._structure(counts), self.base.removed_blocks, self.dims), self.dims)
+        shapes = resolve_blocks(self._structure(counts), self.base.removed_blocks, self.dims)
+        return decoder_linear_params(shapes, self.dims)
 
     def step(self, key: str, direction: int) -> int | None:
         """The width one level below (``-1``) or above (``+1``) ``key``'s, or None at the end."""
