@@ -3,7 +3,9 @@
 ``fit`` trains on the study's complete trials and saves the booster (xgboost JSON) and its
 metadata beside the study's storage file (or ``--out``); ``report`` scores both objectives on a
 held-out 30% split and by 5-fold cross-validation (the JSON's ``spearman`` is the held-out
-regression's); ``predict`` loads a saved predictor and predicts ``--plan`` files (plans or recipes)
+regression's), with a warning line on stderr (and ``warning`` in the JSON) when fewer than 10
+trials are held out (fewer than 32 complete trials), too few for the figures to mean anything;
+``predict`` loads a saved predictor and predicts ``--plan`` files (plans or recipes)
 or, without them, the study's own trials beside their measured quality. All three only read the
 study; the model and its calibration statistics are loaded as the study recorded them.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -82,6 +85,8 @@ def _report(args: argparse.Namespace) -> int:
     featurizer = study_featurizer(study, args.cache_dir)
     report = quality_report(training_set(study, featurizer), featurizer.schema, seed=args.seed)
     print(json.dumps(report, indent=2) if args.format == "json" else render(report_rows(report), "table"))
+    if report["warning"] is not None:
+        print(f"warning: {report['warning']}", file=sys.stderr)
     return 0
 
 

@@ -1,4 +1,5 @@
-"""``autoprune refine``: give each linear layer of one trial its own sparsity, at the same size.
+"""``autoprune refine``: give each linear layer of one trial its own sparsity, at the same size
+(or, for a sub-network trial, each block its own FFN width and head count, within one level).
 
 Runs the level-switch evolution of :mod:`autoprune.study.refine` on ``--trial``'s plan and adds the
 result to the study as a new trial (``refined_from`` names the parent), which ``front`` lists and
@@ -18,7 +19,7 @@ from autoprune.study import RefineConfig, refine_trial
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "refine", help="per-layer evolution of one trial's allocation, added to its study"
+        "refine", help="per-layer (or per-block width) evolution of one trial's plan, added to its study"
     )
     add_field_flags(parser, RefineConfig)
     add_format(parser, ("table", "json", "csv"))

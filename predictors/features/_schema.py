@@ -34,6 +34,9 @@ class FeatureSchema(BaseModel):
     layers: tuple[str, ...]
     layers_hash: str
     names: tuple[str, ...]
+    #: Whether the sub-network (width) features are among ``names``; predictors saved before
+    #: they existed have none, and read as such.
+    widths: bool = False
 
     def check_plan(self, plan: Plan) -> None:
         """Refuse a plan of another model: layers this one lacks, blocks beyond its last."""
@@ -43,6 +46,11 @@ class FeatureSchema(BaseModel):
             raise AutopruneError(f"plan names layer {unknown[0]!r}, which {model} does not have")
         if plan.removed_blocks and max(plan.removed_blocks) >= self.num_blocks:
             raise AutopruneError(f"plan removes block {max(plan.removed_blocks)}, beyond {model}")
+        if plan.structure is not None and not self.widths:
+            raise AutopruneError(
+                "plan is a sub-network (it has a structure) but these features describe no widths; "
+                "use a predictor fitted on a study of sub-network plans"
+            )
 
     def require_same(self, other: FeatureSchema) -> None:
         """Raise naming the first way ``other`` (the featurizer at hand) differs from this schema
@@ -53,6 +61,7 @@ class FeatureSchema(BaseModel):
             ("layer names and shapes (hash)", self.layers_hash, other.layers_hash),
             ("model fingerprint", self.model_fingerprint, other.model_fingerprint),
             ("calibration statistics", self.calibration, other.calibration),
+            ("width features", self.widths, other.widths),
             ("feature columns", self.names, other.names),
         )
         for what, trained, given in checks:

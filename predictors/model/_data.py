@@ -15,8 +15,8 @@ from autoprune.api import prepare
 from autoprune.errors import AutopruneError
 from autoprune.plan import Plan
 from autoprune.study import study_settings, trial_plan
-from predictors.features import Featurizer
-from search_spaces import SpaceContext
+from predictors.features import Featurizer, space_has_widths
+from search_spaces import SearchSpace, SpaceContext
 
 
 @dataclass(frozen=True)
@@ -105,10 +105,14 @@ def _label(trial: FrozenTrial) -> tuple[float, float] | None:
 
 
 def study_featurizer(study: optuna.Study, cache_dir: Path | None = None, progress: bool = False) -> Featurizer:
-    """The featurizer of the model and calibration ``study`` searched (statistics from the cache)."""
+    """The featurizer of the model and calibration ``study`` searched (statistics from the cache),
+    with the width features where the study's space makes sub-network plans or a trial holds one."""
     settings = study_settings(study)
     prepared = prepare(settings.model, settings.calibration, cache_dir, progress)
     ctx = SpaceContext.from_model(
         prepared.loaded, prepared.stats, settings.method, settings.sparsity_range, outlier_thresholds=()
     )
-    return Featurizer.from_model(prepared.loaded, prepared.stats, ctx)
+    widths = space_has_widths(SearchSpace.named(settings.space), ctx) or any(
+        t.user_attrs.get("plan", {}).get("structure") is not None for t in study.get_trials(deepcopy=False)
+    )
+    return Featurizer.from_model(prepared.loaded, prepared.stats, ctx, widths)

@@ -3,10 +3,19 @@
 Every number comes from predictors fitted without the trials they are scored on. The held-out
 split is the headline (its regression Spearman is the report's ``spearman``); k-fold says how much
 that number depends on which trials were held out.
+
+How many trials are held out decides whether the figures mean anything. With ``n`` held-out trials,
+a predictor that orders them at random still scores a Spearman scattered with a standard deviation
+of about ``1 / sqrt(n - 1)``: 0.58 at 4 trials (where a perfect order has a 1-in-24 chance), 0.33
+at :data:`MIN_HELDOUT` (10). Below that many held-out trials (fewer than
+:func:`min_complete_trials` complete trials, 32 at the default share), the report still runs (from
+:data:`MIN_TRIALS` trials) but carries a ``warning`` saying so, which ``autoprune predictor report``
+prints.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -19,6 +28,17 @@ from predictors.quality._metrics import METRICS, prediction_metrics
 HOLDOUT_SHARE = 0.3
 FOLDS = 5
 MIN_TRIALS = 10
+#: Held-out trials below which the report's figures are flagged as meaningless (module doc).
+MIN_HELDOUT = 10
+
+
+def min_complete_trials(holdout: float = HOLDOUT_SHARE) -> int:
+    """Complete trials a study needs for a ``holdout`` share of them (rounded, as the report
+    splits) to be at least :data:`MIN_HELDOUT`."""
+    count = MIN_HELDOUT
+    while round(holdout * count) < MIN_HELDOUT:
+        count += 1
+    return count
 
 
 def quality_report(
@@ -51,12 +71,25 @@ def quality_report(
         "quality": data.quality_name,
         "trials": len(data),
         "heldout_trials": cut,
+        "warning": _too_few(data, cut, holdout),
         "folds": folds,
         "seed": seed,
         **heldout["regression"],
         "heldout": heldout,
         "kfold": kfold,
     }
+
+
+def _too_few(data: TrainingSet, heldout: int, holdout: float) -> str | None:
+    """The warning of a report whose held-out split is too small to mean anything, or None."""
+    if heldout >= MIN_HELDOUT:
+        return None
+    return (
+        f"study {data.study!r} has {len(data)} complete trials, so the held-out figures come from "
+        f"{heldout} trials: too few to mean anything (a random order scatters by about "
+        f"{1 / math.sqrt(max(heldout - 1, 1)):.2f} in Spearman); at least {min_complete_trials(holdout)} "
+        f"complete trials ({MIN_HELDOUT} held out) are needed"
+    )
 
 
 def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -42,8 +42,8 @@ from optuna.trial import FrozenTrial, TrialState
 from autoprune.api import prepare
 from autoprune.plan import Plan
 from autoprune.study import InProcessExecutor, SearchSetup, pareto_trials, trial_plan
-from predictors.features import Featurizer
-from predictors.model import Predictor, TrainingSet, training_set
+from predictors.features import Featurizer, space_has_widths
+from predictors.model import KEPT_FEATURE, Predictor, TrainingSet, training_set
 from predictors.quality import domination_counts
 from predictors.screening._candidates import CandidateSampler
 from search_spaces import Params, SearchSpace, SpaceContext
@@ -108,7 +108,7 @@ class PredictorProposer:
         else:
             cache_dir = Path(config.cache_dir) if config.cache_dir else None
             loaded, stats, _ = prepare(config.model, config.calibration(), cache_dir, setup.progress)
-        featurizer = Featurizer.from_model(loaded, stats, setup.ctx)
+        featurizer = Featurizer.from_model(loaded, stats, setup.ctx, space_has_widths(setup.space, setup.ctx))
         return cls(
             setup.space, setup.ctx, featurizer, setup.distributions, config.population, config.seed
         )
@@ -130,8 +130,9 @@ class PredictorProposer:
         params, plans = self._candidates(best, front, worst, rng, count, measured)
         if not plans:
             return []  # a small space measured through: nothing left to screen
-        predicted = self._scores(data, plans)
-        kept = np.array([self.ctx.nonzeros(plan) for plan in plans]) / self.ctx.dense_linear_params
+        features = self.featurizer.transform(plans)
+        predicted = self._scores(data, features)
+        kept = features[:, self.featurizer.names.index(KEPT_FEATURE)]  # a sub-network's kept weights too
         picks = self._pick(np.column_stack([kept, predicted]), front, worst, n, rng)
         self.rounds.append({"trained_on": len(data), "screened": len(plans), "picked": len(picks)})
         quality = f"predicted_{data.quality_name}"
@@ -140,10 +141,9 @@ class PredictorProposer:
             for i, why in picks
         ]
 
-    def _scores(self, data: TrainingSet, plans: list[Plan]) -> np.ndarray:
-        """Pessimistic predicted log-quality of ``plans``: the ensemble's mean plus
-        :attr:`pessimism` standard deviations."""
-        features = self.featurizer.transform(plans)
+    def _scores(self, data: TrainingSet, features: np.ndarray) -> np.ndarray:
+        """Pessimistic predicted log-quality of candidates (their feature rows): the ensemble's
+        mean plus :attr:`pessimism` standard deviations."""
 
         def member_scores(member: int) -> np.ndarray:
             return Predictor.fit(data, self.featurizer.schema, "regression", self.seed + member).scores(features)

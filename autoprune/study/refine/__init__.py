@@ -26,10 +26,16 @@ sees once the blocks before it are pruned to the parent's plan), recomputed from
 every that many generations: near the parent, those weights are nearly each candidate's own
 sequential weights, at a one-shot prune's cost per candidate and one calibration pass per refresh.
 
+A sub-network plan (one with a structure: heads, KV groups, FFN channels kept per block) is
+refined on its widths instead, as DarwinLM does: a switch moves one block's FFN width or head count
+down one level and another's up, keeping the decoder linear weights within one level of the
+trial's; candidates are measured as the sub-networks they cut.
+
 The stage in modules: ``_config`` (what it takes and reports), ``_allocation`` (prune counts and
-level switches), ``_checkpoint`` (the state kept after every generation), ``_evolution`` (the
-search itself), ``_record`` (the result as a trial of the study) and ``_run`` (all of it, from a
-trial to a new trial).
+level switches), ``_widths`` (a sub-network's width levels and their switches), ``_subnet`` (a
+sub-network plan as the model measured), ``_checkpoint`` (the state kept after every generation),
+``_evolution`` (the search itself), ``_record`` (the result as a trial of the study) and ``_run``
+(all of it, from a trial to a new trial).
 """
 
 from autoprune.study.refine._allocation import Allocation, LevelSwitch, refinable_layers
@@ -49,12 +55,15 @@ from autoprune.study.refine._config import (
     RefineConfig,
     RefineSummary,
 )
-from autoprune.study.refine._evolution import LevelSwitchEvolution
+from autoprune.study.refine._evolution import LevelSwitchEvolution, check_refinable
 from autoprune.study.refine._record import find_refinement, record_refinement
 from autoprune.study.refine._run import refine_trial
+from autoprune.study.refine._subnet import SubnetPruner, subnet_model
+from autoprune.study.refine._widths import FFN_LEVELS, WidthAllocation, gqa_head_counts, width_levels
 
 __all__ = [
     "CHECKPOINT_PREFIX",
+    "FFN_LEVELS",
     "FINALISTS",
     "PATH_SETTINGS",
     "RECORDED_SETTINGS",
@@ -66,11 +75,17 @@ __all__ = [
     "LevelSwitchEvolution",
     "RefineConfig",
     "RefineSummary",
+    "SubnetPruner",
+    "WidthAllocation",
+    "check_refinable",
     "checkpoint_key",
     "find_refinement",
+    "gqa_head_counts",
     "load_checkpoint",
     "record_refinement",
     "refinable_layers",
     "refine_trial",
     "save_checkpoint",
+    "subnet_model",
+    "width_levels",
 ]

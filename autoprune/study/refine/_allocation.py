@@ -37,6 +37,10 @@ class Allocation:
         self.shapes = shapes
         self.step = step
 
+    def with_counts(self, counts: dict[str, int]) -> Allocation:
+        """The same layers at other per-row prune counts."""
+        return Allocation(counts, self.shapes, self.step)
+
     def removed(self) -> int:
         return sum(self.shapes[name][0] * count for name, count in self.counts.items())
 
@@ -57,7 +61,7 @@ class Allocation:
 
     def mutated(self, rng: random.Random, switches: int) -> Allocation:
         """A copy with ``switches`` random level switches applied (fewer if none fits)."""
-        child = Allocation(self.counts, self.shapes, self.step)
+        child = self.with_counts(self.counts)
         names = list(self.counts)
         for _ in range(switches):
             for _attempt in range(len(names)):

@@ -1,12 +1,18 @@
 """The (1 + lambda) level-switch evolution over one worker's model (see :mod:`autoprune.study.refine`
-for why it is affordable and how it avoids overfitting the study's windows)."""
+for why it is affordable and how it avoids overfitting the study's windows).
+
+A sub-network plan (one with a structure) evolves its widths instead (:mod:`._widths`): the same
+generations, windows and fitness, on candidates measured as their sub-networks (:mod:`._subnet`),
+each built once and the parent's kept from one generation to the next."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -17,10 +23,13 @@ from autoprune.errors import AutopruneError
 from autoprune.measure import reference_logprobs, window_losses
 from autoprune.plan import Plan
 from autoprune.pruner import Pruner, sequential_statistics, sequential_statistics_folder
+from autoprune.structure import model_dims
 from autoprune.study._worker import TrialRequest, TrialResult, TrialWorker
 from autoprune.study.refine._allocation import Allocation, refinable_layers
 from autoprune.study.refine._checkpoint import EvolutionState
 from autoprune.study.refine._config import FINALISTS, SCREEN_WINDOWS, SWITCH_COUNTS, RefineConfig
+from autoprune.study.refine._subnet import SubnetPruner, require_widths_only, subnet_model
+from autoprune.study.refine._widths import WidthAllocation, width_levels
 
 
 class LevelSwitchEvolution:
@@ -32,6 +41,10 @@ class LevelSwitchEvolution:
         self.rng = random.Random(config.seed)
         self.kept: dict[tuple[str, int], torch.Tensor] = {}
         self.statistics_from: dict[str, int] | None = None
+        #: A sub-network plan's candidates, built once each, by their widths.
+        self.subnets: dict[str, torch.nn.Module] = {}
+        self.structured = base.structure is not None
+        check_refinable(base, config)
         spec = worker.spec
         pool = validation_windows(
             spec.calibration.source,
@@ -46,10 +59,18 @@ class LevelSwitchEvolution:
                 f"{spec.eval_windows}; refinement needs {needed}"
             )
         self.pool = pool
-        self.start = Allocation(
-            refinable_layers(base, self.pruner), self.pruner.layer_shapes(), config.step
-        )
-        self.fixed = self._prune_fixed()
+        self.start: Allocation | WidthAllocation
+        if self.structured:
+            dims = model_dims(worker.loaded.model)
+            self.start = WidthAllocation(width_levels(base, dims), base, dims)
+            self.fixed: dict[str, torch.Tensor] = {}
+            # the trial's own sub-network: every run's first parent (refused now if it cannot be built)
+            self.subnets[_key(self.start.counts)] = subnet_model(self.pruner, base)
+        else:
+            self.start = Allocation(
+                refinable_layers(base, self.pruner), self.pruner.layer_shapes(), config.step
+            )
+            self.fixed = self._prune_fixed()
         with torch.inference_mode():
             self.pool_reference = reference_logprobs(worker.loaded.model, pool)
 
@@ -63,7 +84,7 @@ class LevelSwitchEvolution:
         number; ``save`` receives the state after each one, so a stopped run can go on from it."""
         state = state or EvolutionState(0, dict(self.start.counts))
         state.restore_random(self.rng)
-        parent = Allocation(state.counts, self.start.shapes, self.config.step)
+        parent = self.start.with_counts(state.counts)
         statistics_from = state.statistics_from
         every = self.config.sequential_every
         if (
@@ -155,8 +176,13 @@ class LevelSwitchEvolution:
         return self.worker.run(TrialRequest(number, self.plan_of(state.counts)), self.pruner)
 
     def plan_of(self, counts: dict[str, int]) -> Plan:
-        """The refined trial's plan with these per-row prune counts."""
-        return Allocation(counts, self.start.shapes, self.config.step).plan(self.base)
+        """The refined trial's plan with these per-row prune counts (or widths)."""
+        return self.start.with_counts(counts).plan(self.base)
+
+    def measuring_pruner(self) -> Pruner | None:
+        """The pruner the refined plan is measured with: for a sub-network, one that builds it
+        (:class:`SubnetPruner`); None for the worker's own."""
+        return SubnetPruner(self.worker.loaded, self.worker.stats) if self.structured else None
 
     def _statistics_folder(self, counts: dict[str, int]) -> Path:
         return sequential_statistics_folder(
@@ -175,17 +201,29 @@ class LevelSwitchEvolution:
         return self.rng.sample(range(len(self.pool)), count)
 
     @torch.inference_mode()
-    def _fitness(self, allocation: Allocation, windows: list[int], tokens: int) -> float:
+    def _fitness(self, allocation: Allocation | WidthAllocation, windows: list[int], tokens: int) -> float:
         """Mean per-token KL to the dense model on the first ``tokens`` of those pool windows."""
-        weights = self._weights(allocation)
         total = 0.0
-        with self.pruner.pointed(weights, self.base.removed_blocks) as model:
+        with self._candidate(allocation) as model:
             for loss in window_losses(
                 model, self.pool[windows, :tokens], self.pool_reference[windows, :tokens],
                 batch_size=self.worker.spec.eval_batch,
             ):
                 total += loss.kl
         return total / (len(windows) * tokens)
+
+    @contextmanager
+    def _candidate(self, allocation: Allocation | WidthAllocation) -> Iterator[torch.nn.Module]:
+        """The model a candidate stands for: the dense model pointed at its pruned layers, or its
+        sub-network (built on first use)."""
+        if isinstance(allocation, WidthAllocation):
+            key = _key(allocation.counts)
+            if key not in self.subnets:
+                self.subnets[key] = subnet_model(self.pruner, allocation.plan(self.base))
+            yield self.subnets[key]
+            return
+        with self.pruner.pointed(self._weights(allocation), self.base.removed_blocks) as model:
+            yield model
 
     def _weights(self, allocation: Allocation) -> dict[str, torch.Tensor]:
         """Every layer's weight: the fixed ones pruned once, the refined ones looked up by their
@@ -205,6 +243,29 @@ class LevelSwitchEvolution:
         """Keep the parent's layers only: memory stays near one model's worth, and a candidate
         re-prunes just the few layers its switches touched (cheap next to a generation's forward
         passes)."""
+        self.subnets = {key: model for key, model in self.subnets.items() if key == _key(parent.counts)}
         self.kept = {
             key: weight for key, weight in self.kept.items() if parent.counts[key[0]] == key[1]
         }
+
+
+def _key(counts: dict[str, int]) -> str:
+    return json.dumps(counts, sort_keys=True)
+
+
+def check_refinable(plan: Plan, config: RefineConfig) -> None:
+    """Refuse, in one line and before anything is loaded or written, what a sub-network plan's
+    refinement cannot do: settings it has no use for, sparsity on top of its widths."""
+    if plan.structure is None:
+        return
+    require_widths_only(plan)
+    if config.sequential_every is not None:
+        raise AutopruneError(
+            "--sequential-every refines per-layer sparsity for the --sequential recipe; a "
+            "sub-network plan is refined on its widths (leave it out)"
+        )
+    if config.method is not None:
+        raise AutopruneError(
+            "--method prunes weights with another method; a sub-network plan is cut, not pruned "
+            "(leave it out)"
+        )

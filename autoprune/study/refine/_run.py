@@ -16,7 +16,7 @@ from autoprune.study._storage import load_existing_study, opened_storage
 from autoprune.study._worker import TrialRequest, TrialWorker
 from autoprune.study.refine._checkpoint import checkpoint_key, load_checkpoint, save_checkpoint
 from autoprune.study.refine._config import RefineConfig, RefineSummary
-from autoprune.study.refine._evolution import LevelSwitchEvolution
+from autoprune.study.refine._evolution import LevelSwitchEvolution, check_refinable
 from autoprune.study.refine._record import find_refinement, record_refinement
 
 
@@ -29,7 +29,9 @@ def refine_trial(config: RefineConfig, progress: bool = False) -> RefineSummary:
     refinement). One process at a time runs a refinement (its checkpoints have one writer): a
     second one on the same trial and settings refuses while the first one's lease is live (see
     :mod:`autoprune.study._liveness`)."""
-    find_trial(load_existing_study(config.storage, config.study), config.trial)  # bad input: nothing written
+    trial = find_trial(load_existing_study(config.storage, config.study), config.trial)  # bad input: nothing written
+    if "plan" in trial.user_attrs:
+        check_refinable(trial_plan(trial), config)
     with opened_storage(config.storage) as storage:
         label = f"the refinement of trial {config.trial} in study {config.study!r} with these settings"
         with holding(lease_for(storage, f"{config.study}:{checkpoint_key(config)}", label)):
@@ -71,7 +73,7 @@ def _refine_trial(config: RefineConfig, progress: bool) -> RefineSummary:
     state = evolution.run(saved, partial(save_checkpoint, study, config), progress)
     plan = evolution.plan_of(state.counts)
     number = len(study.get_trials(deepcopy=False))
-    result = worker.run(TrialRequest(number, plan))
+    result = worker.run(TrialRequest(number, plan), evolution.measuring_pruner())
     sequential = (
         evolution.measure_sequential(state, number, progress)
         if config.sequential_every is not None
