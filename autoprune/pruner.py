@@ -97,7 +97,7 @@ class Pruner:
     def subnet(self, plan: Plan) -> torch.nn.Module:
         """The physically smaller model of a sub-network plan, cut from the dense weights (left
         unchanged) with the cached statistics."""
-        if plan.layers:
+        if any(not spec.is_dense for spec in plan.layers.values()):
             raise AutopruneError("per-layer sparsity on top of a sub-network plan is not supported yet")
         return build_subnet(self.loaded.model, self.stats, plan.structure, plan.removed_blocks, self._cuts)
 

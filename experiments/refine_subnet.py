@@ -30,7 +30,7 @@ from autoprune.structure import (
     resolve_blocks,
 )
 from autoprune.study import TrialRequest, TrialWorker, WorkerSpec
-from autoprune.study.refine import LevelSwitchEvolution, RefineConfig, SubnetPruner, subnet_model
+from autoprune.study.refine import LevelSwitchEvolution, RefineConfig
 
 from _common import DEFAULT_DATA as DATA
 from _common import RESULTS, add_threads, column, number, parse, parser, table, write_results
@@ -64,14 +64,13 @@ def main() -> None:
     seconds = time.perf_counter() - began
     refined = evolution.plan_of(state.counts)
     test = evaluation_windows(DATA, worker.loaded.tokenizer, 512, args.test_windows)
-    pruner = SubnetPruner(worker.loaded, worker.stats)
     rows = []
     for label, plan in (("uniform (start)", start), ("refined", refined)):
-        measured = worker.run(TrialRequest(0, plan), pruner)
+        measured = worker.run(TrialRequest(0, plan))
         shapes = resolve_blocks(plan.structure, plan.removed_blocks, dims)
         rows.append({
             "plan": label, "params": decoder_linear_params(shapes, dims), "kl": measured.kl,
-            "ppl": measured.ppl, "test_ppl": perplexity(subnet_model(pruner, plan), test),
+            "ppl": measured.ppl, "test_ppl": perplexity(worker.pruner.subnet(plan), test),
             "ffn": [s.ffn for s in shapes], "heads": [s.heads for s in shapes],
         })
         print(rows[-1], flush=True)

@@ -27,7 +27,6 @@ from autoprune.structure import (
 from autoprune.study import TrialRequest, TrialWorker, WorkerSpec, refine_trial, trial_plan
 from autoprune.study.refine import (
     LevelSwitchEvolution,
-    SubnetPruner,
     WidthAllocation,
     gqa_head_counts,
     width_levels,
@@ -92,7 +91,7 @@ def add_subnet_trial(studied, plan: Plan) -> int:
     template = next(t for t in study.trials if t.state == TrialState.COMPLETE)
     number = len(study.trials)
     worker = worker_for(studied)
-    result = worker.run(TrialRequest(number, plan), SubnetPruner(worker.loaded, worker.stats))
+    result = worker.run(TrialRequest(number, plan))
     study.add_trial(optuna.trial.create_trial(
         state=TrialState.COMPLETE, params=template.params, distributions=template.distributions,
         values=[float(result.size["linear_nonzeros"]), float(result.quality)],

@@ -137,8 +137,16 @@ def build_subnet(
     """The smaller model ``structure`` (and ``removed`` blocks) makes of the dense ``model``.
     ``model`` is left unchanged; the new model holds new tensors for what it cuts and shares the
     rest (embeddings, norms, whole layers) with ``model``. ``cache`` keeps cuts across calls."""
-    removed = list(removed or [])
-    cache = cache or CutCache()
+    # Normal tensors even when called under inference mode: cached cuts outlive the call, and a
+    # model cannot take inference tensors as parameters outside inference mode.
+    with torch.inference_mode(False), torch.no_grad():
+        return _build(model, stats, structure, list(removed or []), cache or CutCache())
+
+
+def _build(
+    model: PreTrainedModel, stats: CalibrationStats | None, structure: Structure, removed: list[int],
+    cache: CutCache,
+) -> PreTrainedModel:
     cuts = choose_cuts(model, stats, structure, removed, cache)
     dims = model_dims(model)
     config = subnet_config(model.config, [cut.shape for cut in cuts], dims)

@@ -32,8 +32,8 @@ down one level and another's up, keeping the decoder linear weights within one l
 trial's; candidates are measured as the sub-networks they cut.
 
 The stage in modules: ``_config`` (what it takes and reports), ``_allocation`` (prune counts and
-level switches), ``_widths`` (a sub-network's width levels and their switches), ``_subnet`` (a
-sub-network plan as the model measured), ``_checkpoint`` (the state kept after every generation),
+level switches), ``_widths`` (a sub-network's width levels and their switches), ``_subnet`` (what a
+sub-network plan's refinement refuses), ``_checkpoint`` (the state kept after every generation),
 ``_evolution`` (the search itself), ``_record`` (the result as a trial of the study) and ``_run``
 (all of it, from a trial to a new trial).
 """
@@ -58,7 +58,6 @@ from autoprune.study.refine._config import (
 from autoprune.study.refine._evolution import LevelSwitchEvolution, check_refinable
 from autoprune.study.refine._record import find_refinement, record_refinement
 from autoprune.study.refine._run import refine_trial
-from autoprune.study.refine._subnet import SubnetPruner, subnet_model
 from autoprune.study.refine._widths import FFN_LEVELS, WidthAllocation, gqa_head_counts, width_levels
 
 __all__ = [
@@ -75,7 +74,6 @@ __all__ = [
     "LevelSwitchEvolution",
     "RefineConfig",
     "RefineSummary",
-    "SubnetPruner",
     "WidthAllocation",
     "check_refinable",
     "checkpoint_key",
@@ -86,6 +84,5 @@ __all__ = [
     "refinable_layers",
     "refine_trial",
     "save_checkpoint",
-    "subnet_model",
     "width_levels",
 ]

@@ -28,7 +28,7 @@ from autoprune.study._worker import TrialRequest, TrialResult, TrialWorker
 from autoprune.study.refine._allocation import Allocation, refinable_layers
 from autoprune.study.refine._checkpoint import EvolutionState
 from autoprune.study.refine._config import FINALISTS, SCREEN_WINDOWS, SWITCH_COUNTS, RefineConfig
-from autoprune.study.refine._subnet import SubnetPruner, require_widths_only, subnet_model
+from autoprune.study.refine._subnet import require_widths_only
 from autoprune.study.refine._widths import WidthAllocation, width_levels
 
 
@@ -65,7 +65,7 @@ class LevelSwitchEvolution:
             self.start = WidthAllocation(width_levels(base, dims), base, dims)
             self.fixed: dict[str, torch.Tensor] = {}
             # the trial's own sub-network: every run's first parent (refused now if it cannot be built)
-            self.subnets[_key(self.start.counts)] = subnet_model(self.pruner, base)
+            self.subnets[_key(self.start.counts)] = self.pruner.subnet(base)
         else:
             self.start = Allocation(
                 refinable_layers(base, self.pruner), self.pruner.layer_shapes(), config.step
@@ -179,11 +179,6 @@ class LevelSwitchEvolution:
         """The refined trial's plan with these per-row prune counts (or widths)."""
         return self.start.with_counts(counts).plan(self.base)
 
-    def measuring_pruner(self) -> Pruner | None:
-        """The pruner the refined plan is measured with: for a sub-network, one that builds it
-        (:class:`SubnetPruner`); None for the worker's own."""
-        return SubnetPruner(self.worker.loaded, self.worker.stats) if self.structured else None
-
     def _statistics_folder(self, counts: dict[str, int]) -> Path:
         return sequential_statistics_folder(
             self.worker.pruner, self.worker.calibration_windows, self.plan_of(counts),
@@ -219,7 +214,7 @@ class LevelSwitchEvolution:
         if isinstance(allocation, WidthAllocation):
             key = _key(allocation.counts)
             if key not in self.subnets:
-                self.subnets[key] = subnet_model(self.pruner, allocation.plan(self.base))
+                self.subnets[key] = self.pruner.subnet(allocation.plan(self.base))
             yield self.subnets[key]
             return
         with self.pruner.pointed(self._weights(allocation), self.base.removed_blocks) as model:

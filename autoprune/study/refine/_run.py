@@ -73,7 +73,7 @@ def _refine_trial(config: RefineConfig, progress: bool) -> RefineSummary:
     state = evolution.run(saved, partial(save_checkpoint, study, config), progress)
     plan = evolution.plan_of(state.counts)
     number = len(study.get_trials(deepcopy=False))
-    result = worker.run(TrialRequest(number, plan), evolution.measuring_pruner())
+    result = worker.run(TrialRequest(number, plan))  # a sub-network plan: the worker cuts it
     sequential = (
         evolution.measure_sequential(state, number, progress)
         if config.sequential_every is not None
