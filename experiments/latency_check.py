@@ -16,7 +16,7 @@ With ``--cached`` it reads the cached table instead and times only the variants 
 themselves): the table measured at another time, under another load. Writes
 ``results/latency_check_cached.{json,md}``.
 
-    nice -n -5 python experiments/latency_check.py [--threads 1] [--repeats 8] [--probes 12] [--cached]
+    nice -n -5 python experiments/latency_check.py [--threads 1] [--repeats 8] [--probes 12] [--cached] [--out DIR]
 
 Reports the load average (``/proc/loadavg``) before and after: the CPU is shared.
 """
@@ -38,7 +38,7 @@ from autoprune.latency import (
 from autoprune.structure import BlockWidths, Structure, build_subnet, model_dims, resolve_blocks, save_subnet
 
 from _common import DEFAULT_DATA as DATA
-from _common import RESULTS, add_threads, column, parse, parser, table, write_results
+from _common import RESULTS, add_out, add_threads, column, parse, parser, table, write_results
 
 VARIANTS: dict[str, tuple[Structure, list[int]]] = {
     "ffn 1152 everywhere": (Structure(method="activation", every_block=BlockWidths(ffn=1152)), []),
@@ -66,6 +66,7 @@ VARIANTS: dict[str, tuple[Structure, list[int]]] = {
 def main() -> None:
     arguments = parser(__doc__)
     add_threads(arguments, 1)
+    add_out(arguments)
     arguments.add_argument("--repeats", type=int, default=8, help="interleaved rounds")
     arguments.add_argument("--probes", type=int, default=12, help="random probes of the table")
     arguments.add_argument("--cached", action="store_true", help="use the cached table, time the variants only")
@@ -96,14 +97,20 @@ def main() -> None:
     errors = [abs(r[f"{k}_error"]) for r in rows for k in ("prefill", "decode")]
     summary = {"max_abs_error": max(errors), "median_abs_error": statistics.median(errors)}
     payload = {
-        "settings": vars(args), "load_before": load_before, "load_after": _loadavg(),
+        "settings": {**vars(args), "out": str(args.out)}, "load_before": load_before, "load_after": _loadavg(),
         "table_key": latency.key, "table": json.loads(latency.to_json()),
         "coefficients": {k: vars(v) for k, v in latency.coefficients().items()},
         "probe_fit": _probe_fit(latency), "rows": rows, "summary": summary,
     }
     name = "latency_check_cached" if args.cached else "latency_check"
-    text = write_results(payload, RESULTS, name, markdown(payload))
+    text = write_results(payload, args.out, name, markdown(payload))
     print(text)
+
+
+def _out_option(settings: dict) -> str:
+    """`` --out DIR`` when the run wrote elsewhere than ``results/`` (runs before ``--out`` lack it)."""
+    out = Path(settings.get("out", RESULTS))
+    return "" if out.resolve() == RESULTS.resolve() else f" --out {settings['out']}"
 
 
 def _loadavg() -> str:
@@ -143,7 +150,8 @@ def markdown(result: dict) -> str:
     )
     return "\n".join([
         f"Command: `nice -n -5 python experiments/latency_check.py --threads {settings['threads']} "
-        f"--repeats {settings['repeats']} --probes {settings['probes']}{' --cached' if settings['cached'] else ''}`"
+        f"--repeats {settings['repeats']} --probes {settings['probes']}{' --cached' if settings['cached'] else ''}"
+        f"{_out_option(settings)}`"
         f" ({where}; load average before `{result['load_before']}`, after `{result['load_after']}`)",
         "",
         *table(result["rows"], COLUMNS),
