@@ -1,16 +1,24 @@
-"""Does the per-shape latency table predict end-to-end latency of exported SmolLM2 sub-networks?
+"""Does the latency table predict end-to-end latency of exported SmolLM2 sub-networks?
 
-Measures (or reads from the cache) the latency table of SmolLM2-135M's family on this CPU, then
-cuts five sub-networks of SmolLM2-135M (structured method ``activation``, from the cached
+Cuts five sub-networks of SmolLM2-135M (structured method ``activation``, from the cached
 calibration statistics: 128 x 512 tokens of WikiText-2's validation split), exports each (a stock
-LLaMA checkpoint for equal widths, a remote-code one for per-block widths), reloads it with
-transformers, and times it end to end: prefill (batch 1, 512 tokens, last-position logits) and
-decode (ms per new token after a 128-token prompt, 32 new tokens), medians of ``--repeats``. The
-dense model is timed too. Writes ``results/latency_check.json`` and ``results/latency_check.md``.
+LLaMA checkpoint for equal widths, a remote-code one for per-block widths) and reloads it with
+transformers. Then measures the latency table of SmolLM2's family on this CPU (its random-weight
+probes) and times the dense model and the five reloaded variants end to end **in the same
+interleaved rounds** as the probes, so that on a shared CPU the table and the variants see the
+same load: prefill (batch 1, 512 tokens, last-position logits) and decode (ms per new token after
+a 128-token prompt, 32 new tokens), each the lower quartile of its samples from ``--repeats``
+rounds (``autoprune.latency.estimate``). The table is written to the
+cache that ``autoprune`` reads (``~/.cache/autoprune/latency``), so one run measures it for the
+device. Writes ``results/latency_check.{json,md}``.
 
-    python experiments/latency_check.py [--threads 1] [--repeats 5] [--table-only | --fresh-table]
+With ``--cached`` it reads the cached table instead and times only the variants (interleaved among
+themselves): the table measured at another time, under another load. Writes
+``results/latency_check_cached.{json,md}``.
 
-The CPU is shared: run it at a higher priority (``nice -n -5``) and read the spread columns.
+    nice -n -5 python experiments/latency_check.py [--threads 1] [--repeats 8] [--probes 12] [--cached] [--out DIR]
+
+Reports the load average (``/proc/loadavg``) before and after: the CPU is shared.
 """
 
 from __future__ import annotations
@@ -23,12 +31,14 @@ from pathlib import Path
 from transformers import AutoModelForCausalLM
 
 from autoprune import CalibrationConfig, prepare
-from autoprune.latency import LatencySettings, latency_table, measure
-from autoprune.models import load_model
+from autoprune._atomic import write_text_atomic
+from autoprune.latency import (
+    LatencySettings, LatencyTable, build_table, latency_table, measure_interleaved, table_path,
+)
 from autoprune.structure import BlockWidths, Structure, build_subnet, model_dims, resolve_blocks, save_subnet
 
 from _common import DEFAULT_DATA as DATA
-from _common import RESULTS, add_threads, column, parse, parser, table, write_results
+from _common import RESULTS, add_out, add_threads, column, parse, parser, table, write_results
 
 VARIANTS: dict[str, tuple[Structure, list[int]]] = {
     "ffn 1152 everywhere": (Structure(method="activation", every_block=BlockWidths(ffn=1152)), []),
@@ -56,68 +66,100 @@ VARIANTS: dict[str, tuple[Structure, list[int]]] = {
 def main() -> None:
     arguments = parser(__doc__)
     add_threads(arguments, 1)
-    arguments.add_argument("--repeats", type=int, default=5)
-    arguments.add_argument("--table-only", action="store_true", help="measure and cache the table only")
-    arguments.add_argument(
-        "--fresh-table", action="store_true",
-        help="measure the table again in this run (into a temporary cache, FFN widths every 256) "
-        "just before the variants, so both see the same load on a shared CPU",
-    )
+    add_out(arguments)
+    arguments.add_argument("--repeats", type=int, default=8, help="interleaved rounds")
+    arguments.add_argument("--probes", type=int, default=12, help="random probes of the table")
+    arguments.add_argument("--cached", action="store_true", help="use the cached table, time the variants only")
     args = parse(arguments)
+    load_before = _loadavg()
     settings = LatencySettings(repeats=args.repeats, threads=args.threads)
-    dense = load_model("smollm2-135m")
-    if args.fresh_table:
-        with tempfile.TemporaryDirectory() as cache:
-            shapes = latency_table(dense.model.config, settings, cache_dir=Path(cache), ffn_step=256)
-    else:
-        shapes = latency_table(dense.model.config, settings)
-    print("table", shapes.key, flush=True)
-    if args.table_only:
-        return
-    dims = model_dims(dense.model)
     calibration = CalibrationConfig(source=DATA, n_samples=128, seq_len=512, seed=0)
     loaded, stats, _ = prepare("smollm2-135m", calibration, progress=False)
-    rows = [_row("dense", shapes.predict(resolve_blocks(None, [], dims)), measure(loaded.model, settings))]
-    print(rows[-1], flush=True)
-    for name, (structure, removed) in VARIANTS.items():
-        subnet = build_subnet(loaded.model, stats, structure, removed)
-        with tempfile.TemporaryDirectory() as folder:
-            out = Path(folder) / "variant"
-            save_subnet(subnet, loaded.tokenizer, out, {"variant": name})
-            reloaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
-            measured = measure(reloaded, settings)
-        rows.append(_row(name, shapes.predict(resolve_blocks(structure, removed, dims)), measured))
-        print(rows[-1], flush=True)
+    dims = model_dims(loaded.model)
+    names, shapes, models = ["dense"], [resolve_blocks(None, [], dims)], [loaded.model]
+    with tempfile.TemporaryDirectory() as folder:
+        for name, (structure, removed) in VARIANTS.items():
+            out = Path(folder) / name.replace(" ", "_").replace("/", "-")
+            save_subnet(build_subnet(loaded.model, stats, structure, removed), loaded.tokenizer, out, {"variant": name})
+            models.append(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval())
+            names.append(name)
+            shapes.append(resolve_blocks(structure, removed, dims))
+    print("variants built", flush=True)
+    if args.cached:
+        latency = latency_table(loaded.model.config, settings)
+        measured = measure_interleaved(models, settings)
+    else:
+        latency, measured = build_table(loaded.model.config, settings, models, probes=args.probes)
+        path = table_path(loaded.model.config, settings)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, latency.to_json())
+    rows = [_row(n, latency.predict(s), m) for n, s, m in zip(names, shapes, measured)]
     errors = [abs(r[f"{k}_error"]) for r in rows for k in ("prefill", "decode")]
     summary = {"max_abs_error": max(errors), "median_abs_error": statistics.median(errors)}
-    payload = {"settings": vars(args), "table_key": shapes.key, "table": json.loads(shapes.to_json()),
-               "rows": rows, "summary": summary}
-    write_results(payload, RESULTS, "latency_check_fresh" if args.fresh_table else "latency_check", markdown(payload))
+    payload = {
+        "settings": {**vars(args), "out": str(args.out)}, "load_before": load_before, "load_after": _loadavg(),
+        "table_key": latency.key, "table": json.loads(latency.to_json()),
+        "coefficients": {k: vars(v) for k, v in latency.coefficients().items()},
+        "probe_fit": _probe_fit(latency), "rows": rows, "summary": summary,
+    }
+    name = "latency_check_cached" if args.cached else "latency_check"
+    text = write_results(payload, args.out, name, markdown(payload))
+    print(text)
+
+
+def _out_option(settings: dict) -> str:
+    """`` --out DIR`` when the run wrote elsewhere than ``results/`` (runs before ``--out`` lack it)."""
+    out = Path(settings.get("out", RESULTS))
+    return "" if out.resolve() == RESULTS.resolve() else f" --out {settings['out']}"
+
+
+def _loadavg() -> str:
+    return Path("/proc/loadavg").read_text().strip()
+
+
+def _probe_fit(latency: LatencyTable) -> dict:
+    """The fitted model's largest relative error on its own probes (prefill, decode)."""
+    worst = {"prefill": 0.0, "decode": 0.0}
+    for probe in latency.probes:
+        predicted = latency.predict(probe.shapes)
+        worst["prefill"] = max(worst["prefill"], abs(predicted.prefill_ms / probe.timing.prefill_ms - 1))
+        worst["decode"] = max(worst["decode"], abs(predicted.decode_ms / probe.timing.decode_ms - 1))
+    return worst
 
 
 #: The table's columns: predicted against measured prefill and decode latency.
 COLUMNS = [
     column("variant", "variant", align="---"),
-    column("prefill predicted ms", "prefill_predicted", ".1f", "---"),
-    column("prefill measured ms", "prefill_measured", ".1f", "---"),
-    column("error", "prefill_error", "+.1%", "---"),
-    column("decode predicted ms/token", "decode_predicted", ".2f", "---"),
-    column("decode measured", "decode_measured", ".2f", "---"),
-    column("error", "decode_error", "+.1%", "---"),
+    column("prefill predicted ms", "prefill_predicted", ".1f"),
+    column("prefill measured ms", "prefill_measured", ".1f"),
+    column("error", "prefill_error", "+.1%"),
+    column("decode predicted ms/token", "decode_predicted", ".2f"),
+    column("decode measured", "decode_measured", ".2f"),
+    column("error", "decode_error", "+.1%"),
 ]
 
 
 def markdown(result: dict) -> str:
-    """The results' table, from the JSON alone (runs from before ``--fresh-table`` existed lack it
-    in their settings: they did not measure a fresh table)."""
-    settings, summary = result["settings"], result["summary"]
+    """The results' table, from the JSON alone."""
+    settings, summary, fit = result["settings"], result["summary"], result["probe_fit"]
+    where = ("the cached table; the variants timed interleaved among themselves" if settings["cached"]
+             else f"the table measured on {len(result['table']['probes'])} probes in the same interleaved "
+             "rounds as the variants")
+    coefficients = ", ".join(
+        f"{name} {c['prefill_ms']:.3g} / {c['decode_ms']:.3g}" for name, c in result["coefficients"].items()
+    )
     return "\n".join([
         f"Command: `nice -n -5 python experiments/latency_check.py --threads {settings['threads']} "
-        f"--repeats {settings['repeats']}{' --fresh-table' if settings.get('fresh_table') else ''}`",
+        f"--repeats {settings['repeats']} --probes {settings['probes']}{' --cached' if settings['cached'] else ''}"
+        f"{_out_option(settings)}`"
+        f" ({where}; load average before `{result['load_before']}`, after `{result['load_after']}`)",
         "",
         *table(result["rows"], COLUMNS),
         "",
-        f"max |error| {summary['max_abs_error']:.1%}, median |error| {summary['median_abs_error']:.1%}",
+        f"max |error| {summary['max_abs_error']:.1%}, median |error| {summary['median_abs_error']:.1%}; "
+        f"the fit's largest error on its own probes: prefill {fit['prefill']:.1%}, decode {fit['decode']:.1%}",
+        "",
+        f"Costs in ms, prefill / decode per token: {coefficients}",
     ]) + "\n"
 
 
