@@ -58,6 +58,9 @@ class SpaceContext:
     block_influence: tuple[float, ...]
     outlier_ratios: dict[float, tuple[float, ...]] = field(default_factory=dict)
     sparsity_range: tuple[float, float] = (0.4, 0.8)
+    #: Steps of a variant database's grid (see :mod:`autoprune.variants`): allocations put every
+    #: layer but one on it, so trials read their layers instead of pruning them. None: no grid.
+    grid: int | None = None
 
     @classmethod
     def from_model(

@@ -37,7 +37,7 @@ from autoprune.config import CalibrationConfig
 from autoprune.errors import AutopruneError
 from autoprune.plan import MethodName
 from autoprune.study._executor import Executor, InProcessExecutor
-from autoprune.study._settings import StudySettings
+from autoprune.study._settings import DatabaseFields, StudySettings
 from autoprune.study._storage import DEFAULT_STORAGE, mask_url
 from autoprune.study._worker import Objective, WorkerSpec
 from search_spaces import MAX_LAYER_SPARSITY, SearchSpace
@@ -55,7 +55,7 @@ SAMPLERS: dict[str, Callable[[int, int], BaseSampler]] = {
 Fraction = Annotated[float, Field(ge=0.0, le=MAX_LAYER_SPARSITY)]
 
 
-class SearchConfig(BaseModel):
+class SearchConfig(DatabaseFields):
     """One search: which model and data, where the study lives, what to search and how."""
 
     model_config = ConfigDict(extra="forbid")
@@ -186,7 +186,7 @@ class SearchConfig(BaseModel):
     def worker_spec(self) -> WorkerSpec:
         return self.settings().worker_spec(
             cache_dir=self.cache_dir, device=self.device, eval_batch=self.eval_batch,
-            threads=self.threads, min_windows=self.min_windows,
+            threads=self.threads, min_windows=self.min_windows, database=self.database_settings(),
         )
 
     def settings(self) -> StudySettings:

@@ -22,9 +22,25 @@ from autoprune.errors import AutopruneError
 from autoprune.plan import MethodName, Recipe
 from autoprune.study._records import trial_plan
 from autoprune.study._worker import Objective, WorkerSpec
+from autoprune.variants import DEFAULT_GRID, DatabaseSettings
 
 #: The study user attribute that holds the settings.
 SETTINGS_ATTR = "autoprune"
+
+
+class DatabaseFields(BaseModel):
+    """The variant database keys of ``search`` and ``refine`` configs (flat, so each is a flag)."""
+
+    database: bool = Field(
+        False, description="assemble plans from the variant database of pruned layers (lazily built)"
+    )
+    database_dir: str | None = Field(None, description="variant database folder (default: in the cache)")
+    database_grid: Annotated[int, Field(ge=2)] = Field(
+        DEFAULT_GRID, description="variant levels in steps of 1/GRID; allocations snap to it"
+    )
+
+    def database_settings(self) -> DatabaseSettings | None:
+        return DatabaseSettings.when(self.database, self.database_dir, self.database_grid)
 
 
 class StudySettings(BaseModel):
@@ -50,6 +66,7 @@ class StudySettings(BaseModel):
         eval_batch: int = 1,
         threads: int | None = None,
         min_windows: int = WorkerSpec.model_fields["min_windows"].default,
+        database: DatabaseSettings | None = None,
     ) -> WorkerSpec:
         """A worker that measures plans as this study's trials were measured; the keyword
         arguments are where and how it runs, which do not change the numbers."""
@@ -64,6 +81,7 @@ class StudySettings(BaseModel):
             cache_dir=cache_dir,
             device=device,
             threads=threads,
+            database=database,
         )
 
     def stored(self) -> dict[str, Any]:
