@@ -42,7 +42,7 @@ def main() -> None:
                            help="METHOD=LEVEL,LEVEL,... per method")
     arguments.add_argument("--grid", type=int, default=32)
     arguments.add_argument("--draws", type=int, default=3, help="layer-wise allocations timed per method")
-    arguments.add_argument("--budget-draws", type=int, default=200)
+    arguments.add_argument("--budget-draws", type=int, default=48, help="random allocations (the main job's 48 trials)")
     arguments.add_argument("--folder", type=Path, default=None, help="database folder (default: a temporary one)")
     add_threads(arguments, 2)
     add_out(arguments)
@@ -89,18 +89,23 @@ def budget_errors(ctx: SpaceContext, grid: int, draws: int) -> dict:
     space = SearchSpace.named("layerwise")
     gridded = replace(ctx, grid=grid)
     errors: dict[str, list[int]] = {"none": [], "grid": []}
-    off_grid = []
+    off_grid, variants, chosen = [], set(), []
     for params in random_params(ctx, draws, seed=0):
         budget = round((1 - params["target"]) * ctx.dense_linear_params)
         for key, context in (("none", ctx), ("grid", gridded)):
             errors[key].append(abs(context.nonzeros(space.cast(params, context)) - budget))
         plan = space.cast(params, gridded)
-        off_grid.append(sum(
-            not spec.is_dense and level_key(spec, ctx.layers[name].cols, grid) is None
-            for name, spec in plan.layers.items()
-        ))
+        keys = {name: level_key(spec, ctx.layers[name].cols, grid) for name, spec in plan.layers.items()}
+        off_grid.append(sum(not plan.layers[name].is_dense and key is None for name, key in keys.items()))
+        variants |= {(name, key) for name, key in keys.items() if key is not None}
+        chosen += [plan.layers[name].sparsity for name, key in keys.items() if key is not None]
+    weights = sum(ctx.layers[name].rows * ctx.layers[name].cols for name, _ in variants)
+    chosen.sort()
     return {key: {"max": max(v), "mean": sum(v) / len(v)} for key, v in errors.items()} | {
-        "off_grid_layers_max": max(off_grid), "draws": draws, "dense": ctx.dense_linear_params}
+        "off_grid_layers_max": max(off_grid), "draws": draws, "dense": ctx.dense_linear_params,
+        "distinct_variants": len(variants), "whole_model_equivalents": weights / ctx.dense_linear_params,
+        "levels_p2_5_p97_5": [chosen[int(0.025 * len(chosen))], chosen[int(0.975 * len(chosen)) - 1]],
+    }
 
 
 def trial_plans(ctx: SpaceContext, method: str, grid: int, draws: int, levels: list[dict]) -> list[tuple[str, Plan]]:
@@ -133,7 +138,7 @@ def time_plan(prepared: Prepared, database: VariantDatabase, named: tuple[str, P
             "database_s": round(seconds[1], 3), "max_abs_difference": differ}
 
 
-def markdown(result: dict) -> list[str]:
+def markdown(result: dict) -> str:
     lines = [f"Grid: steps of 1/{result['grid']}; {result['threads']} torch threads.", ""]
     for row in result["methods"]:
         lines += [f"**{row['method']}**: build {row['build_seconds']:.1f} s, disk {row['disk_bytes'] / 2**20:.1f} MiB", ""]
@@ -148,8 +153,13 @@ def markdown(result: dict) -> list[str]:
     lines += [f"Budget error of layer-wise allocations ({budget['draws']} draws, {budget['dense']} dense weights): "
               f"without grid max {budget['none']['max']} mean {budget['none']['mean']:.1f}; on the grid max "
               f"{budget['grid']['max']} mean {budget['grid']['mean']:.1f}; off-grid layers per plan at most "
-              f"{budget['off_grid_layers_max']}."]
-    return lines
+              f"{budget['off_grid_layers_max']}.",
+              "",
+              f"Lazy build: these {budget['draws']} allocations ask for {budget['distinct_variants']} distinct "
+              f"(layer, level) variants, {budget['whole_model_equivalents']:.1f} whole-model prunes' worth of "
+              f"weights; 95% of their layers lie between sparsity {budget['levels_p2_5_p97_5'][0]:g} and "
+              f"{budget['levels_p2_5_p97_5'][1]:g}."]
+    return "\n".join(lines) + "\n"
 
 
 def _col(title: str, key: str, spec: str | None) -> Column:
