@@ -224,3 +224,22 @@ def test_grid_allocations_keep_the_budget_with_one_layer_off_the_grid(prepared):
                if not s.is_dense and level_key(s, ctx.layers[n].cols, GRID) is None]
         assert len(off) <= 1
         assert abs(gridded.nonzeros(snapped) - budget) <= max(info.rows for info in ctx.layers.values()) // 2
+
+
+def test_a_database_that_cannot_be_written_warns_once_and_prunes(prepared, tmp_path, caplog, monkeypatch):
+    loaded, stats, _ = prepared
+    database = VariantDatabase(stats, tmp_path / "db", GRID)
+    pruner = Pruner(loaded, stats, database)
+
+    def full_disk(path, weight):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(database_module, "write_entry", full_disk)
+    plan = Plan(method="wanda", layers={name: LayerSpec(sparsity=0.5) for name in pruner.layer_names})
+    expected = Pruner(loaded, stats).pruned_weights(plan)
+    with caplog.at_level(logging.WARNING):
+        weights = pruner.pruned_weights(plan)
+        pruner.pruned_weights(plan)
+    (line,) = _warnings(caplog)
+    assert "cannot be written (No space left on device)" in line
+    assert all(torch.equal(weights[k], expected[k]) for k in expected) and not _entries(database)

@@ -12,6 +12,7 @@ sees it reads and adds entries, each written atomically (see :mod:`autoprune.var
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from autoprune.variants._entry import read_entry, write_entry
 from autoprune.variants._levels import DEFAULT_GRID, check_grid, level_key
 
 DATABASE_FORMAT_VERSION = 1
+_LOG = logging.getLogger("autoprune.cache")
 
 
 def default_database_dir(cache_dir: Path | None = None) -> Path:
@@ -61,6 +63,8 @@ class DatabaseCounters:
     rebuilt: int = 0
     bytes_written: int = 0
     damaged: list[str] = field(default_factory=list)
+    #: Set once a write failed: the folder is read, not written, from then on.
+    unwritable: bool = False
 
 
 class VariantDatabase:
@@ -114,14 +118,22 @@ class VariantDatabase:
         return weight
 
     def store(self, method: str, jobs: list[LayerJob], weights: dict[str, torch.Tensor]) -> None:
-        """Keep the pruned ``weights`` of the ``jobs`` whose level is on the grid."""
+        """Keep the pruned ``weights`` of the ``jobs`` whose level is on the grid. A folder that
+        cannot be written (a read-only share, a full disk) is said once, in one warning line;
+        plans are then pruned as without a database (an entry is whole or absent, never half)."""
         for job in jobs:
             key = self.key(job)
-            if key is None:
+            if key is None or self.counters.unwritable:
                 continue
             path = self.path(method, job.name, key)
+            try:
+                self.counters.bytes_written += write_entry(path, weights[job.name])
+            except OSError as error:
+                self.counters.unwritable = True
+                _LOG.warning("autoprune: warning: variant database %s cannot be written (%s); "
+                             "pruning without storing", self.root, error.strerror or error)
+                continue
             self.counters.rebuilt += str(path) in self.counters.damaged
-            self.counters.bytes_written += write_entry(path, weights[job.name])
             self.counters.written += 1
 
     def has(self, method: str, job: LayerJob) -> bool:
