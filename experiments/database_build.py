@@ -67,6 +67,7 @@ def main() -> None:
             rows.append({
                 "method": method, "levels": report.levels, "build_seconds": report.seconds,
                 "disk_bytes": database.disk_bytes(method), "trials": [time_plan(prepared, database, p) for p in plans],
+                "single_layers": single_layer_seconds(prepared, method),
             })
             print(rows[-1])
     finally:
@@ -138,6 +139,19 @@ def time_plan(prepared: Prepared, database: VariantDatabase, named: tuple[str, P
             "database_s": round(seconds[1], 3), "max_abs_difference": differ}
 
 
+def single_layer_seconds(prepared: Prepared, method: str) -> list[dict]:
+    """Seconds to prune the narrowest and the widest layer alone, at 0.6: what the one layer a
+    grid allocation leaves off the grid costs a trial."""
+    pruner = Pruner(prepared.loaded, prepared.stats)
+    shapes = pruner.layer_shapes()
+    rows = []
+    for name in (min(shapes, key=lambda n: shapes[n][0] * shapes[n][1]), max(shapes, key=lambda n: shapes[n][0] * shapes[n][1])):
+        start = time.perf_counter()
+        pruner.prune_layers(method, {name: LayerSpec(sparsity=0.6)})
+        rows.append({"layer": name, "shape": list(shapes[name]), "seconds": round(time.perf_counter() - start, 3)})
+    return rows
+
+
 def markdown(result: dict) -> str:
     lines = [f"Grid: steps of 1/{result['grid']}; {result['threads']} torch threads.", ""]
     for row in result["methods"]:
@@ -149,6 +163,9 @@ def markdown(result: dict) -> str:
             _col("plan", "plan", None), _col("direct prune s", "direct_s", ".2f"),
             _col("database, first s", "first_s", ".2f"), _col("database s", "database_s", ".2f"),
             _col("max |difference|", "max_abs_difference", ".3g")]) + [""]
+        singles = row.get("single_layers", [])
+        lines += [", ".join(f"{one['layer']} {one['shape'][0]}x{one['shape'][1]} alone: {one['seconds']:.2f} s"
+                            for one in singles) + " (pruned directly, at 0.6)", ""] if singles else []
     budget = result["budget"]
     lines += [f"Budget error of layer-wise allocations ({budget['draws']} draws, {budget['dense']} dense weights): "
               f"without grid max {budget['none']['max']} mean {budget['none']['mean']:.1f}; on the grid max "
