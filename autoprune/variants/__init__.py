@@ -16,7 +16,6 @@ from autoprune.variants._levels import (
     Level,
     check_grid,
     grid_steps,
-    key_spec,
     level_key,
     parse_levels,
 )
@@ -33,7 +32,6 @@ __all__ = [
     "check_grid",
     "default_database_dir",
     "grid_steps",
-    "key_spec",
     "level_key",
     "parse_levels",
     "read_entry",

@@ -136,11 +136,6 @@ class VariantDatabase:
             self.counters.rebuilt += str(path) in self.counters.damaged
             self.counters.written += 1
 
-    def has(self, method: str, job: LayerJob) -> bool:
-        """Whether ``job``'s variant is stored (present; :meth:`read` checks it)."""
-        key = self.key(job)
-        return key is not None and self.path(method, job.name, key).exists()
-
     def disk_bytes(self, method: str | None = None) -> int:
         """Bytes the stored entries take (of one method, or all)."""
         base = self.root / method if method else self.root

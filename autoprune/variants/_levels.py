@@ -10,15 +10,12 @@ have in common, and a spec is on the grid exactly when its count (what methods p
 
 from __future__ import annotations
 
-import re
-
 from autoprune.errors import AutopruneError
 from autoprune.methods import prune_count
 from autoprune.plan import LayerSpec, NMPattern
 
 #: Steps of the default grid: sparsity in steps of 1/32 (3.125%); divides 576 and 1536 (SmolLM2).
 DEFAULT_GRID = 32
-_NM_KEY = re.compile(r"^nm(\d+)of(\d+)$")
 
 
 def check_grid(grid: int) -> int:
@@ -40,14 +37,6 @@ def level_key(spec: LayerSpec, cols: int, grid: int) -> str | None:
     if not 0 < step < grid or int(prune_count(step / grid, cols)) != count:
         return None
     return f"p{count}"
-
-
-def key_spec(key: str, cols: int) -> LayerSpec:
-    """The spec a level key stands for (``p<count>``: that count over the row width)."""
-    match = _NM_KEY.match(key)
-    if match:
-        return LayerSpec(nm=NMPattern(n=int(match[1]), m=int(match[2])))
-    return LayerSpec(sparsity=int(key[1:]) / cols)
 
 
 class Level:
