@@ -21,6 +21,7 @@ from autoprune.models import LoadedModel, compute_device, load_model
 from autoprune.plan import MethodName, NMPattern, Plan, Recipe
 from autoprune.pruner import Pruner, prune_sequentially
 from autoprune.structure import StructureRequest, model_dims, resolve_blocks, save_subnet
+from autoprune.variants import DatabaseSettings
 
 
 @dataclass
@@ -136,12 +137,14 @@ def prune(
     progress: bool = True,
     sequential: bool = False,
     device: str = "cpu",
+    database: DatabaseSettings | None = None,
 ) -> PruneReport:
     """Calibrate ``model`` (cached), prune it to ``plan``, measure, and save to ``out`` if given.
 
     ``sequential`` prunes block after block from the statistics of the already-pruned model
     (:func:`autoprune.pruner.prune_sequentially`): better, slower, and not what a study measured.
-    Calibration, pruning and evaluation run on ``device``. Everything checkable without the
+    Calibration, pruning and evaluation run on ``device``. ``database`` reads (and adds) one-shot
+    layers from a variant database (:mod:`autoprune.variants`). Everything checkable without the
     model (output folder, data path, device) is checked first, so a mistake costs no model load.
     """
     if out is not None:
@@ -168,7 +171,8 @@ def prune(
     recipe = Recipe(model=model, calibration=calibration, plan=plan, sequential=sequential)
     if not sequential:  # one-shot prunes where the weights are; sequential moves a block at a time
         loaded.model.to(compute)
-    pruner = Pruner(loaded, prepared.stats)
+    variants = database.open(prepared.stats, cache_dir) if database is not None else None
+    pruner = Pruner(loaded, prepared.stats, variants)
     dense_linear = pruner.dense_linear_params
     start = time.perf_counter()
     if sequential:

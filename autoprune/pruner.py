@@ -6,6 +6,7 @@ import hashlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,6 +24,9 @@ from autoprune.models import LoadedModel
 from autoprune.plan import LayerSpec, MethodName, Plan
 from autoprune.structure import CutCache, build_subnet
 
+if TYPE_CHECKING:  # the database module imports this one
+    from autoprune.variants import VariantDatabase
+
 
 class Pruner:
     """Holds the dense weights, the statistics and each method's reusable state.
@@ -31,9 +35,13 @@ class Pruner:
     kept aside untouched, so applying plan after plan never reloads or copies the model.
     """
 
-    def __init__(self, loaded: LoadedModel, stats: CalibrationStats) -> None:
+    def __init__(
+        self, loaded: LoadedModel, stats: CalibrationStats, database: VariantDatabase | None = None
+    ) -> None:
         self.loaded = loaded
         self.stats = stats
+        #: Pruned variants read instead of pruned again, and stored once pruned (on-grid levels).
+        self.database = database
         self.adapter = loaded.adapter
         self.layer_names = self.adapter.all_layer_names(loaded.model)
         self._dense = {
@@ -73,15 +81,22 @@ class Pruner:
 
     def prune_layers(self, method: MethodName, specs: dict[str, LayerSpec]) -> dict[str, torch.Tensor]:
         """Each named layer's weight under its spec (the dense tensor itself where it stays dense).
-        One call per batch of layers, so a method can batch layers of one shape together."""
+        One call per batch of layers, so a method can batch layers of one shape together. With a
+        database, layers on its grid are read from it, and those it lacks are stored once pruned."""
         jobs = [
             LayerJob(name, self._dense[name], self.stats.layer(name), spec)
             for name, spec in specs.items()
             if not spec.is_dense
         ]
         result = {name: self._dense[name] for name, spec in specs.items() if spec.is_dense}
+        if jobs and self.database is not None:
+            stored, jobs = self.database.lookup(method, jobs)
+            result.update(stored)
         if jobs:
-            result.update(self._method(method).prune(jobs))
+            pruned = self._method(method).prune(jobs)
+            result.update(pruned)
+            if self.database is not None:
+                self.database.store(method, jobs, pruned)
         return result
 
     @contextmanager

@@ -71,6 +71,9 @@ class SpaceContext:
     #: Per block, the importance of each query head and of each FFN channel (FLAP's metric on the
     #: cached statistics, :func:`autoprune.structure.weighted_scores`); empty without ``dims``.
     unit_scores: dict[int, tuple[tuple[float, ...], tuple[float, ...]]] = field(default_factory=dict)
+    #: Steps of a variant database's grid (see :mod:`autoprune.variants`): allocations put every
+    #: layer but one on it, so trials read their layers instead of pruning them. None: no grid.
+    grid: int | None = None
 
     @classmethod
     def from_model(

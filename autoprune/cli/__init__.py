@@ -9,12 +9,12 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
-from autoprune.cli import _eval, _export, _front, _predictor, _prune, _refine, _search
+from autoprune.cli import _database, _eval, _export, _front, _predictor, _prune, _refine, _search
 from autoprune.cli._common import OneLineParser
 from autoprune.errors import AutopruneError
 
 DESCRIPTION = "Search, prune, measure and export compressed variants of causal language models."
-SUBCOMMANDS = (_prune, _eval, _search, _refine, _front, _export, _predictor)
+SUBCOMMANDS = (_prune, _eval, _search, _refine, _front, _export, _predictor, _database)
 
 
 def build_parser() -> OneLineParser:

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from autoprune.errors import AutopruneError
+from autoprune.variants import DatabaseSettings, check_grid
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -96,3 +97,26 @@ def _cell(value: object) -> str:
     if isinstance(value, (list, dict)):
         return json.dumps(value)
     return "" if value is None else str(value)
+
+
+def add_database_flags(parser: argparse.ArgumentParser, switch: bool = True) -> None:
+    """``--database`` (with ``switch``), ``--database-dir`` and ``--database-grid``: assemble plans
+    from a variant database of pruned layers (see :mod:`autoprune.variants`)."""
+    if switch:
+        parser.add_argument("--database", action="store_true",
+                            help="read pruned layers from the variant database (adding what it lacks)")
+    parser.add_argument("--database-dir", default=None,
+                        help="variant database folder (default: variants/ in the cache folder)")
+    parser.add_argument("--database-grid", type=int, default=None,
+                        help="unstructured levels in steps of 1/GRID (default 32)")
+
+
+def database_settings(args: argparse.Namespace, switch: bool = True) -> DatabaseSettings | None:
+    """The :class:`autoprune.variants.DatabaseSettings` the flags ask for (None: no database)."""
+    given = args.database_dir is not None or args.database_grid is not None
+    if switch and not args.database:
+        if given:
+            raise AutopruneError("--database-dir and --database-grid need --database")
+        return None
+    grid = check_grid(args.database_grid) if args.database_grid is not None else None
+    return DatabaseSettings(folder=args.database_dir, **({"grid": grid} if grid else {}))

@@ -8,7 +8,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from autoprune.cli._common import add_format, render
+from autoprune.cli._common import add_database_flags, add_format, database_settings, render
 from autoprune.errors import AutopruneError
 from autoprune.export_gguf import GGUF_TYPES
 from autoprune.study import DEFAULT_STORAGE, export_trial
@@ -26,6 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="prune block after block from the already-pruned model's statistics (the recipe "
         "keeps it): what `refine --sequential-every` tunes a trial for, not what the study measured",
     )
+    add_database_flags(parser)
     add_format(parser, ("table", "json", "gguf"))
     parser.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
                         help="with --format gguf: f16 (default) or q8_0")
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     gguf_type = (args.gguf_type or "f16") if args.format == "gguf" else None
     result = export_trial(
         args.storage, args.study, args.trial, args.out, sequential=args.sequential,
-        cache_dir=args.cache_dir, gguf_type=gguf_type,
+        cache_dir=args.cache_dir, gguf_type=gguf_type, database=database_settings(args),
     )
     for note in result.notes:
         print(f"autoprune: {note}", file=sys.stderr)

@@ -7,7 +7,14 @@ import json
 from pathlib import Path
 
 from autoprune.api import PlanRequest, prune
-from autoprune.cli._common import add_device_flag, add_format, parse_fraction, render
+from autoprune.cli._common import (
+    add_database_flags,
+    add_device_flag,
+    add_format,
+    database_settings,
+    parse_fraction,
+    render,
+)
 from autoprune.config import CalibrationConfig, EvaluationConfig
 from autoprune.data import SELF
 from autoprune.errors import AutopruneError
@@ -41,6 +48,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_data_flags(parser)
     parser.add_argument("--out", type=Path, help="output folder (must not exist or be empty)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="calibration cache folder")
+    add_database_flags(parser)
     add_device_flag(parser)
     add_format(parser)
     parser.set_defaults(run=run)
@@ -67,16 +75,18 @@ def run(args: argparse.Namespace) -> int:
     if args.out is None:
         raise AutopruneError("prune needs --out DIR")
     evaluation = evaluation_config(args)
+    database = database_settings(args)
     if args.recipe is not None:
         recipe = Recipe.load(args.recipe)
         report = prune(recipe.model, recipe.calibration, recipe.plan, args.out, evaluation,
                        args.cache_dir, sequential=recipe.sequential or args.sequential,
-                       device=args.device)
+                       device=args.device, database=database)
     else:
         if args.model is None:
             raise AutopruneError("prune needs --model (or --recipe)")
         report = prune(args.model, calibration_config(args), plan_request(args), args.out,
-                       evaluation, args.cache_dir, sequential=args.sequential, device=args.device)
+                       evaluation, args.cache_dir, sequential=args.sequential, device=args.device,
+                       database=database)
     result = report.as_dict()
     print(render([_row(result)], "table") if args.format == "table" else json.dumps(result, indent=2))
     return 0

@@ -38,7 +38,7 @@ from autoprune.errors import AutopruneError
 from autoprune.plan import MethodName
 from autoprune.study._executor import Executor, InProcessExecutor
 from autoprune.study._objectives import split_objectives
-from autoprune.study._settings import SUBNET_SPACE, StudySettings
+from autoprune.study._settings import SUBNET_SPACE, DatabaseFields, StudySettings
 from autoprune.study._storage import DEFAULT_STORAGE, mask_url
 from autoprune.study._worker import Objective, WorkerSpec
 from search_spaces import MAX_LAYER_SPARSITY, SearchSpace
@@ -59,7 +59,7 @@ SUBNET_COSTS = ("params", "latency")
 Fraction = Annotated[float, Field(ge=0.0, le=MAX_LAYER_SPARSITY)]
 
 
-class SearchConfig(BaseModel):
+class SearchConfig(DatabaseFields):
     """One search: which model and data, where the study lives, what to search and how."""
 
     model_config = ConfigDict(extra="forbid")
@@ -209,7 +209,7 @@ class SearchConfig(BaseModel):
     def worker_spec(self) -> WorkerSpec:
         return self.settings().worker_spec(
             cache_dir=self.cache_dir, device=self.device, eval_batch=self.eval_batch,
-            threads=self.threads, min_windows=self.min_windows,
+            threads=self.threads, min_windows=self.min_windows, database=self.database_settings(),
         )
 
     def settings(self) -> StudySettings:

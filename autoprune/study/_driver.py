@@ -34,7 +34,7 @@ import hashlib
 import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +187,8 @@ def _space_context(config: SearchConfig, executor: Executor, progress: bool) -> 
         return ctx
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
     prepared = prepare(config.model, config.calibration(), cache_dir, progress)
-    return SpaceContext.from_model(prepared.loaded, prepared.stats, config.method, config.sparsity_range)
+    ctx = SpaceContext.from_model(prepared.loaded, prepared.stats, config.method, config.sparsity_range)
+    return replace(ctx, grid=config.database_grid) if config.database else ctx
 
 
 def plan_digest(plan: Plan) -> str:

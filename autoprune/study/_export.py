@@ -26,6 +26,7 @@ from autoprune.export_gguf import GGUF_TYPES, export_checkpoint_gguf
 from autoprune.study._records import find_trial, recorded_sequential_ppl
 from autoprune.study._settings import trial_recipe
 from autoprune.study._storage import load_existing_study
+from autoprune.variants import DatabaseSettings
 
 RECIPE_FILE = "recipe.yaml"
 
@@ -71,6 +72,7 @@ def export_trial(
     cache_dir: Path | None = None,
     progress: bool = True,
     gguf_type: str | None = None,
+    database: DatabaseSettings | None = None,
 ) -> ExportResult:
     """Prune the model of ``study``'s complete trial number ``trial`` as the study recipe says,
     save it to ``out`` (a new or empty folder, checked before anything loads) with its recipe, and
@@ -95,7 +97,7 @@ def export_trial(
         )
     recipe = trial_recipe(loaded_study, frozen).model_copy(update={"sequential": sequential})
     report = prune(recipe.model, recipe.calibration, recipe.plan, out, cache_dir=cache_dir,
-                   progress=progress, sequential=recipe.sequential)
+                   progress=progress, sequential=recipe.sequential, database=database)
     recipe.save(out / RECIPE_FILE)
     gguf = _write_gguf(out, gguf_type, out_existed) if gguf_type is not None else None
     recorded = frozen.user_attrs["size"]["linear_nonzeros"]

@@ -23,6 +23,7 @@ from autoprune.plan import MethodName, Recipe
 from autoprune.study._objectives import LATENCY_COSTS, Cost
 from autoprune.study._records import trial_plan
 from autoprune.study._worker import Objective, WorkerSpec
+from autoprune.variants import DEFAULT_GRID, DatabaseSettings
 
 #: The study user attribute that holds the settings.
 SETTINGS_ATTR = "autoprune"
@@ -30,6 +31,21 @@ SETTINGS_ATTR = "autoprune"
 DEFAULT_COSTS = ("nonzeros",)
 #: Sub-network studies always price their trials' latency (the front shows it).
 SUBNET_SPACE = "subnet"
+
+
+class DatabaseFields(BaseModel):
+    """The variant database keys of ``search`` and ``refine`` configs (flat, so each is a flag)."""
+
+    database: bool = Field(
+        False, description="assemble plans from the variant database of pruned layers (lazily built)"
+    )
+    database_dir: str | None = Field(None, description="variant database folder (default: in the cache)")
+    database_grid: Annotated[int, Field(ge=2)] = Field(
+        DEFAULT_GRID, description="variant levels in steps of 1/GRID; allocations snap to it"
+    )
+
+    def database_settings(self) -> DatabaseSettings | None:
+        return DatabaseSettings.when(self.database, self.database_dir, self.database_grid)
 
 
 class StudySettings(BaseModel):
@@ -63,6 +79,7 @@ class StudySettings(BaseModel):
         eval_batch: int = 1,
         threads: int | None = None,
         min_windows: int = WorkerSpec.model_fields["min_windows"].default,
+        database: DatabaseSettings | None = None,
     ) -> WorkerSpec:
         """A worker that measures plans as this study's trials were measured; the keyword
         arguments are where and how it runs, which do not change the numbers."""
@@ -78,6 +95,7 @@ class StudySettings(BaseModel):
             device=device,
             threads=threads,
             latency=bool(LATENCY_COSTS & set(self.costs)) or self.space == SUBNET_SPACE,
+            database=database,
         )
 
     def stored(self) -> dict[str, Any]:

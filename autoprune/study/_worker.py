@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -27,6 +27,7 @@ from autoprune.plan import MethodName, Plan
 from autoprune.pruner import Pruner
 from autoprune.structure import model_dims, resolve_blocks
 from autoprune.study._records import finite_or_none
+from autoprune.variants import DatabaseSettings
 from search_spaces import SpaceContext
 
 Objective = Literal["ppl", "kl"]
@@ -50,6 +51,8 @@ class WorkerSpec(BaseModel):
     threads: Annotated[int, Field(ge=1)] | None = None
     #: Price every trial's prefill and decode latency from the device's per-shape table.
     latency: bool = False
+    #: Assemble plans from a variant database of pruned layers (None: prune every plan).
+    database: DatabaseSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,8 @@ class TrialWorker:
         prepared = prepare_with_windows(spec.model, spec.calibration, self.cache_dir, progress, spec.device)
         self.loaded, self.calibration_windows, self.stats = prepared.loaded, prepared.windows, prepared.stats
         self.loaded.model.to(spec.device)
-        self.pruner = Pruner(self.loaded, self.stats)
+        database = spec.database.open(self.stats, self.cache_dir) if spec.database else None
+        self.pruner = Pruner(self.loaded, self.stats, database)
         self.windows = validation_windows(
             spec.calibration.source, self.loaded.tokenizer, spec.eval_seq_len, spec.eval_windows
         )
@@ -125,7 +129,8 @@ class TrialWorker:
 
     def space_context(self, method: MethodName, sparsity_range: tuple[float, float]) -> SpaceContext:
         """The search space's view of the loaded model, so the driver needs no copy of its own."""
-        return SpaceContext.from_model(self.loaded, self.stats, method, sparsity_range)
+        ctx = SpaceContext.from_model(self.loaded, self.stats, method, sparsity_range)
+        return replace(ctx, grid=self.spec.database.grid) if self.spec.database else ctx
 
     def run(self, request: TrialRequest, pruner: Pruner | None = None) -> TrialResult:
         """Prune to the plan, measure size and quality; a collapsed model is a result, not a crash.

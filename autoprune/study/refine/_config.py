@@ -9,6 +9,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from autoprune.plan import MethodName
+from autoprune.study._settings import DatabaseFields
 from autoprune.study._storage import DEFAULT_STORAGE
 
 #: Offspring ranked on this many pool windows, each cut to ``screen_tokens``: a cheap first pass.
@@ -27,7 +28,7 @@ PATH_SETTINGS = frozenset(
 RECORDED_SETTINGS = PATH_SETTINGS | {"generations"}
 
 
-class RefineConfig(BaseModel):
+class RefineConfig(DatabaseFields):
     """What ``autoprune refine`` takes; every key is also a flag."""
 
     model_config = ConfigDict(extra="forbid")

@@ -63,7 +63,10 @@ def _refine_trial(config: RefineConfig, progress: bool) -> RefineSummary:
         torch.set_num_threads(config.threads)
     start = time.perf_counter()
     worker = TrialWorker(
-        settings.worker_spec(cache_dir=config.cache_dir, device=config.device, eval_batch=config.eval_batch),
+        settings.worker_spec(
+            cache_dir=config.cache_dir, device=config.device, eval_batch=config.eval_batch,
+            database=config.database_settings(),
+        ),
         progress=progress,
     )
     base = trial_plan(parent)

@@ -1,0 +1,39 @@
+"""A per-layer database of pruned variants at discrete levels (EvoPress / DarwinLM design): each
+layer's weight at each level is pruned once from the cached statistics and assembled into plan
+after plan."""
+
+from autoprune.variants._build import BuildReport, build_database
+from autoprune.variants._database import (
+    DATABASE_FORMAT_VERSION,
+    DatabaseCounters,
+    DatabaseSettings,
+    VariantDatabase,
+    default_database_dir,
+)
+from autoprune.variants._entry import read_entry, write_entry
+from autoprune.variants._levels import (
+    DEFAULT_GRID,
+    Level,
+    check_grid,
+    grid_steps,
+    level_key,
+    parse_levels,
+)
+
+__all__ = [
+    "DATABASE_FORMAT_VERSION",
+    "DEFAULT_GRID",
+    "BuildReport",
+    "DatabaseCounters",
+    "DatabaseSettings",
+    "Level",
+    "VariantDatabase",
+    "build_database",
+    "check_grid",
+    "default_database_dir",
+    "grid_steps",
+    "level_key",
+    "parse_levels",
+    "read_entry",
+    "write_entry",
+]

@@ -1,0 +1,142 @@
+"""The variant database: each layer's pruned weight at each level, computed once and kept on disk.
+
+A layer pruned to a given level from given statistics is the same tensor whatever the rest of the
+plan is (every method prunes a layer from its own weight, its input's statistics and its own
+target; rows are independent), so plan after plan can be assembled from stored variants instead
+of pruned again (EvoPress's and DarwinLM's design). Entries live under
+``<folder>/<statistics key>-v<format>/<method>/<layer>/<level>.safetensors``: the statistics
+folder's name already names the model (by content) and the calibration tokens, so a database
+never serves a variant pruned from other statistics. The folder is shared: every Ray worker that
+sees it reads and adds entries, each written atomically (see :mod:`autoprune.variants._entry`).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from autoprune._atomic import warn_damaged
+from autoprune.calibration import CalibrationStats, default_cache_dir
+from autoprune.methods import LayerJob, PruningMethod
+from autoprune.variants._entry import read_entry, write_entry
+from autoprune.variants._levels import DEFAULT_GRID, check_grid, level_key
+
+DATABASE_FORMAT_VERSION = 1
+_LOG = logging.getLogger("autoprune.cache")
+
+
+def default_database_dir(cache_dir: Path | None = None) -> Path:
+    """Where databases live unless told: ``variants/`` in the calibration cache folder."""
+    return (cache_dir or default_cache_dir()) / "variants"
+
+
+class DatabaseSettings(BaseModel):
+    """Where a database lives and its grid: what workers, ``prune``, ``export`` and ``refine``
+    are told to open one with (small, so it travels to Ray workers)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    folder: str | None = Field(None, description="database folder (default: variants/ in the cache)")
+    grid: int = Field(DEFAULT_GRID, ge=2, description="unstructured levels in steps of 1/grid")
+
+    @classmethod
+    def when(cls, enabled: bool, folder: str | None, grid: int) -> DatabaseSettings | None:
+        """The settings of flat ``database``/``database_dir``/``database_grid`` config keys."""
+        return cls(folder=folder, grid=grid) if enabled else None
+
+    def open(self, stats: CalibrationStats, cache_dir: Path | None = None) -> VariantDatabase:
+        """The database of ``stats`` in this folder (the cache's ``variants/`` when unset)."""
+        folder = Path(self.folder) if self.folder else default_database_dir(cache_dir)
+        return VariantDatabase(stats, folder, self.grid)
+
+
+@dataclass
+class DatabaseCounters:
+    """What a database did since it was opened (for reports and tests)."""
+
+    read: int = 0
+    written: int = 0
+    rebuilt: int = 0
+    bytes_written: int = 0
+    damaged: list[str] = field(default_factory=list)
+    #: Set once a write failed: the folder is read, not written, from then on.
+    unwritable: bool = False
+
+
+class VariantDatabase:
+    """Pruned variants of one model's layers from one set of calibration statistics.
+
+    ``lookup`` serves the jobs whose level is on the grid and stored; ``store`` keeps what was
+    pruned for the others. :class:`autoprune.pruner.Pruner` calls both, so the first plan that asks
+    for a level computes it (lazy build) and later plans read it.
+    """
+
+    def __init__(self, stats: CalibrationStats, folder: Path | None = None, grid: int = DEFAULT_GRID) -> None:
+        self.grid = check_grid(grid)
+        self.root = (folder or default_database_dir()) / f"{stats.folder.name}-v{DATABASE_FORMAT_VERSION}"
+        self.counters = DatabaseCounters()
+
+    def path(self, method: str, layer: str, key: str) -> Path:
+        """The file of ``layer``'s variant at level ``key`` pruned by ``method``."""
+        return self.root / PruningMethod.check_name(method) / layer / f"{key}.safetensors"
+
+    def key(self, job: LayerJob) -> str | None:
+        """``job``'s level key, or None where it is not stored here (off the grid)."""
+        return level_key(job.spec, job.weight.shape[1], self.grid)
+
+    def lookup(self, method: str, jobs: list[LayerJob]) -> tuple[dict[str, torch.Tensor], list[LayerJob]]:
+        """The stored weights of the jobs the database holds, and the jobs left to prune. A damaged
+        entry is reported in one warning line and left to prune (``store`` then replaces it)."""
+        found: dict[str, torch.Tensor] = {}
+        missing: list[LayerJob] = []
+        for job in jobs:
+            weight = self.read(method, job)
+            if weight is None:
+                missing.append(job)
+            else:
+                found[job.name] = weight
+        return found, missing
+
+    def read(self, method: str, job: LayerJob) -> torch.Tensor | None:
+        """``job``'s stored variant, or None where it is off the grid, absent or damaged."""
+        key = self.key(job)
+        if key is None:
+            return None
+        path = self.path(method, job.name, key)
+        if not path.exists():
+            return None
+        weight, problem = read_entry(path, job.weight)
+        if weight is None:
+            warn_damaged("pruned variant", path, problem)
+            self.counters.damaged.append(str(path))
+            return None
+        self.counters.read += 1
+        return weight
+
+    def store(self, method: str, jobs: list[LayerJob], weights: dict[str, torch.Tensor]) -> None:
+        """Keep the pruned ``weights`` of the ``jobs`` whose level is on the grid. A folder that
+        cannot be written (a read-only share, a full disk) is said once, in one warning line;
+        plans are then pruned as without a database (an entry is whole or absent, never half)."""
+        for job in jobs:
+            key = self.key(job)
+            if key is None or self.counters.unwritable:
+                continue
+            path = self.path(method, job.name, key)
+            try:
+                self.counters.bytes_written += write_entry(path, weights[job.name])
+            except OSError as error:
+                self.counters.unwritable = True
+                _LOG.warning("autoprune: warning: variant database %s cannot be written (%s); "
+                             "pruning without storing", self.root, error.strerror or error)
+                continue
+            self.counters.rebuilt += str(path) in self.counters.damaged
+            self.counters.written += 1
+
+    def disk_bytes(self, method: str | None = None) -> int:
+        """Bytes the stored entries take (of one method, or all)."""
+        base = self.root / method if method else self.root
+        return sum(path.stat().st_size for path in base.rglob("*.safetensors")) if base.exists() else 0
