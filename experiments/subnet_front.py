@@ -28,6 +28,7 @@ and predicted from the device's cached per-shape table. Writes ``results/subnet_
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import torch
@@ -63,7 +64,12 @@ def main() -> None:
                                   setup.settings.sparsity_range, outlier_thresholds=())
     dense_params = setup.pruner.dense_linear_params
 
+    partial = args.out / "subnet_front.partial.json"  # rows measured so far: a rerun skips them
+    done = {r["label"]: r for r in json.loads(partial.read_text())} if partial.is_file() else {}
+
     def row(kind: str, label: str, plan: Plan, trial: int | None = None) -> dict:
+        if label in done:
+            return done[label]
         measured = measure_one_shot(setup.pruner, plan, setup.windows, progress=False)
         with setup.pruner.applied(plan) as variant:
             timed = measure(variant, timing)
@@ -76,6 +82,8 @@ def main() -> None:
             "prefill_predicted": predicted.prefill_ms, "decode_predicted": predicted.decode_ms,
         }
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in result.items()}, flush=True)
+        done[label] = result
+        partial.write_text(json.dumps(list(done.values())))
         return result
 
     space = SearchSpace.named("subnet")
@@ -88,13 +96,15 @@ def main() -> None:
     for sparsity in UNSTRUCTURED:
         layers = {name: LayerSpec(sparsity=sparsity) for name in setup.pruner.layer_names}
         rows.append(row("unstructured", f"sparsegpt {sparsity:.0%}", Plan(method="sparsegpt", layers=layers)))
-    check = _check(setup, rows, dims, timing, args.rounds, dense_params)
-    payload = {"settings": vars(args), "table_key": table_.key, "rows": rows, "check": check}
+    check = _check(setup, dims, timing, args.rounds, dense_params)
+    payload = {"settings": {**vars(args), "out": str(args.out)}, "table_key": table_.key, "rows": rows,
+               "check": check}
+    partial.unlink(missing_ok=True)
     write_results(payload, args.out, "subnet_front", markdown(payload))
     _plot(rows, args.out / "subnet_front.png")
 
 
-def _check(setup, rows: list[dict], dims, timing: LatencySettings, rounds: int, dense_params: int) -> dict:
+def _check(setup, dims, timing: LatencySettings, rounds: int, dense_params: int) -> dict:
     """The front member with the most weights at or below 75%, against uniform FFN width at its
     exact weight count and the dense model: perplexity, and prefill timed in interleaved rounds."""
     eligible = [t for t in front_trials(setup.study)
@@ -159,9 +169,7 @@ COLUMNS = [
     column("decoder weights kept", "keep", ".1%"),
     column("test ppl", "ppl", ".2f"),
     column("prefill ms", "prefill_ms", ".0f"),
-    column("predicted", "prefill_predicted", ".0f"),
     column("decode ms/token", "decode_ms", ".1f"),
-    column("predicted", "decode_predicted", ".1f"),
 ]
 
 
@@ -174,8 +182,12 @@ def markdown(result: dict) -> str:
         f"{settings['study']} --eval-windows {settings['eval_windows']} --threads {settings['threads']} "
         f"--repeats {settings['repeats']}`",
         "",
-        f"{settings['eval_windows']} test windows of 512 tokens; dense ppl {dense['ppl']:.2f}, prefill "
-        f"{dense['prefill_ms']:.0f} ms, decode {dense['decode_ms']:.1f} ms/token (1 process, medians).",
+        f"{settings['eval_windows']} test windows of 512 tokens; dense ppl {dense['ppl']:.2f}. The "
+        "per-row timings are medians of a few runs of each model alone, one after the other: on a "
+        "shared CPU they are noise (the same model's speed varies severalfold over minutes) and "
+        "compare nothing; the check below times its models side by side, and "
+        "`latency_check.py` the table's predictions (the JSON keeps this run's predictions, from "
+        "the table before format 2).",
         "",
         *table(rows, COLUMNS),
     ]
