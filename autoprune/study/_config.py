@@ -60,7 +60,11 @@ Fraction = Annotated[float, Field(ge=0.0, le=MAX_LAYER_SPARSITY)]
 
 
 class SearchConfig(DatabaseFields):
-    """One search: which model and data, where the study lives, what to search and how."""
+    """One search: which model and data, where the study lives, what to search and how.
+
+    The defaults are the main job's choices (``configs/smollm2-default.yaml``: SparseGPT
+    allocations, populations of 12, 6 validation windows), so a search started with flags alone
+    searches what ``make search`` does; the main job's file adds its size targets and time budget."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -75,7 +79,7 @@ class SearchConfig(DatabaseFields):
         None, description="minutes of trials after loading; then stop asking (the study stays resumable)"
     )
     sampler: str = Field("nsga2", description=f"one of {', '.join(SAMPLERS)}")
-    population: Annotated[int, Field(ge=2)] = Field(16, description="NSGA population / TPE start-up trials")
+    population: Annotated[int, Field(ge=2)] = Field(12, description="NSGA population / TPE start-up trials")
     seed: int = Field(0, description="sampler seed")
     space: str = Field("layerwise", description=f"one of {', '.join(SearchSpace.available())}")
     sparsity_range: tuple[Fraction, Fraction] | None = Field(
@@ -88,7 +92,7 @@ class SearchConfig(DatabaseFields):
     seeded: bool = Field(
         True, description="after the baselines, enqueue the space's prior guesses (true/false)"
     )
-    method: MethodName = Field("wanda", description="pruning method")
+    method: MethodName = Field("sparsegpt", description="pruning method")
     objective: Objective = Field("ppl", description="quality objective: ppl or kl")
     objectives: list[str] | None = Field(
         None,
@@ -108,7 +112,7 @@ class SearchConfig(DatabaseFields):
     max_retries: Annotated[int, Field(ge=0)] = Field(
         2, description="times a trial whose Ray worker died or ran out of memory starts again"
     )
-    eval_windows: Annotated[int, Field(ge=1)] = Field(8, description="validation windows per trial")
+    eval_windows: Annotated[int, Field(ge=1)] = Field(6, description="validation windows per trial")
     min_windows: Annotated[int, Field(ge=1)] = Field(2, description="windows before a trial may stop early")
     eval_batch: Annotated[int, Field(ge=1)] = Field(
         1, description="validation windows per forward pass (for a GPU; the same losses, more memory)"
