@@ -229,38 +229,43 @@ def _sliced_state(
             q_rows = torch.tensor(heads_layout.columns(cut.heads))
             kv_heads = sorted({head // dims.heads_per_group for head in cut.heads})
             kv_rows = torch.tensor(UnitLayout(dims.head_dim, 1, dims.num_kv_heads).columns(kv_heads))
-            for name, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
-                _put_rows(source, old, new, f"self_attn.{name}", rows, put)
-            o_weight = source[old + "self_attn.o_proj.weight"]
-            put("self_attn.o_proj.weight", cache.get(
-                ("o_proj", cut.index, structure.method, correct, tuple(cut.heads)),
-                lambda: _consumer(o_weight, q_rows, stats, old + "self_attn.o_proj", correct)))
-            _copy_if_present(source, old, "self_attn.o_proj.bias", put)
-            put("input_layernorm.weight", source[old + "input_layernorm.weight"])
+            producers = {"self_attn.q_proj": q_rows, "self_attn.k_proj": kv_rows, "self_attn.v_proj": kv_rows}
+            _put_sub_block(source, old, put, producers, "self_attn.o_proj", q_rows, "input_layernorm",
+                           lambda compute: cache.get(("o_proj", cut.index, structure.method, correct,
+                                                      tuple(cut.heads)), compute), stats, correct)
         if cut.channels:
             rows = torch.tensor(cut.channels)
-            for name in ("gate_proj", "up_proj"):
-                _put_rows(source, old, new, f"mlp.{name}", rows, put)
-            down = source[old + "mlp.down_proj.weight"]
-            put("mlp.down_proj.weight", cache.get(
-                ("down_proj", cut.index, structure.method, correct, tuple(cut.channels)),
-                lambda: _consumer(down, rows, stats, old + "mlp.down_proj", correct)))
-            _copy_if_present(source, old, "mlp.down_proj.bias", put)
-            put("post_attention_layernorm.weight", source[old + "post_attention_layernorm.weight"])
+            producers = {"mlp.gate_proj": rows, "mlp.up_proj": rows}
+            _put_sub_block(source, old, put, producers, "mlp.down_proj", rows, "post_attention_layernorm",
+                           lambda compute: cache.get(("down_proj", cut.index, structure.method, correct,
+                                                      tuple(cut.channels)), compute), stats, correct)
     return state
 
 
-def _put_rows(source: dict, old: str, new: str, layer: str, rows: torch.Tensor, put) -> None:
-    """Rows ``rows`` of a producing layer (the tensors themselves where every row is kept)."""
-    for kind in ("weight", "bias"):
-        if f"{old}{layer}.{kind}" in source:
-            tensor = source[f"{old}{layer}.{kind}"]
-            put(f"{layer}.{kind}", tensor if len(rows) == tensor.shape[0] else tensor[rows])
-
-
-def _copy_if_present(source: dict, old: str, name: str, put) -> None:
-    if old + name in source:
-        put(name, source[old + name])
+def _put_sub_block(
+    source: dict[str, torch.Tensor],
+    old: str,
+    put: Callable[[str, torch.Tensor], None],
+    producers: dict[str, torch.Tensor],
+    consumer: str,
+    columns: torch.Tensor,
+    norm: str,
+    cached: Callable[[Callable[[], torch.Tensor]], torch.Tensor],
+    stats: CalibrationStats | None,
+    correct: bool,
+) -> None:
+    """One kept sub-block: its producing layers' kept rows, its consuming layer on the kept input
+    ``columns`` (corrected, through ``cached``), the consumer's bias and the sub-block's norm."""
+    for layer, rows in producers.items():
+        for kind in ("weight", "bias"):
+            if f"{old}{layer}.{kind}" in source:
+                tensor = source[f"{old}{layer}.{kind}"]
+                put(f"{layer}.{kind}", tensor if len(rows) == tensor.shape[0] else tensor[rows])
+    weight = source[f"{old}{consumer}.weight"]
+    put(f"{consumer}.weight", cached(lambda: _consumer(weight, columns, stats, old + consumer, correct)))
+    if f"{old}{consumer}.bias" in source:
+        put(f"{consumer}.bias", source[f"{old}{consumer}.bias"])
+    put(f"{norm}.weight", source[f"{old}{norm}.weight"])
 
 
 def _consumer(

@@ -133,7 +133,7 @@ class Featurizer:
         )
         featurizer = cls(ctx, ImportanceTable(loaded, stats, list(ctx.layers)), schema)
         if widths:
-            featurizer.widths = WidthTable(loaded, stats)
+            featurizer.widths = WidthTable(ctx)
         return featurizer
 
     @property

@@ -18,18 +18,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from autoprune.calibration import CalibrationStats
-from autoprune.models import LoadedModel
+from autoprune.errors import AutopruneError
 from autoprune.plan import Plan
-from autoprune.structure import (
-    BlockShape,
-    ModelDims,
-    UnitLayout,
-    model_dims,
-    resolve_blocks,
-    select_by_scores,
-    weighted_scores,
-)
+from autoprune.structure import BlockShape, ModelDims, UnitLayout, resolve_blocks, select_by_scores
+from search_spaces import SpaceContext
 
 #: Per-block width columns, in order.
 WIDTH_COLUMNS = (
@@ -62,30 +54,25 @@ class BlockWidthRow:
 
 
 class WidthTable:
-    """Per block, the importance scores of its heads and FFN channels, and the share a given
-    width removes (computed once per width asked for)."""
+    """Per block, the importance scores of its heads and FFN channels (the space context's, see
+    :attr:`search_spaces.SpaceContext.unit_scores`), and the share a given width removes
+    (computed once per width asked for)."""
 
-    def __init__(self, loaded: LoadedModel, stats: CalibrationStats) -> None:
-        self.dims: ModelDims = model_dims(loaded.model)
-        dims, adapter = self.dims, loaded.adapter
+    def __init__(self, ctx: SpaceContext) -> None:
+        if ctx.dims is None:
+            raise AutopruneError("width features need a LLaMA-family model (heads and FFN widths to cut)")
+        self.dims: ModelDims = ctx.dims
+        dims = self.dims
         self.heads_layout = UnitLayout(dims.head_dim, dims.num_kv_heads, dims.heads_per_group)
-        self.ffn_layout = UnitLayout(1, 1, dims.ffn)
         self._heads: list[torch.Tensor] = []
         self._ffn_prefix: list[np.ndarray] = []
-        with torch.no_grad():
-            for block in range(dims.num_blocks):
-                o_proj, down_proj = (adapter.layer_name(block, part) for part in
-                                     ("self_attn.o_proj", "mlp.down_proj"))
-                self._heads.append(self._scores(loaded, stats, o_proj, self.heads_layout))
-                channels = torch.sort(self._scores(loaded, stats, down_proj, self.ffn_layout), descending=True)
-                prefix = torch.cat([channels.values.new_zeros(1), torch.cumsum(channels.values, 0)])
-                self._ffn_prefix.append((prefix / prefix[-1].clamp_min(1e-30)).numpy())
+        for block in range(dims.num_blocks):
+            heads, channels = ctx.unit_scores[block]
+            self._heads.append(torch.tensor(heads, dtype=torch.float64))
+            ordered = torch.sort(torch.tensor(channels, dtype=torch.float64), descending=True).values
+            prefix = torch.cat([ordered.new_zeros(1), torch.cumsum(ordered, 0)])
+            self._ffn_prefix.append((prefix / prefix[-1].clamp_min(1e-30)).numpy())
         self._heads_removed: dict[tuple[int, int, int], float] = {}
-
-    @staticmethod
-    def _scores(loaded: LoadedModel, stats: CalibrationStats, name: str, layout: UnitLayout) -> torch.Tensor:
-        weight = loaded.model.get_submodule(name).weight.detach().float().cpu()
-        return weighted_scores(stats.layer(name).sq_norm.cpu(), weight, layout)
 
     def shapes(self, plan: Plan) -> list[BlockShape | None]:
         """Each block's shape under ``plan`` (a one-line error for a structure that does not fit)."""
