@@ -79,15 +79,21 @@ def admm_prune_columns_(
     # (gram + penalty I)^-1 gram W, the fixed part of every weight update.
     anchored = torch.bmm(inverse, torch.bmm(gram, weight))
     dual = torch.zeros_like(weight)
+    signed = torch.empty_like(weight)
+    magnitude = torch.empty_like(weight)
     keep = torch.ones_like(weight, dtype=torch.bool)
+    # Every tensor of the loop is allocated once above: the updates are memory-bound, and fresh
+    # tensors of a batch's size cost more in page faults than the arithmetic itself.
     for step in range(iterations):
         # In scaled form: Z = (W + U) * mask, U <- U + W - Z, W <- (G + pI)^-1 (G W0 + p (Z - U)).
-        # With S = W + U, the new U is S off the mask and Z - U is S with its pruned signs flipped.
+        # With S = W + U, the new U is S off the mask and Z - U = S - 2 U: S with its pruned signs
+        # flipped.
         combined = weight.add_(dual)
         if step < mask_iterations:
-            keep = _keep_mask(combined.abs(), step, mask_iterations, row_sparsity, nm)
-        dual = combined.masked_fill(keep, 0.0)
-        weight = torch.baddbmm(anchored, inverse, torch.where(keep, combined, -combined), alpha=penalty)
+            keep = _keep_mask(torch.abs(combined, out=magnitude), step, mask_iterations, row_sparsity, nm)
+        torch.mul(combined, keep.logical_not(), out=dual)
+        torch.sub(combined, dual, alpha=2.0, out=signed)
+        torch.baddbmm(anchored, inverse, signed, alpha=penalty, out=weight)
     columns.copy_(weight.add_(dual).mul_(keep).div_(scale.unsqueeze(2)))
 
 
