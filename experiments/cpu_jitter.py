@@ -44,9 +44,9 @@ def main() -> None:
     model(ids, use_cache=False, logits_to_keep=1)
     rows = []
     for index in range(args.samples):
-        wall, cpu, (run, wait) = time.perf_counter(), time.thread_time(), _schedstat()
+        wall, cpu, (_, wait) = time.perf_counter(), time.thread_time(), _schedstat()
         model(ids, use_cache=False, logits_to_keep=1)
-        run_after, wait_after = _schedstat()
+        _, wait_after = _schedstat()
         rows.append({"sample": index, "wall_ms": (time.perf_counter() - wall) * 1000,
                      "thread_ms": (time.thread_time() - cpu) * 1000, "waiting_ms": wait_after - wait})
     payload = {"settings": vars(args), "load": Path("/proc/loadavg").read_text().strip(), "rows": rows}

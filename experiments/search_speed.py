@@ -9,7 +9,12 @@ The issue's target: prune + bookkeeping under 25% of a trial's wall time. Writes
 ``results/search_speed.json`` and ``results/search_speed.md``.
 
     python experiments/search_speed.py [--methods wanda sparsegpt] [--trials 6] [--eval-windows 8]
-        [--device cuda] [--eval-batch 8]
+        [--device cuda] [--eval-batch 8] [--database]
+
+With ``--database`` each method's study runs twice on one fresh variant database: the first run
+prunes and stores the layers its plans ask for, the second (same seed, so the same plans) reads
+them, which is what a trial costs once the database holds its levels (a search's later trials,
+``autoprune database build``, or any later search on the same model and calibration).
 """
 
 from __future__ import annotations
@@ -59,6 +64,9 @@ def main() -> None:
     add_threads(arguments)
     arguments.add_argument("--device", default="cpu", help="where the trials run (cpu, cuda)")
     arguments.add_argument("--eval-batch", type=int, default=1, help="validation windows per forward")
+    arguments.add_argument("--database", action="store_true",
+                           help="trials from a variant database: each method's study runs twice on one "
+                           "fresh database, first building the layers it asks for, then reading them")
     add_out(arguments)
     args = arguments.parse_args()
     apply_threads(args)
@@ -71,18 +79,33 @@ def main() -> None:
         "calib_samples": args.calib_samples,
         "threads": torch.get_num_threads(),
         "device": device_name(args.device),
-        "methods": {method: measure(method, args) for method in args.methods},
+        "database": args.database,
+        "methods": measure_all(args),
     }
     print(write_results(result, args.out, "search_speed", markdown(result)), end="")
 
 
-def measure(method: str, args: argparse.Namespace) -> dict:
+def measure_all(args: argparse.Namespace) -> dict[str, dict]:
+    """A row per method; with ``--database``, two: the study that builds its variants, and the
+    same study (same seed, same plans) again once the database holds them."""
+    if not args.database:
+        return {method: measure(method, args) for method in args.methods}
+    rows = {}
+    for method in args.methods:
+        with tempfile.TemporaryDirectory(prefix="autoprune-db-") as folder:
+            rows[f"{method}, database building"] = measure(method, args, folder)
+            rows[f"{method}, database built"] = measure(method, args, folder)
+    return rows
+
+
+def measure(method: str, args: argparse.Namespace, database: str | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         config = SearchConfig(
             model=args.model, data=args.data, storage=f"sqlite:///{tmp}/speed.db", study=method,
             trials=args.trials, space="layerwise", method=method, eval_windows=args.eval_windows,
             seq_len=args.seq_len, calib_samples=args.calib_samples, early_stop_margin=None,
             threads=args.threads, device=args.device, eval_batch=args.eval_batch,
+            database=database is not None, database_dir=database,
         )
         start = time.perf_counter()
         run_search(config, progress=True)
@@ -114,7 +137,8 @@ def markdown(result: dict) -> str:
         f"{result['seq_len']} tokens per trial ({result['eval_batch']} per forward pass), "
         f"{result['threads']} torch threads, device "
         f"{result['device']}; steady-state means (first trial, which builds per-model "
-        "caches, excluded).",
+        "caches, excluded)"
+        + ("; plans assembled from a variant database." if result.get("database") else "."),
         "",
     ]
     rows = [{"method": method, **row, **row["steady_mean"]} for method, row in result["methods"].items()]

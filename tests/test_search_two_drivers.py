@@ -78,7 +78,7 @@ def _go(process: subprocess.Popen) -> subprocess.CompletedProcess:
 def _refusal(result: subprocess.CompletedProcess, pid: int) -> str:
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
-    assert f"is driven by another process (" in lines[0] and f" pid {pid}," in lines[0]
+    assert "is driven by another process (" in lines[0] and f" pid {pid}," in lines[0]
     return lines[0]
 
 

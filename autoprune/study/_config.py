@@ -24,7 +24,6 @@ from optuna.samplers import (
     TPESampler,
 )
 from pydantic import (
-    BaseModel,
     ConfigDict,
     Field,
     ValidationError,
@@ -37,6 +36,7 @@ from autoprune.config import CalibrationConfig
 from autoprune.errors import AutopruneError
 from autoprune.plan import MethodName
 from autoprune.study._executor import Executor, InProcessExecutor
+from autoprune.study._finish import FinishFields
 from autoprune.study._objectives import split_objectives
 from autoprune.study._settings import SUBNET_SPACE, DatabaseFields, StudySettings
 from autoprune.study._storage import DEFAULT_STORAGE, mask_url
@@ -59,7 +59,7 @@ SUBNET_COSTS = ("params", "latency")
 Fraction = Annotated[float, Field(ge=0.0, le=MAX_LAYER_SPARSITY)]
 
 
-class SearchConfig(DatabaseFields):
+class SearchConfig(DatabaseFields, FinishFields):
     """One search: which model and data, where the study lives, what to search and how.
 
     The defaults are the main job's choices (``configs/smollm2-default.yaml``: SparseGPT
@@ -170,8 +170,11 @@ class SearchConfig(DatabaseFields):
                 raise ValueError(f"objective {self.objective!r} is not the quality objectives names ({quality!r})")
             self.objective = quality
         low, high = self.sparsity_range
-        if any(not low <= t <= high for t in self.baseline_targets or ()):
-            raise ValueError("baseline_targets must lie inside sparsity_range")
+        for key in ("baseline_targets", "refine_targets"):
+            if any(not low <= t <= high for t in getattr(self, key) or ()):
+                raise ValueError(f"{key} must lie inside sparsity_range")
+        if self.space == SUBNET_SPACE and self.refine_method is not None:
+            raise ValueError("refine_method prunes weights; a sub-network is refined on its widths (leave it out)")
         return self
 
     @classmethod

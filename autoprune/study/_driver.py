@@ -34,7 +34,7 @@ import hashlib
 import os
 import platform
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ from autoprune.errors import AutopruneError
 from autoprune.plan import Plan
 from autoprune.study._config import SearchConfig
 from autoprune.study._executor import Executor
+from autoprune.study._finish import refine_front
 from autoprune.study._objectives import objective_values
 from autoprune.study._liveness import DriverLease, holding, lease_for, lost_race, requeue, requeue_stale
 from autoprune.study._proposing import (
@@ -65,10 +66,10 @@ from autoprune.study._records import (
     counts_toward_budget,
     front_trials,
     trial_plan,
-    trial_row,
 )
 from autoprune.study._settings import StudySettings
-from autoprune.study._storage import mask_url, opened_storage, storage_url, write_ahead
+from autoprune.study._storage import load_existing_study, opened_storage, write_ahead
+from autoprune.study._summary import SearchSummary, search_summary
 from autoprune.study._worker import TrialRequest, TrialResult
 from search_spaces import SearchSpace, SpaceContext
 
@@ -79,30 +80,6 @@ def directions(config: SearchConfig) -> list[StudyDirection]:
 #: User attributes the driver gives the trials it enqueues (baselines, seeds, retries, proposals).
 ENQUEUED_MARKS = frozenset({"baseline", "seed", "retry_of", "proposed"})
 _RESULT_POLL_S = 1.0
-
-
-@dataclass
-class SearchSummary:
-    """What a search run did and the front it left."""
-
-    study: str
-    storage: str
-    finished: int
-    complete: int
-    stopped_early: int
-    failed: int
-    orphans_requeued: int
-    resumed: bool
-    front: list[dict[str, Any]] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def line(self) -> str:
-        return (
-            f"study {self.study!r} in {self.storage}: {self.finished} trials finished "
-            f"({self.complete} complete, {self.stopped_early} stopped early, {self.failed} failed), "
-            f"front of {len(self.front)}"
-            + (f", {self.orphans_requeued} interrupted trial(s) re-queued" if self.orphans_requeued else "")
-        )
 
 
 def run_search(
@@ -156,7 +133,11 @@ def run_search(
         finally:
             if owned:
                 executor.shutdown()
-        return _summary(study, config, orphans, resumed, time.perf_counter() - start)
+    refined, missed = refine_front(config, progress)  # the trials' worker is gone: one model in memory
+    return search_summary(
+        load_existing_study(config.storage, config.study), config, orphans, resumed,
+        time.perf_counter() - start, [r.line() for r in refined], missed,
+    )
 
 
 def _check_existing(storage: optuna.storages.BaseStorage, config: SearchConfig) -> bool:
@@ -377,22 +358,3 @@ def front_size(points: list[tuple[int, float]]) -> int:
         if quality < best:
             best, size = quality, size + 1
     return size
-
-
-def _summary(
-    study: optuna.Study, config: SearchConfig, orphans: int, resumed: bool, seconds: float
-) -> SearchSummary:
-    trials = study.get_trials(deepcopy=False)
-    states = [t.state for t in trials]
-    return SearchSummary(
-        study=config.study,
-        storage=mask_url(storage_url(config.storage)),
-        finished=sum(counts_toward_budget(t) for t in trials),
-        complete=states.count(TrialState.COMPLETE),
-        stopped_early=states.count(TrialState.PRUNED),
-        failed=sum(t.state == TrialState.FAIL and counts_toward_budget(t) for t in trials),
-        orphans_requeued=orphans,
-        resumed=resumed,
-        front=[trial_row(t) for t in front_trials(study)],
-        seconds=round(seconds, 1),
-    )

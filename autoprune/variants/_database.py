@@ -12,6 +12,7 @@ sees it reads and adds entries, each written atomically (see :mod:`autoprune.var
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,12 +81,19 @@ class VariantDatabase:
         self.root = (folder or default_database_dir()) / f"{stats.folder.name}-v{DATABASE_FORMAT_VERSION}"
         self.counters = DatabaseCounters()
 
+    def regridded(self, grid: int) -> VariantDatabase:
+        """The same folder (its entries are keyed by count, not grid step) read and written on
+        another grid; the counters are shared."""
+        other = copy.copy(self)
+        other.grid = check_grid(grid)
+        return other
+
     def path(self, method: str, layer: str, key: str) -> Path:
         """The file of ``layer``'s variant at level ``key`` pruned by ``method``."""
         return self.root / PruningMethod.check_name(method) / layer / f"{key}.safetensors"
 
     def key(self, job: LayerJob) -> str | None:
-        """``job``'s level key, or None where it is not stored here (off the grid)."""
+        """``job``'s level key where this database stores it, or None off its grid."""
         return level_key(job.spec, job.weight.shape[1], self.grid)
 
     def lookup(self, method: str, jobs: list[LayerJob]) -> tuple[dict[str, torch.Tensor], list[LayerJob]]:
@@ -102,8 +110,11 @@ class VariantDatabase:
         return found, missing
 
     def read(self, method: str, job: LayerJob) -> torch.Tensor | None:
-        """``job``'s stored variant, or None where it is off the grid, absent or damaged."""
-        key = self.key(job)
+        """``job``'s stored variant, or None where it is absent or damaged. Any stored count is read,
+        on this database's grid or not: the grid decides what is stored (a refinement stores every
+        count it reaches, see :meth:`regridded`), and an entry is keyed by its count alone."""
+        cols = job.weight.shape[1]
+        key = level_key(job.spec, cols, cols)
         if key is None:
             return None
         path = self.path(method, job.name, key)

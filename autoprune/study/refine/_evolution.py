@@ -24,6 +24,7 @@ from autoprune.measure import reference_logprobs, window_losses
 from autoprune.plan import Plan
 from autoprune.pruner import Pruner, sequential_statistics, sequential_statistics_folder
 from autoprune.structure import model_dims
+from autoprune.variants import exact_grid
 from autoprune.study._worker import TrialRequest, TrialResult, TrialWorker
 from autoprune.study.refine._allocation import Allocation, refinable_layers
 from autoprune.study.refine._checkpoint import EvolutionState
@@ -67,12 +68,14 @@ class LevelSwitchEvolution:
             # the trial's own sub-network: every run's first parent (refused now if it cannot be built)
             self.subnets[_key(self.start.counts)] = self.pruner.subnet(base)
         else:
-            self.start = Allocation(
-                refinable_layers(base, self.pruner), self.pruner.layer_shapes(), config.step
-            )
+            shapes = self.pruner.layer_shapes()
+            self.start = Allocation(refinable_layers(base, self.pruner), shapes, config.step)
+            if self.pruner.database is not None:  # keep every count the switches reach, on the grid or not
+                self.pruner.database = self.pruner.database.regridded(exact_grid(c for _, c in shapes.values()))
             self.fixed = self._prune_fixed()
-        with torch.inference_mode():
-            self.pool_reference = reference_logprobs(worker.loaded.model, pool)
+        #: The dense model's log-probabilities on each pool window, computed the first time the
+        #: window is drawn (a generation draws a few of the pool's windows; most runs never draw all).
+        self.references: dict[int, torch.Tensor] = {}
 
     def run(
         self,
@@ -192,6 +195,14 @@ class LevelSwitchEvolution:
             shutil.rmtree(self.pruner.stats.folder, ignore_errors=True)
             self.pruner, self.statistics_from = self.worker.pruner, None
 
+    def _reference(self, windows: list[int]) -> torch.Tensor:
+        """The dense model's log-probabilities on these pool windows."""
+        missing = [index for index in windows if index not in self.references]
+        if missing:
+            computed = reference_logprobs(self.worker.loaded.model, self.pool[missing])
+            self.references.update(zip(missing, computed, strict=True))
+        return torch.stack([self.references[index] for index in windows])
+
     def _draw(self, count: int) -> list[int]:
         return self.rng.sample(range(len(self.pool)), count)
 
@@ -199,9 +210,10 @@ class LevelSwitchEvolution:
     def _fitness(self, allocation: Allocation | WidthAllocation, windows: list[int], tokens: int) -> float:
         """Mean per-token KL to the dense model on the first ``tokens`` of those pool windows."""
         total = 0.0
+        reference = self._reference(windows)[:, :tokens]  # the dense model, before a candidate replaces it
         with self._candidate(allocation) as model:
             for loss in window_losses(
-                model, self.pool[windows, :tokens], self.pool_reference[windows, :tokens],
+                model, self.pool[windows, :tokens], reference,
                 batch_size=self.worker.spec.eval_batch,
             ):
                 total += loss.kl

@@ -1,0 +1,102 @@
+"""A search's last stage: refine chosen front members, so that the front ``autoprune search`` prints
+and exports is the best the project knows how to make, without a hand-run chain of commands.
+
+Search trials must be cheap, so they prune with a fast method on allocations a sampler can learn;
+per-layer refinement with a costlier method (ADMM) then moves each chosen member further than any
+number of extra trials would (``experiments/README.md``, ``refine_front.py``). ``refine_targets``
+names the sizes a user wants: for each, the parent is the searched front member (refinements left
+out) with the fewest non-zeros at or below the target's, the member a user asking for that size
+would export, and ``autoprune refine`` runs on it with the search's own database, device and
+thread settings. Each result is a trial of the study, so ``front`` and ``export`` see it; running
+the search again finds it instead of refining again, and a refinement that was stopped goes on from
+its last generation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Annotated
+
+from optuna.trial import FrozenTrial
+from pydantic import BaseModel, Field
+
+from autoprune.plan import MethodName
+from autoprune.study._records import pareto_trials
+from autoprune.study._storage import load_existing_study
+from autoprune.study.refine import FINALISTS, RefineConfig, RefineSummary, refine_trial
+from search_spaces import MAX_LAYER_SPARSITY
+
+if TYPE_CHECKING:
+    from autoprune.study._config import SearchConfig
+
+
+class FinishFields(BaseModel):
+    """The ``refine_*`` keys of a search config (flat, so each is a flag)."""
+
+    refine_targets: list[Annotated[float, Field(ge=0.0, le=MAX_LAYER_SPARSITY)]] = Field(
+        default_factory=list,
+        description="after the trials, refine the front member nearest each of these sparsities "
+        "(at or above it) and add the result to the study (default: none)",
+    )
+    refine_method: MethodName | None = Field(
+        None, description="prune the refined allocations with this method (default: the study's own)"
+    )
+    refine_generations: Annotated[int, Field(ge=1)] = Field(8, description="generations per refinement")
+    refine_offspring: Annotated[int, Field(ge=FINALISTS)] = Field(8, description="candidates per generation")
+    refine_select_windows: Annotated[int, Field(ge=1)] = Field(
+        2, description="whole windows the finalists and the parent are compared on each generation"
+    )
+
+
+def finish_parent(trials: Sequence[FrozenTrial], target: float) -> FrozenTrial | None:
+    """The searched front member a refinement for ``target`` starts from: of the non-dominated
+    complete trials that are not refinements themselves, the one with the lowest sparsity at or
+    above ``target`` (the best quality among equals); None where no member is that sparse."""
+    searched = pareto_trials([trial for trial in trials if "refined_from" not in trial.user_attrs])
+    eligible = [
+        trial for trial in searched
+        if (trial.user_attrs.get("size") or {}).get("sparsity", -1.0) >= target - 1e-9
+    ]
+    if not eligible:
+        return None
+    return min(eligible, key=lambda trial: (trial.user_attrs["size"]["sparsity"], trial.values[-1]))
+
+
+def refine_front(config: SearchConfig, progress: bool = False) -> tuple[list[RefineSummary], list[float]]:
+    """Refine the parent of each of ``config.refine_targets`` (a parent chosen by two targets
+    once). Returns the refinements and the targets no front member was sparse enough for."""
+    study = load_existing_study(config.storage, config.study)
+    trials = study.get_trials(deepcopy=False)
+    summaries: list[RefineSummary] = []
+    missed: list[float] = []
+    done: set[int] = set()
+    for target in config.refine_targets:
+        parent = finish_parent(trials, target)
+        if parent is None:
+            missed.append(target)
+            continue
+        if parent.number in done:
+            continue
+        done.add(parent.number)
+        summaries.append(refine_trial(refine_config(config, parent.number), progress))
+    return summaries, missed
+
+
+def refine_config(config: SearchConfig, trial: int) -> RefineConfig:
+    """The ``autoprune refine`` settings of one finishing refinement of a search's ``trial``."""
+    search = config.model_dump()
+    return RefineConfig(
+        trial=trial,
+        generations=config.refine_generations,
+        offspring=config.refine_offspring,
+        select_windows=config.refine_select_windows,
+        method=config.refine_method,
+        **{key: search[key] for key in _SHARED},
+    )
+
+
+#: The search settings a finishing refinement runs with unchanged.
+_SHARED = (
+    "storage", "study", "seed", "cache_dir", "threads", "device", "eval_batch",
+    "database", "database_dir", "database_grid",
+)

@@ -1,0 +1,99 @@
+"""A search that finishes by refining chosen front members (``refine_targets``): which members,
+what the study holds afterwards, that a second run refines nothing again, and the settings it
+refuses in one line."""
+
+from __future__ import annotations
+
+import optuna
+import pytest
+from conftest import run_cli, tiny_config
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState, create_trial
+
+from autoprune.errors import AutopruneError
+from autoprune.plan import LayerSpec
+from autoprune.study import SearchConfig, front_trials, load_existing_study, refine_trial, run_search
+from autoprune.study._finish import finish_parent
+from autoprune.variants import level_key
+
+
+def _trial(number: int, sparsity: float, ppl: float, **attrs) -> optuna.trial.FrozenTrial:
+    trial = create_trial(
+        values=[1.0 - sparsity, ppl], params={"target": sparsity},
+        distributions={"target": FloatDistribution(0.0, 1.0)},
+        user_attrs={"size": {"sparsity": sparsity}, **attrs},
+    )
+    trial.number = number
+    return trial
+
+
+def test_the_parent_is_the_least_sparse_front_member_at_or_above_the_target():
+    trials = [
+        _trial(0, 0.50, 10.0),
+        _trial(1, 0.61, 14.0),
+        _trial(2, 0.60, 13.0),
+        _trial(3, 0.60, 15.0),  # dominated by trial 2
+        _trial(4, 0.70, 20.0),
+        _trial(5, 0.61, 11.0, refined_from=1),  # a refinement: never a parent, never dominates
+    ]
+    assert finish_parent(trials, 0.6).number == 2
+    assert finish_parent(trials, 0.605).number == 1
+    assert finish_parent(trials, 0.65).number == 4
+    assert finish_parent(trials, 0.71) is None
+
+
+def test_a_search_refines_its_chosen_members_once(tiny_llama_dir, data_dir, tmp_path):
+    config = tiny_config(
+        tiny_llama_dir, data_dir, tmp_path, method="sparsegpt", trials=4, database=True,
+        refine_targets=[0.45, 0.5], refine_method="admm", refine_generations=2, refine_offspring=2,
+        refine_select_windows=1,
+    )
+    summary = run_search(config, progress=False)
+    study = load_existing_study(config.storage, config.study)
+    refined = [t for t in study.get_trials(deepcopy=False) if "refined_from" in t.user_attrs]
+    parents = {finish_parent(study.get_trials(deepcopy=False), t).number for t in config.refine_targets}
+    assert {t.user_attrs["refined_from"] for t in refined} == parents
+    assert all(t.state == TrialState.COMPLETE and t.user_attrs["plan_summary"]["method"] == "admm"
+               for t in refined)
+    assert len(summary.refined) == len(parents)
+    assert {row["trial"] for row in summary.front} == {t.number for t in front_trials(study)}
+    again = run_search(config, progress=False)
+    assert len(load_existing_study(config.storage, config.study).get_trials(deepcopy=False)) == len(
+        study.get_trials(deepcopy=False)
+    )
+    assert all("already refined" in line for line in again.refined)
+
+
+def test_refinement_keeps_its_off_grid_counts_in_the_database(studied):
+    config = studied.refine_config(generations=3, database=True, method="admm")
+    refine_trial(config, progress=False)
+    entries = sorted((studied.folder / "cache" / "variants").rglob("admm/*/p*.safetensors"))
+    # the tiny model's layers read 64 inputs, down_proj 128; grid 32 holds every 2nd / 4th count
+    off_grid = [
+        path for path in entries
+        if level_key(LayerSpec(sparsity=int(path.stem[1:]) / (128 if "down_proj" in path.parent.name else 64)),
+                     128 if "down_proj" in path.parent.name else 64, config.database_grid) is None
+    ]
+    assert entries and off_grid
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"refine_targets": [0.9]}, "refine_targets must lie inside sparsity_range"),
+        ({"space": "subnet", "refine_method": "admm", "sparsity_range": (0.1, 0.4)}, "refine_method"),
+        ({"refine_offspring": 1}, "refine_offspring"),
+    ],
+)
+def test_bad_finishing_settings_are_refused_in_one_line(tmp_path, overrides, message):
+    with pytest.raises(AutopruneError, match=message) as error:
+        SearchConfig.load(None, {"storage": f"sqlite:///{tmp_path / 's.db'}", **overrides})
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "s.db").exists()
+
+
+def test_the_cli_refuses_a_target_outside_the_range_before_writing(tiny_llama_dir, data_dir, tmp_path, capsys):
+    code, _, err = run_cli(capsys, "search", "--model", tiny_llama_dir, "--data", data_dir, "--storage",
+                           f"sqlite:///{tmp_path / 's.db'}", "--refine-targets", "0.95")
+    assert code == 2 and err.strip().count("\n") == 0 and "refine_targets" in err
+    assert not (tmp_path / "s.db").exists()
