@@ -25,6 +25,7 @@ product: microseconds.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import random
@@ -207,6 +208,12 @@ class LatencyTable:
             sum(f * c for f, c in zip(features, self.prefill_coefficients)),
             sum(f * c for f, c in zip(features, self.decode_coefficients)),
         )
+
+    @property
+    def digest(self) -> str:
+        """A short fingerprint of the table's contents: what a study records to refuse mixing
+        latencies priced by two tables."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
 
     def coefficients(self) -> dict[str, Timing]:
         """Each term's cost (ms) in prefill and decode: what the table says the device charges."""

@@ -52,7 +52,7 @@ from autoprune.plan import Plan
 from autoprune.study._config import SearchConfig
 from autoprune.study._executor import Executor
 from autoprune.study._finish import refine_front
-from autoprune.study._objectives import objective_values
+from autoprune.study._objectives import check_latency_table, objective_values
 from autoprune.study._liveness import DriverLease, holding, lease_for, lost_race, requeue, requeue_stale
 from autoprune.study._proposing import (
     Proposer,
@@ -303,6 +303,8 @@ class _Loop:
         trial = pending.trial
         attrs = result.record()
         state, values = TrialState.FAIL, None
+        if result.status in ("complete", "stopped_early"):
+            self._check_latency_table(trial, result)
         if result.status == "complete":
             state = TrialState.COMPLETE
             values = objective_values(self.config.costs, result.size, result.quality)
@@ -326,6 +328,16 @@ class _Loop:
             self.digests.add(pending.digest)
         if feasible:
             self.points.append(_point(result.size, values[-1]))
+
+    def _check_latency_table(self, trial: optuna.Trial, result: TrialResult) -> None:
+        """Stop the search, this trial told FAIL, where its latency was priced by another table."""
+        try:
+            check_latency_table(self.study, result.size)
+        except AutopruneError as error:
+            with lost_race(result.number):
+                trial.set_user_attr("reason", "latency table")
+                self.study.tell(trial, state=TrialState.FAIL)
+            raise error from None
 
     def _constrain(self, trial: optuna.Trial, result: TrialResult) -> bool:
         """Set the configured constraints (<= 0 is feasible); whether all hold."""

@@ -13,7 +13,9 @@ every study.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
+
+import optuna
 
 from autoprune.errors import AutopruneError
 
@@ -53,3 +55,26 @@ def split_objectives(names: Sequence[str]) -> tuple[tuple[str, ...], str]:
 def objective_values(costs: Sequence[str], size: Mapping[str, float | int], quality: float) -> list[float]:
     """A measured trial's objective values: its costs in order, then its quality."""
     return [float(size[SIZE_KEYS[cost]]) for cost in costs] + [float(quality)]
+
+
+#: The study attribute naming the latency table its trials were priced by.
+LATENCY_TABLE_ATTR = "latency_table"
+
+
+def check_latency_table(study: optuna.Study, size: Mapping[str, Any]) -> None:
+    """Refuse, in one line, a latency priced by another table than the study's earlier trials: a
+    table re-measured (another cache, a new format) or another device's prices the same shapes
+    differently, so the two sets of latencies would share one front without being comparable. The
+    first priced trial names the study's table."""
+    digest = size.get(LATENCY_TABLE_ATTR)
+    if digest is None:
+        return
+    recorded = study.user_attrs.get(LATENCY_TABLE_ATTR)
+    if recorded is None:
+        study.set_user_attr(LATENCY_TABLE_ATTR, digest)
+    elif recorded != digest:
+        raise AutopruneError(
+            f"study {study.study_name!r} priced its latencies with table {recorded}, this worker's "
+            f"table is {digest} (re-measured, or another device): their latencies are not "
+            "comparable; use the cache that holds the study's table, or a new study"
+        )

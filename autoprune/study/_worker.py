@@ -162,6 +162,7 @@ class TrialWorker:
             timing = self.latency.predict(shapes)
             size["latency_ms"] = round(timing.prefill_ms, 3)
             size["decode_ms"] = round(timing.decode_ms, 3)
+            size["latency_table"] = self.latency.digest
         return size
 
     def _measure(self, model: torch.nn.Module, request: TrialRequest, size: dict) -> TrialResult:

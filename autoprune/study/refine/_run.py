@@ -9,6 +9,7 @@ import torch
 from optuna.trial import TrialState
 
 from autoprune.errors import AutopruneError
+from autoprune.study._objectives import LATENCY_TABLE_ATTR, check_latency_table
 from autoprune.study._records import find_trial, trial_plan, trial_row
 from autoprune.study._settings import study_settings
 from autoprune.study._liveness import holding, lease_for
@@ -69,6 +70,8 @@ def _refine_trial(config: RefineConfig, progress: bool) -> RefineSummary:
         ),
         progress=progress,
     )
+    if worker.latency is not None:  # the refined trial is priced like the study's others, or refused
+        check_latency_table(study, {LATENCY_TABLE_ATTR: worker.latency.digest})
     base = trial_plan(parent)
     if config.method is not None:
         base = base.model_copy(update={"method": config.method})
