@@ -32,6 +32,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -209,7 +210,7 @@ class LatencyTable:
             sum(f * c for f, c in zip(features, self.decode_coefficients)),
         )
 
-    @property
+    @cached_property
     def digest(self) -> str:
         """A short fingerprint of the table's contents: what a study records to refuse mixing
         latencies priced by two tables."""

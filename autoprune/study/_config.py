@@ -38,7 +38,7 @@ from autoprune.plan import MethodName
 from autoprune.study._executor import Executor, InProcessExecutor
 from autoprune.study._finish import FinishFields
 from autoprune.study._objectives import split_objectives
-from autoprune.study._settings import SUBNET_SPACE, DatabaseFields, StudySettings
+from autoprune.study._settings import DEFAULT_COSTS, SUBNET_SPACE, DatabaseFields, StudySettings
 from autoprune.study._storage import DEFAULT_STORAGE, mask_url
 from autoprune.study._worker import Objective, WorkerSpec
 from search_spaces import MAX_LAYER_SPARSITY, SearchSpace
@@ -239,7 +239,7 @@ class SearchConfig(DatabaseFields, FinishFields):
         """The costs minimized beside the quality (see :mod:`autoprune.study._objectives`)."""
         if self.objectives is not None:
             return split_objectives(self.objectives)[0]
-        return SUBNET_COSTS if self.space == SUBNET_SPACE else ("nonzeros",)
+        return SUBNET_COSTS if self.space == SUBNET_SPACE else DEFAULT_COSTS
 
     def make_sampler(self, seed_offset: int = 0) -> BaseSampler:
         """The named sampler; ``seed_offset`` (trials already in the study) keeps a resumed run

@@ -34,7 +34,7 @@ import hashlib
 import os
 import platform
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +70,7 @@ from autoprune.study._records import (
 from autoprune.study._settings import StudySettings
 from autoprune.study._storage import load_existing_study, opened_storage, write_ahead
 from autoprune.study._summary import SearchSummary, search_summary
-from autoprune.study._worker import TrialRequest, TrialResult
+from autoprune.study._worker import TrialRequest, TrialResult, space_context
 from search_spaces import SearchSpace, SpaceContext
 
 def directions(config: SearchConfig) -> list[StudyDirection]:
@@ -168,8 +168,8 @@ def _space_context(config: SearchConfig, executor: Executor, progress: bool) -> 
         return ctx
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
     prepared = prepare(config.model, config.calibration(), cache_dir, progress)
-    ctx = SpaceContext.from_model(prepared.loaded, prepared.stats, config.method, config.sparsity_range)
-    return replace(ctx, grid=config.database_grid) if config.database else ctx
+    return space_context(prepared.loaded, prepared.stats, config.method, config.sparsity_range,
+                         config.database_settings())
 
 
 def plan_digest(plan: Plan) -> str:

@@ -18,11 +18,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from autoprune.api import prepare_with_windows
+from autoprune.calibration import CalibrationStats
 from autoprune.config import CalibrationConfig
 from autoprune.data import validation_windows
 from autoprune.latency import latency_table
 from autoprune.measure import SizeMeter, ppl_from_nll, reference_logprobs, window_losses
-from autoprune.models import compute_device
+from autoprune.models import LoadedModel, compute_device
 from autoprune.plan import MethodName, Plan
 from autoprune.pruner import Pruner
 from autoprune.structure import model_dims, resolve_blocks
@@ -100,6 +101,19 @@ class TrialResult:
         }
 
 
+def space_context(
+    loaded: LoadedModel,
+    stats: CalibrationStats,
+    method: MethodName,
+    sparsity_range: tuple[float, float],
+    database: DatabaseSettings | None,
+) -> SpaceContext:
+    """The search space's view of a loaded model; on the database's grid where plans are assembled
+    from one (allocations then put every layer but one on it)."""
+    ctx = SpaceContext.from_model(loaded, stats, method, sparsity_range)
+    return replace(ctx, grid=database.grid) if database is not None else ctx
+
+
 class TrialWorker:
     """Loads once, then measures plan after plan."""
 
@@ -129,8 +143,7 @@ class TrialWorker:
 
     def space_context(self, method: MethodName, sparsity_range: tuple[float, float]) -> SpaceContext:
         """The search space's view of the loaded model, so the driver needs no copy of its own."""
-        ctx = SpaceContext.from_model(self.loaded, self.stats, method, sparsity_range)
-        return replace(ctx, grid=self.spec.database.grid) if self.spec.database else ctx
+        return space_context(self.loaded, self.stats, method, sparsity_range, self.spec.database)
 
     def run(self, request: TrialRequest, pruner: Pruner | None = None) -> TrialResult:
         """Prune to the plan, measure size and quality; a collapsed model is a result, not a crash.
