@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -98,35 +99,39 @@ class VariantDatabase:
 
     def lookup(self, method: str, jobs: list[LayerJob]) -> tuple[dict[str, torch.Tensor], list[LayerJob]]:
         """The stored weights of the jobs the database holds, and the jobs left to prune. A damaged
-        entry is reported in one warning line and left to prune (``store`` then replaces it)."""
+        entry is reported in one warning line and left to prune (``store`` then replaces it).
+        Entries are read on as many threads as torch computes on: checking and decoding them
+        release the GIL, and a trial reads every layer of the model."""
+        threads = max(1, min(len(jobs), torch.get_num_threads()))
+        with ThreadPoolExecutor(threads) as pool:
+            reads = list(pool.map(lambda job: self._read(method, job), jobs))
         found: dict[str, torch.Tensor] = {}
         missing: list[LayerJob] = []
-        for job in jobs:
-            weight = self.read(method, job)
+        for job, (weight, path, problem) in zip(jobs, reads, strict=True):
+            if problem:
+                warn_damaged("pruned variant", path, problem)
+                self.counters.damaged.append(str(path))
             if weight is None:
                 missing.append(job)
             else:
                 found[job.name] = weight
+                self.counters.read += 1
         return found, missing
 
-    def read(self, method: str, job: LayerJob) -> torch.Tensor | None:
-        """``job``'s stored variant, or None where it is absent or damaged. Any stored count is read,
-        on this database's grid or not: the grid decides what is stored (a refinement stores every
-        count it reaches, see :meth:`regridded`), and an entry is keyed by its count alone."""
+    def _read(self, method: str, job: LayerJob) -> tuple[torch.Tensor | None, Path | None, str]:
+        """``job``'s stored variant (None where absent or damaged), its file and what is wrong with
+        it. Any stored count is read, on this database's grid or not: the grid decides what is
+        stored (a refinement stores every count it reaches, see :meth:`regridded`), and an entry
+        is keyed by its count alone."""
         cols = job.weight.shape[1]
         key = level_key(job.spec, cols, cols)
         if key is None:
-            return None
+            return None, None, ""
         path = self.path(method, job.name, key)
         if not path.exists():
-            return None
+            return None, path, ""
         weight, problem = read_entry(path, job.weight)
-        if weight is None:
-            warn_damaged("pruned variant", path, problem)
-            self.counters.damaged.append(str(path))
-            return None
-        self.counters.read += 1
-        return weight
+        return weight, path, problem
 
     def store(self, method: str, jobs: list[LayerJob], weights: dict[str, torch.Tensor]) -> None:
         """Keep the pruned ``weights`` of the ``jobs`` whose level is on the grid. A folder that

@@ -81,9 +81,11 @@ def _decode(tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.T
         return tensors["weight"]
     values, bits = tensors["values"], tensors["mask"]
     count = int(np.prod(shape))
-    keep = torch.from_numpy(np.unpackbits(bits.numpy(), count=count).view(np.bool_))
+    # Positions, then an indexed copy: several times faster than assigning through a boolean mask
+    # (torch and numpy both turn the mask into positions first, one element at a time).
+    positions = np.flatnonzero(np.unpackbits(bits.numpy(), count=count).view(np.bool_))
     weight = values.new_zeros(count)
-    weight[keep] = values
+    weight[torch.from_numpy(positions)] = values
     return weight.reshape(shape)
 
 
