@@ -20,7 +20,7 @@ from autoprune.measure import SizeReport, measure_size, perplexity
 from autoprune.models import LoadedModel, compute_device, load_model
 from autoprune.plan import MethodName, NMPattern, Plan, Recipe
 from autoprune.pruner import Pruner, prune_sequentially
-from autoprune.structure import StructureRequest, model_dims, resolve_blocks, save_subnet
+from autoprune.structure import StructureRequest, check_pruned_layers, model_dims, save_subnet
 from autoprune.variants import DatabaseSettings
 
 
@@ -206,9 +206,7 @@ def _checked_structured_plan(plan: Plan | StructureRequest, loaded: LoadedModel)
     dims = model_dims(loaded.model)
     if isinstance(plan, StructureRequest):
         return Plan(structure=plan.structure(dims))
-    if plan.layers:
-        raise AutopruneError("per-layer sparsity on top of a sub-network plan is not supported yet")
-    resolve_blocks(plan.structure, plan.removed_blocks, dims)
+    check_pruned_layers(plan, dims)
     return plan
 
 

@@ -22,7 +22,7 @@ from autoprune.errors import AutopruneError
 from autoprune.methods import LayerJob, PruningMethod
 from autoprune.models import LoadedModel
 from autoprune.plan import LayerSpec, MethodName, Plan
-from autoprune.structure import CutCache, build_subnet
+from autoprune.structure import CutCache, build_subnet, kept_inputs
 
 if TYPE_CHECKING:  # the database module imports this one
     from autoprune.variants import VariantDatabase
@@ -111,10 +111,22 @@ class Pruner:
 
     def subnet(self, plan: Plan) -> torch.nn.Module:
         """The physically smaller model of a sub-network plan, cut from the dense weights (left
-        unchanged) with the cached statistics."""
-        if any(not spec.is_dense for spec in plan.layers.values()):
-            raise AutopruneError("per-layer sparsity on top of a sub-network plan is not supported yet")
-        return build_subnet(self.loaded.model, self.stats, plan.structure, plan.removed_blocks, self._cuts)
+        unchanged) with the cached statistics, then the layers the plan prunes on top pruned by its
+        method from the statistics of their kept inputs."""
+        inputs = kept_inputs(self.loaded.model, self.stats, plan, self._cuts)  # checked before the cut
+        model = build_subnet(self.loaded.model, self.stats, plan.structure, plan.removed_blocks, self._cuts)
+        if not inputs:
+            return model
+        jobs = [
+            LayerJob(renamed, model.get_submodule(renamed).weight.detach(), stats, plan.layers[name])
+            for name, (renamed, stats) in inputs.items()
+        ]
+        # A method of its own: what it derives from a cut's inputs is of no use to another cut.
+        with torch.inference_mode(False), torch.no_grad():
+            pruned = PruningMethod.named(plan.method).prune(jobs)
+        for name, weight in pruned.items():
+            model.get_submodule(name).weight.data = weight
+        return model
 
     @contextmanager
     def pointed(

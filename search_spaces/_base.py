@@ -23,7 +23,7 @@ from autoprune.plan import MethodName, Plan
 from autoprune.structure import (
     ModelDims,
     UnitLayout,
-    decoder_linear_params,
+    kept_layer_shapes,
     model_dims,
     resolve_blocks,
     weighted_scores,
@@ -125,7 +125,7 @@ class SpaceContext:
         """Decoder linear non-zeros ``plan`` leaves, from shapes alone (a sub-network's kept weights)."""
         if plan.structure is not None and self.dims is not None:
             shapes = resolve_blocks(plan.structure, plan.removed_blocks, self.dims)
-            return decoder_linear_params(shapes, self.dims)
+            return expected_linear_nonzeros(plan, kept_layer_shapes(shapes, self.dims), self.block_of)
         return expected_linear_nonzeros(plan, self.layer_shapes, self.block_of)
 
     def sparsity(self, plan: Plan) -> float:

@@ -88,8 +88,10 @@ def test_structured_with_sparsity_is_refused(capsys, tiny_llama_dir, data_dir, t
     ("plan", "message"),
     [
         ({"schema_version": 1, "structure": {"every_block": {"ffn": 64}}}, "needs schema_version 2"),
-        ({"structure": {"every_block": {"ffn": 64}},
-          "layers": {"model.layers.0.mlp.up_proj": {"sparsity": 0.5}}}, "not supported yet"),
+        ({"structure": {"blocks": {"0": {"drop_mlp": True}}},
+          "layers": {"model.layers.0.mlp.up_proj": {"sparsity": 0.5}}}, "which its sub-network does not keep"),
+        ({"structure": {"every_block": {"ffn": 66}},
+          "layers": {"model.layers.1.mlp.down_proj": {"nm": {"n": 2, "m": 4}}}}, "keeps 66 inputs"),
         ({"structure": {"blocks": {"7": {"ffn": 64}}}}, "block 7 does not exist"),
         ({"structure": {}, "removed_blocks": [0, 1, 2, 3]}, "removes every block"),
     ],

@@ -1,7 +1,8 @@
 """Sub-networks: fewer heads, KV groups, FFN channels, sub-blocks and blocks, physically cut.
 
 The plan part (:class:`Structure`, schema v2) is plain data; structured methods choose what goes
-from the cached calibration statistics; :func:`build_subnet` makes the smaller model.
+from the cached calibration statistics; :func:`build_subnet` makes the smaller model, whose kept
+layers a plan may also prune (:func:`kept_inputs`).
 """
 
 from autoprune.structure._build import (
@@ -10,10 +11,12 @@ from autoprune.structure._build import (
     build_subnet,
     choose_cuts,
     decoder_linear_params,
+    kept_layer_shapes,
     model_dims,
     subnet_config,
 )
 from autoprune.structure._export import save_subnet
+from autoprune.structure._sparse import check_pruned_layers, kept_inputs, restricted
 from autoprune.structure._methods import StructuredMethod
 from autoprune.structure._schema import (
     DEFAULT_CORRECTION,
@@ -51,13 +54,17 @@ __all__ = [
     "UnitLayout",
     "activation_scores",
     "build_subnet",
+    "check_pruned_layers",
     "choose_cuts",
     "decoder_linear_params",
     "heads_to_groups",
+    "kept_inputs",
+    "kept_layer_shapes",
     "least_squares_correction",
     "model_dims",
     "obs_select",
     "resolve_blocks",
+    "restricted",
     "select_by_scores",
     "subnet_config",
     "save_subnet",

@@ -288,10 +288,23 @@ def _consumer(
 
 def decoder_linear_params(shapes: list[BlockShape | None], dims: ModelDims) -> int:
     """Decoder linear weights a structure keeps, from shapes alone (what the search budgets)."""
-    total = 0
-    for shape in shapes:
+    return sum(rows * cols for rows, cols in kept_layer_shapes(shapes, dims).values())
+
+
+def kept_layer_shapes(shapes: list[BlockShape | None], dims: ModelDims) -> dict[str, tuple[int, int]]:
+    """(rows, columns) of every decoder linear layer the blocks' ``shapes`` keep (``None``: a
+    removed block), by the layer's name in the dense model."""
+    kept: dict[str, tuple[int, int]] = {}
+    for index, shape in enumerate(shapes):
         if shape is None:
             continue
         q, kv = shape.heads * dims.head_dim, shape.kv_groups * dims.head_dim
-        total += dims.hidden * (2 * q + 2 * kv) + 3 * dims.hidden * shape.ffn
-    return total
+        layers = {}
+        if shape.heads:
+            layers.update({"self_attn.q_proj": (q, dims.hidden), "self_attn.k_proj": (kv, dims.hidden),
+                           "self_attn.v_proj": (kv, dims.hidden), "self_attn.o_proj": (dims.hidden, q)})
+        if shape.ffn:
+            layers.update({"mlp.gate_proj": (shape.ffn, dims.hidden), "mlp.up_proj": (shape.ffn, dims.hidden),
+                           "mlp.down_proj": (dims.hidden, shape.ffn)})
+        kept.update({LlamaFamilyAdapter().layer_name(index, layer): size for layer, size in layers.items()})
+    return kept
