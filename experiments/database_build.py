@@ -5,8 +5,8 @@ For each method: a fresh database is built ahead at the given levels (``autoprun
 build``'s code path), timed per level, with its disk size beside a dense float32 copy per level.
 Then, on the built database, plans are pruned both ways and timed: a uniform plan at a built
 level, and layer-wise allocations drawn from the ``layerwise`` space on the grid (every layer but
-one read, the one off-grid layer pruned directly), checking that database and direct weights are
-identical. The budget error of grid allocations is measured on the same draws.
+one read; the one off-grid layer is pruned on first use and stored, then read like the others),
+checking that database and direct weights are identical. The budget error of grid allocations is measured on the same draws.
 
     python experiments/database_build.py --methods sparsegpt admm \\
         --levels sparsegpt=0.25-0.95,2:4 admm=0.5,0.625,0.75 --threads 2
@@ -57,7 +57,7 @@ def main() -> None:
     rows = []
     try:
         for method in args.methods:
-            database = VariantDatabase(prepared.stats, folder, args.grid)
+            database = VariantDatabase(prepared.stats, folder)
             pruner = Pruner(prepared.loaded, prepared.stats, database)
             report = build_database(pruner, method, parse_levels(levels[method].split(","), args.grid))
             dense = pruner.dense_linear_params * 4
@@ -141,7 +141,7 @@ def time_plan(prepared: Prepared, database: VariantDatabase, named: tuple[str, P
 
 def single_layer_seconds(prepared: Prepared, method: str) -> list[dict]:
     """Seconds to prune the narrowest and the widest layer alone, at 0.6: what the one layer a
-    grid allocation leaves off the grid costs a trial."""
+    grid allocation leaves off the grid costs the first trial that asks for its count."""
     pruner = Pruner(prepared.loaded, prepared.stats)
     shapes = pruner.layer_shapes()
     rows = []

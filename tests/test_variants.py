@@ -69,14 +69,13 @@ def test_plans_from_the_database_equal_plans_pruned_directly(prepared, tmp_path,
     direct = Pruner(loaded, stats)
     plan = mixed_plan(direct, method)
     expected = {k: v.clone() for k, v in direct.pruned_weights(plan).items()}
-    database = VariantDatabase(stats, tmp_path / "db", GRID)
+    database = VariantDatabase(stats, tmp_path / "db")
     lazily = Pruner(loaded, stats, database).pruned_weights(plan)  # the first plan builds
-    on_grid = [n for n, s in direct.kept_layers(plan).items()
-               if not s.is_dense and level_key(s, direct.layer_shapes()[n][1], GRID)]
-    assert database.counters.written == len(on_grid) == len(_entries(database))
-    reread = VariantDatabase(stats, tmp_path / "db", GRID)
+    pruned = [n for n, s in direct.kept_layers(plan).items() if not s.is_dense]  # off the grid too
+    assert database.counters.written == len(pruned) == len(_entries(database))
+    reread = VariantDatabase(stats, tmp_path / "db")
     from_disk = Pruner(loaded, stats, reread).pruned_weights(plan)
-    assert reread.counters.read == len(on_grid) and reread.counters.written == 0
+    assert reread.counters.read == len(pruned) and reread.counters.written == 0
     for weights in (lazily, from_disk):
         assert weights.keys() == expected.keys()
         assert all(torch.equal(weights[k], expected[k]) for k in expected)
@@ -97,7 +96,7 @@ def test_an_ahead_build_resumes_after_being_killed(prepared, tmp_path, monkeypat
         return real_write(path, weight)
 
     monkeypatch.setattr(database_module, "write_entry", dies_midway)
-    database = VariantDatabase(stats, tmp_path / "db", GRID)
+    database = VariantDatabase(stats, tmp_path / "db")
     with pytest.raises(KeyboardInterrupt):
         build_database(Pruner(loaded, stats, database), "sparsegpt", levels, progress=False)
     monkeypatch.setattr(database_module, "write_entry", real_write)
@@ -127,7 +126,7 @@ def _garble(path: Path) -> None:
 @pytest.mark.parametrize("damage", [_truncate, _garble], ids=["truncated", "garbled"])
 def test_a_damaged_entry_is_rebuilt_with_one_warning(prepared, tmp_path, caplog, damage):
     loaded, stats, _ = prepared
-    database = VariantDatabase(stats, tmp_path / "db", GRID)
+    database = VariantDatabase(stats, tmp_path / "db")
     pruner = Pruner(loaded, stats, database)
     name = pruner.layer_names[0]
     spec = {name: LayerSpec(sparsity=0.5)}
@@ -142,7 +141,7 @@ def test_a_damaged_entry_is_rebuilt_with_one_warning(prepared, tmp_path, caplog,
     assert torch.equal(rebuilt, expected) and database.counters.rebuilt == 1
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        again = VariantDatabase(stats, tmp_path / "db", GRID)
+        again = VariantDatabase(stats, tmp_path / "db")
         assert torch.equal(Pruner(loaded, stats, again).prune_layers("admm", spec)[name], expected)
     assert _warnings(caplog) == [] and again.counters.read == 1
 
@@ -166,7 +165,7 @@ def test_two_processes_building_the_same_entries_leave_valid_ones(
     assert [builder.returncode for builder in builders] == [0, 0], outputs
     assert all("damaged" not in err for _, err in outputs)
     loaded, stats, _ = prepared
-    database = VariantDatabase(stats, folder, GRID)
+    database = VariantDatabase(stats, folder)
     assert not list(database.root.rglob(".partial-*"))
     direct = Pruner(loaded, stats)
     for level in parse_levels(["0.5", "0.625", "0.75", "2:4"], GRID):
@@ -228,7 +227,7 @@ def test_grid_allocations_keep_the_budget_with_one_layer_off_the_grid(prepared):
 
 def test_a_database_that_cannot_be_written_warns_once_and_prunes(prepared, tmp_path, caplog, monkeypatch):
     loaded, stats, _ = prepared
-    database = VariantDatabase(stats, tmp_path / "db", GRID)
+    database = VariantDatabase(stats, tmp_path / "db")
     pruner = Pruner(loaded, stats, database)
 
     def full_disk(path, weight):

@@ -12,7 +12,6 @@ sees it reads and adds entries, each written atomically (see :mod:`autoprune.var
 
 from __future__ import annotations
 
-import copy
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from autoprune._atomic import warn_damaged
 from autoprune.calibration import CalibrationStats, default_cache_dir
 from autoprune.methods import LayerJob, PruningMethod
 from autoprune.variants._entry import read_entry, write_entry
-from autoprune.variants._levels import DEFAULT_GRID, check_grid, level_key
+from autoprune.variants._levels import DEFAULT_GRID, level_key
 
 DATABASE_FORMAT_VERSION = 1
 _LOG = logging.getLogger("autoprune.cache")
@@ -43,7 +42,9 @@ class DatabaseSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     folder: str | None = Field(None, description="database folder (default: variants/ in the cache)")
-    grid: int = Field(DEFAULT_GRID, ge=2, description="unstructured levels in steps of 1/grid")
+    grid: int = Field(
+        DEFAULT_GRID, ge=2, description="searched allocations snap to sparsity steps of 1/grid"
+    )
 
     @classmethod
     def when(cls, enabled: bool, folder: str | None, grid: int) -> DatabaseSettings | None:
@@ -53,7 +54,7 @@ class DatabaseSettings(BaseModel):
     def open(self, stats: CalibrationStats, cache_dir: Path | None = None) -> VariantDatabase:
         """The database of ``stats`` in this folder (the cache's ``variants/`` when unset)."""
         folder = Path(self.folder) if self.folder else default_database_dir(cache_dir)
-        return VariantDatabase(stats, folder, self.grid)
+        return VariantDatabase(stats, folder)
 
 
 @dataclass
@@ -72,30 +73,20 @@ class DatabaseCounters:
 class VariantDatabase:
     """Pruned variants of one model's layers from one set of calibration statistics.
 
-    ``lookup`` serves the jobs whose level is on the grid and stored; ``store`` keeps what was
-    pruned for the others. :class:`autoprune.pruner.Pruner` calls both, so the first plan that asks
-    for a level computes it (lazy build) and later plans read it.
+    ``lookup`` serves the jobs whose level is stored; ``store`` keeps what was pruned for the
+    others. :class:`autoprune.pruner.Pruner` calls both, so the first plan that asks for a level
+    computes it (lazy build) and later plans read it. Entries are keyed by per-row prune count (or
+    N:M pattern), so every level any plan reaches is kept; the grid (:class:`DatabaseSettings`)
+    decides only where searched allocations snap and what ``autoprune database build`` builds.
     """
 
-    def __init__(self, stats: CalibrationStats, folder: Path | None = None, grid: int = DEFAULT_GRID) -> None:
-        self.grid = check_grid(grid)
+    def __init__(self, stats: CalibrationStats, folder: Path | None = None) -> None:
         self.root = (folder or default_database_dir()) / f"{stats.folder.name}-v{DATABASE_FORMAT_VERSION}"
         self.counters = DatabaseCounters()
-
-    def regridded(self, grid: int) -> VariantDatabase:
-        """The same folder (its entries are keyed by count, not grid step) read and written on
-        another grid; the counters are shared."""
-        other = copy.copy(self)
-        other.grid = check_grid(grid)
-        return other
 
     def path(self, method: str, layer: str, key: str) -> Path:
         """The file of ``layer``'s variant at level ``key`` pruned by ``method``."""
         return self.root / PruningMethod.check_name(method) / layer / f"{key}.safetensors"
-
-    def key(self, job: LayerJob) -> str | None:
-        """``job``'s level key where this database stores it, or None off its grid."""
-        return level_key(job.spec, job.weight.shape[1], self.grid)
 
     def lookup(self, method: str, jobs: list[LayerJob]) -> tuple[dict[str, torch.Tensor], list[LayerJob]]:
         """The stored weights of the jobs the database holds, and the jobs left to prune. A damaged
@@ -120,11 +111,8 @@ class VariantDatabase:
 
     def _read(self, method: str, job: LayerJob) -> tuple[torch.Tensor | None, Path | None, str]:
         """``job``'s stored variant (None where absent or damaged), its file and what is wrong with
-        it. Any stored count is read, on this database's grid or not: the grid decides what is
-        stored (a refinement stores every count it reaches, see :meth:`regridded`), and an entry
-        is keyed by its count alone."""
-        cols = job.weight.shape[1]
-        key = level_key(job.spec, cols, cols)
+        it."""
+        key = _key(job)
         if key is None:
             return None, None, ""
         path = self.path(method, job.name, key)
@@ -134,11 +122,11 @@ class VariantDatabase:
         return weight, path, problem
 
     def store(self, method: str, jobs: list[LayerJob], weights: dict[str, torch.Tensor]) -> None:
-        """Keep the pruned ``weights`` of the ``jobs`` whose level is on the grid. A folder that
-        cannot be written (a read-only share, a full disk) is said once, in one warning line;
-        plans are then pruned as without a database (an entry is whole or absent, never half)."""
+        """Keep the pruned ``weights`` of the ``jobs``. A folder that cannot be written (a read-only
+        share, a full disk) is said once, in one warning line; plans are then pruned as without a
+        database (an entry is whole or absent, never half)."""
         for job in jobs:
-            key = self.key(job)
+            key = _key(job)
             if key is None or self.counters.unwritable:
                 continue
             path = self.path(method, job.name, key)
@@ -156,3 +144,10 @@ class VariantDatabase:
         """Bytes the stored entries take (of one method, or all)."""
         base = self.root / method if method else self.root
         return sum(path.stat().st_size for path in base.rglob("*.safetensors")) if base.exists() else 0
+
+
+def _key(job: LayerJob) -> str | None:
+    """The entry key of ``job``'s level: its per-row prune count (every count is a level of the
+    finest grid, one step per input) or its N:M pattern; None for a dense job."""
+    cols = job.weight.shape[1]
+    return level_key(job.spec, cols, cols)

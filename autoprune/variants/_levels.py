@@ -10,9 +10,6 @@ have in common, and a spec is on the grid exactly when its count (what methods p
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable
-
 from autoprune.errors import AutopruneError
 from autoprune.methods import prune_count
 from autoprune.plan import LayerSpec, NMPattern
@@ -26,13 +23,6 @@ def check_grid(grid: int) -> int:
     if not isinstance(grid, int) or grid < 2:
         raise AutopruneError(f"the variant grid needs at least 2 steps, got {grid!r}")
     return grid
-
-
-def exact_grid(widths: Iterable[int]) -> int:
-    """The grid on which every per-row prune count of layers of these input widths is a level (their
-    least common multiple): for a database that keeps whatever counts a caller reaches, as
-    refinement's level switches, which move counts by whole rows rather than grid steps."""
-    return math.lcm(*widths)
 
 
 def level_key(spec: LayerSpec, cols: int, grid: int) -> str | None:

@@ -24,7 +24,6 @@ from autoprune.measure import reference_logprobs, window_losses
 from autoprune.plan import Plan
 from autoprune.pruner import Pruner, sequential_statistics, sequential_statistics_folder
 from autoprune.structure import model_dims
-from autoprune.variants import exact_grid
 from autoprune.study._worker import TrialRequest, TrialResult, TrialWorker
 from autoprune.study.refine._allocation import Allocation, refinable_layers
 from autoprune.study.refine._checkpoint import EvolutionState
@@ -70,8 +69,6 @@ class LevelSwitchEvolution:
         else:
             shapes = self.pruner.layer_shapes()
             self.start = Allocation(refinable_layers(base, self.pruner), shapes, config.step)
-            if self.pruner.database is not None:  # keep every count the switches reach, on the grid or not
-                self.pruner.database = self.pruner.database.regridded(exact_grid(c for _, c in shapes.values()))
             self.fixed = self._prune_fixed()
         #: The dense model's log-probabilities on each pool window, computed the first time the
         #: window is drawn (a generation draws a few of the pool's windows; most runs never draw all).
