@@ -21,6 +21,7 @@ from search_spaces._depth_ramp import DepthRampSpace
 from search_spaces._layerwise import LayerwiseSpace
 from search_spaces._nm import NMSpace
 from search_spaces._owl import OWLSpace
+from search_spaces._profile import ProfileSpace
 from search_spaces._subnet import SubnetSpace
 from search_spaces._uniform import UniformSpace
 
@@ -36,6 +37,7 @@ __all__ = [
     "NMSpace",
     "OWLSpace",
     "Params",
+    "ProfileSpace",
     "SearchSpace",
     "SpaceContext",
     "SubnetSpace",

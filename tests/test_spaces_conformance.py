@@ -1,7 +1,7 @@
 """The contract every search space keeps, checked on every registered space and on two families:
 casts give valid plans, the same parameters give the same plan, targets are met exactly (by the
 shape arithmetic and by the real pruned weights), plans round-trip through JSON, and the baselines a
-space offers are points of its own distributions."""
+space offers (and the seeds) are points of its own distributions."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def sampled_params(space: SearchSpace, ctx: SpaceContext, count: int = 6) -> lis
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     distributions = space.distributions(ctx)
     params = [study.ask(distributions).params for _ in range(count)]
-    return params + list(space.baselines(ctx, TARGETS).values())
+    return params + list(space.baselines(ctx, TARGETS).values()) + list(space.seeds(ctx, TARGETS).values())
 
 
 def test_registry_finds_every_space_by_name():
@@ -78,14 +78,14 @@ def test_targets_are_met_and_sizes_are_true(name, model_ctx):
 
 
 @pytest.mark.parametrize("name", SPACES)
-def test_baselines_are_points_of_the_space(name, model_ctx):
+def test_baselines_and_seeds_are_points_of_the_space(name, model_ctx):
     _, ctx = model_ctx
     space = SearchSpace.named(name)
     sampled_params(space, ctx, count=0)
     distributions = space.distributions(ctx)
     baselines = space.baselines(ctx, TARGETS)
     assert baselines
-    for params in baselines.values():
+    for params in [*baselines.values(), *space.seeds(ctx, TARGETS).values()]:
         assert params.keys() == distributions.keys()
         for key, value in params.items():
             dist = distributions[key]
