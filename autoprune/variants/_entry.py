@@ -1,11 +1,15 @@
 """One stored variant: a pruned weight in one safetensors file, whole or absent, checked on read.
 
-Layout: the non-zero values in row-major order plus a bitmask of where they go (one bit per
-weight), or the dense tensor where that is smaller (sparsity under about 1/32 for float32). The
-file's metadata holds the sha256 of its tensors' bytes, so a garbled or truncated file is
-detected when read; files are written to a ``.partial-*`` temporary and renamed into place
-(see :mod:`autoprune._atomic`), so a reader never sees half of one and two processes writing the
-same entry leave one of their two whole files.
+Layouts, the first that applies and is smaller than the dense tensor: where every row keeps the
+same number of weights (what per-row pruning and N:M leave), the kept values row by row plus their
+column indices (16-bit where the width allows), which decode in one scatter; otherwise the
+non-zero values in row-major order plus a bitmask of where they go (one bit per weight), which
+decodes several times slower; else the dense tensor. A search assembles every trial from
+these files, so decoding speed is worth the indices' extra bytes. The file's metadata holds the
+sha256 of its tensors' bytes, so a garbled or truncated file is detected when read; files are
+written to a ``.partial-*`` temporary and renamed into place (see :mod:`autoprune._atomic`), so a
+reader never sees half of one and two processes writing the same entry leave one of their two
+whole files.
 """
 
 from __future__ import annotations
@@ -20,8 +24,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-ENTRY_FORMAT = "1"
+#: 2 added the row layout; files of format 1 (bitmask or dense) are read as before.
+ENTRY_FORMAT = "2"
+READABLE_FORMATS = frozenset({"1", ENTRY_FORMAT})
 _SHA = "sha256"
+#: Files this process has checked against their sha256, by (path, inode, size, mtime).
+_VERIFIED: set[tuple[str, int, int, int]] = set()
 
 
 def write_entry(path: Path, weight: torch.Tensor) -> int:
@@ -46,17 +54,24 @@ def write_entry(path: Path, weight: torch.Tensor) -> int:
 
 def read_entry(path: Path, like: torch.Tensor) -> tuple[torch.Tensor | None, str]:
     """The weight stored at ``path`` (dtype and shape of ``like``, on its device), or None and
-    what is wrong with the file: unreadable, not matching its sha256, or of another shape/dtype."""
+    what is wrong with the file: unreadable, not matching its sha256, or of another shape/dtype.
+
+    A file is checked against its sha256 the first time this process reads it; read again
+    unchanged (same inode, size and modification time: entries are replaced whole, never
+    edited), it is trusted. A search reads each stored level many times."""
     try:
+        identity = _identity(path)
         with safe_open(path, "pt") as stored:
             metadata = stored.metadata() or {}
             tensors = {name: stored.get_tensor(name) for name in stored.keys()}
     except Exception as error:  # safetensors raises its own error types for a damaged header
         return None, f"unreadable: {' '.join(str(error).split())[:120] or type(error).__name__}"
-    if metadata.get("format") != ENTRY_FORMAT or _SHA not in metadata:
+    if metadata.get("format") not in READABLE_FORMATS or _SHA not in metadata:
         return None, "not a variant file of this format"
-    if _digest(tensors) != metadata[_SHA]:
-        return None, "its tensors do not match their sha256"
+    if identity not in _VERIFIED:
+        if _digest(tensors) != metadata[_SHA]:
+            return None, "its tensors do not match their sha256"
+        _VERIFIED.add(identity)
     shape = tuple(int(size) for size in metadata.get("shape", "").split(",") if size)
     if shape != tuple(like.shape):
         return None, f"shape {shape}, the layer has {tuple(like.shape)}"
@@ -68,10 +83,19 @@ def read_entry(path: Path, like: torch.Tensor) -> tuple[torch.Tensor | None, str
 
 def _encode(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     keep = weight != 0
+    dense_bytes = weight.numel() * weight.element_size()
+    if weight.dim() == 2 and weight.shape[0] > 0:
+        per_row = keep.sum(1)
+        if bool((per_row == per_row[0]).all()):
+            rows, kept = weight.shape[0], int(per_row[0])
+            index_dtype = torch.int16 if weight.shape[1] <= torch.iinfo(torch.int16).max else torch.int32
+            columns = keep.nonzero()[:, 1].to(index_dtype).reshape(rows, kept)  # row-major: sorted
+            values = weight[keep].reshape(rows, kept)
+            if values.numel() * (values.element_size() + columns.element_size()) < dense_bytes:
+                return {"values": values, "columns": columns}
     values = weight[keep]
     bits = torch.from_numpy(np.packbits(keep.numpy().reshape(-1)))
-    sparse_bytes = values.numel() * values.element_size() + bits.numel()
-    if sparse_bytes >= weight.numel() * weight.element_size():
+    if values.numel() * values.element_size() + bits.numel() >= dense_bytes:
         return {"weight": weight}
     return {"values": values, "mask": bits}
 
@@ -79,11 +103,13 @@ def _encode(weight: torch.Tensor) -> dict[str, torch.Tensor]:
 def _decode(tensors: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Tensor:
     if "weight" in tensors:
         return tensors["weight"]
-    values, bits = tensors["values"], tensors["mask"]
+    values = tensors["values"]
+    if "columns" in tensors:
+        return values.new_zeros(shape).scatter_(1, tensors["columns"].long(), values)
     count = int(np.prod(shape))
     # Positions, then an indexed copy: several times faster than assigning through a boolean mask
     # (torch and numpy both turn the mask into positions first, one element at a time).
-    positions = np.flatnonzero(np.unpackbits(bits.numpy(), count=count).view(np.bool_))
+    positions = np.flatnonzero(np.unpackbits(tensors["mask"].numpy(), count=count).view(np.bool_))
     weight = values.new_zeros(count)
     weight[torch.from_numpy(positions)] = values
     return weight.reshape(shape)
@@ -95,3 +121,8 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(tensors[name].contiguous().view(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
+
+
+def _identity(path: Path) -> tuple[str, int, int, int]:
+    status = path.stat()
+    return str(path), status.st_ino, status.st_size, status.st_mtime_ns
