@@ -29,7 +29,7 @@ from predictors import (
     study_featurizer,
     training_set,
 )
-from predictors.model import KEPT_FEATURE, SizeCurve, meta_path_of
+from predictors.model import KEPT_FEATURE, Baseline, meta_path_of
 from predictors.quality import domination_counts, front_top_quartile
 from predictors.screening import MIN_CANDIDATES, parent_weights
 from search_spaces import SearchSpace, SpaceContext
@@ -205,23 +205,26 @@ def test_front_recall_and_domination_counts_on_a_known_set():
     assert front_top_quartile(nonzeros, measured, shuffled) == 0.25
 
 
-def test_the_size_curve_fits_log_quality_by_size_and_stays_flat_outside(searched):
-    kept = np.linspace(0.2, 0.6, 9)
-    curve = SizeCurve.fit(kept, 2.0 - 3.0 * kept + 4.0 * kept**3)
-    assert np.allclose(curve.coefficients, [4.0, 0.0, -3.0, 2.0], atol=1e-9)
-    assert curve(np.array([0.0, 0.2, 1.0])).tolist() == curve(np.array([0.2, 0.2, 0.6])).tolist()
-    line = SizeCurve.fit(np.array([0.3, 0.3, 0.5]), np.array([1.0, 2.0, 0.0]))  # two sizes: a line
-    assert np.allclose(line.coefficients, [-7.5, 3.75])
-    assert SizeCurve.fit(np.array([0.3, 0.3]), np.array([1.0, 2.0])).coefficients == [1.5]
+def test_the_baseline_fits_model_wide_features_and_stays_in_its_range(searched):
+    names = (KEPT_FEATURE, "model.mass_removed", "block0.noise")
+    rng = np.random.default_rng(0)
+    features = np.column_stack([np.linspace(0.2, 0.6, 40), rng.uniform(0, 1, 40), rng.normal(size=40)])
+    log_quality = 2.0 - 3.0 * features[:, 0] + 4.0 * features[:, 0] ** 3 + 1.5 * features[:, 1]
+    baseline = Baseline.fit(features, names, log_quality)
+    assert baseline.columns == [KEPT_FEATURE, "model.mass_removed"]  # per-block columns left to the trees
+    fitted = baseline(features, names)
+    assert np.corrcoef(fitted, log_quality)[0, 1] > 0.99
+    outside = features[:2].copy()
+    outside[:, 0] = [0.0, 1.0]
+    inside = features[:2].copy()
+    inside[:, 0] = [0.2, 0.6]
+    assert np.allclose(baseline(outside, names), baseline(inside, names))  # held to its range
     _, study, featurizer, _ = searched
     data = training_set(study, featurizer)
     predictor = Predictor.fit(data, featurizer.schema)
-    assert predictor.meta.size_curve == SizeCurve.fit(
-        data.features[:, featurizer.names.index(KEPT_FEATURE)], data.log_quality
-    )
-    without = Predictor(predictor.booster, predictor.meta.model_copy(
-        update={"size_curve": SizeCurve(coefficients=[0.0], low=0.0, high=1.0)}
-    ))  # the trees learned what the curve leaves: without it, predictions move
+    assert predictor.meta.baseline == Baseline.fit(data.features, featurizer.names, data.log_quality)
+    flat = predictor.meta.baseline.model_copy(update={"weights": [0.0] * len(predictor.meta.baseline.weights)})
+    without = Predictor(predictor.booster, predictor.meta.model_copy(update={"baseline": flat}))
     assert not np.allclose(without.scores(data.features), predictor.scores(data.features))
 
 

@@ -7,10 +7,12 @@ means a worse plan.
 
 Size explains most of a plan's quality, and trees spend their few splits on it when they have to
 learn it: the allocation (which of two equally large plans is better, the question screening
-asks) gets what is left. So a :class:`SizeCurve` (log-quality as a cubic of the kept fraction)
-is fitted first and given to xgboost as the base margin; the trees learn what the allocation adds
-to it. That improves the ordering of equal-size pairs without costing overall rank correlation
-(the quality report, ``autoprune predictor report``, measures both on any study).
+asks) gets what is left. So a :class:`Baseline` is fitted first and given to xgboost as the base
+margin: log-quality as a ridge regression on the model-wide features (the kept fraction, its
+square and cube, the importance removed, removed blocks, a sub-network's widths), a handful of
+columns that tens of trials can fit, where trees on hundreds of per-layer columns cannot; the
+trees learn what per-layer detail adds to it. The quality report (``autoprune predictor report``)
+measures the result on any study; experiments/README.md compares it with a size curve alone.
 
 Saved with xgboost's own ``save_model`` (JSON) and a metadata JSON beside it holding the feature
 schema and the size curve: loading checks nothing about the machine, predicting checks the schema.
@@ -32,7 +34,8 @@ from autoprune.plan import Plan
 from predictors.features import Featurizer, FeatureSchema
 from predictors.model._data import TrainingSet
 
-PREDICTOR_FORMAT = 1
+#: 2: the base margin is a :class:`Baseline` (format 1: a cubic of the kept fraction alone).
+PREDICTOR_FORMAT = 2
 Objective = Literal["regression", "ranking"]
 OBJECTIVES: dict[str, dict[str, object]] = {
     "regression": {"objective": "reg:squarederror"},
@@ -53,33 +56,51 @@ BOOSTER_PARAMS: dict[str, object] = {
     "nthread": 1,
 }
 BOOSTING_ROUNDS = 300
-SIZE_CURVE_DEGREE = 3
-#: The feature the size curve reads (see :mod:`predictors.features`).
+#: The feature the baseline raises to powers (see :mod:`predictors.features`).
 KEPT_FEATURE = "model.kept_fraction"
+#: The baseline reads every feature named so: one value per plan, not per layer or block.
+MODEL_PREFIX = "model."
+#: Ridge penalty of the baseline on standardized columns: a dozen columns from tens of trials.
+BASELINE_RIDGE = 10.0
 
 
-class SizeCurve(BaseModel):
-    """Log-quality as a polynomial of the kept fraction, held flat outside the fitted range (a
-    cubic would run off to either side)."""
+class Baseline(BaseModel):
+    """Log-quality as a ridge regression on the model-wide features and the kept fraction's square
+    and cube, each column held to the range it was fitted on (a cubic runs off either side)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    coefficients: list[float]
-    low: float
-    high: float
+    columns: list[str]
+    low: list[float]
+    high: list[float]
+    mean: list[float]
+    scale: list[float]
+    weights: list[float]
+    intercept: float
 
     @classmethod
-    def fit(cls, kept: np.ndarray, log_quality: np.ndarray) -> SizeCurve:
-        """Least squares of degree :data:`SIZE_CURVE_DEGREE`, less where fewer sizes were seen."""
-        degree = min(SIZE_CURVE_DEGREE, len(np.unique(kept)) - 1)
-        if degree > 0:
-            coefficients = [float(c) for c in np.polyfit(kept, log_quality, degree)]
-        else:
-            coefficients = [float(np.mean(log_quality))]
-        return cls(coefficients=coefficients, low=float(kept.min()), high=float(kept.max()))
+    def fit(cls, features: np.ndarray, names: Sequence[str], log_quality: np.ndarray) -> Baseline:
+        columns = [name for name in names if name.startswith(MODEL_PREFIX)]
+        raw = _baseline_columns(features, names, columns)
+        mean, scale = raw.mean(0), raw.std(0)
+        scale[scale == 0] = 1.0
+        z = (raw - mean) / scale
+        intercept = float(log_quality.mean())
+        weights = np.linalg.solve(z.T @ z + BASELINE_RIDGE * np.eye(z.shape[1]), z.T @ (log_quality - intercept))
+        return cls(
+            columns=columns, low=raw.min(0).tolist(), high=raw.max(0).tolist(), mean=mean.tolist(),
+            scale=scale.tolist(), weights=weights.tolist(), intercept=intercept,
+        )
 
-    def __call__(self, kept: np.ndarray) -> np.ndarray:
-        return np.polyval(self.coefficients, np.clip(kept, self.low, self.high))
+    def __call__(self, features: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        raw = np.clip(_baseline_columns(features, names, self.columns), self.low, self.high)
+        return (raw - np.array(self.mean)) / np.array(self.scale) @ np.array(self.weights) + self.intercept
+
+
+def _baseline_columns(features: np.ndarray, names: Sequence[str], columns: Sequence[str]) -> np.ndarray:
+    kept = features[:, list(names).index(KEPT_FEATURE)]
+    picked = features[:, [list(names).index(name) for name in columns]]
+    return np.column_stack([picked, kept**2, kept**3])
 
 
 class PredictorMeta(BaseModel):
@@ -89,7 +110,7 @@ class PredictorMeta(BaseModel):
 
     format: int = PREDICTOR_FORMAT
     features: FeatureSchema
-    size_curve: SizeCurve
+    baseline: Baseline
     objective: Objective
     quality: str
     methods: list[str]
@@ -108,14 +129,14 @@ class Predictor:
     def fit(
         cls, data: TrainingSet, schema: FeatureSchema, objective: Objective = "regression", seed: int = 0
     ) -> Predictor:
-        """Train on ``data`` (featurized under ``schema``): the size curve, then the trees."""
-        curve = SizeCurve.fit(data.features[:, schema.names.index(KEPT_FEATURE)], data.log_quality)
-        matrix = _matrix(data.features, schema, curve, data.log_quality, objective == "ranking")
+        """Train on ``data`` (featurized under ``schema``): the baseline, then the trees."""
+        baseline = Baseline.fit(data.features, schema.names, data.log_quality)
+        matrix = _matrix(data.features, schema, baseline, data.log_quality, objective == "ranking")
         params = {**BOOSTER_PARAMS, **OBJECTIVES[objective], "seed": seed}
         booster = xgb.train(params, matrix, num_boost_round=BOOSTING_ROUNDS)
         meta = PredictorMeta(
             features=schema,
-            size_curve=curve,
+            baseline=baseline,
             objective=objective,
             quality=data.quality_name,
             methods=sorted({plan.method for plan in data.plans}),
@@ -127,7 +148,7 @@ class Predictor:
 
     def scores(self, features: np.ndarray) -> np.ndarray:
         """Raw outputs for feature rows (log-quality for regression): higher is worse."""
-        matrix = _matrix(features, self.meta.features, self.meta.size_curve)
+        matrix = _matrix(features, self.meta.features, self.meta.baseline)
         return self.booster.predict(matrix).astype(float)
 
     def predict(self, plans: Sequence[Plan], featurizer: Featurizer) -> np.ndarray:
@@ -186,15 +207,15 @@ class Predictor:
 def _matrix(
     features: np.ndarray,
     schema: FeatureSchema,
-    curve: SizeCurve,
+    baseline: Baseline,
     log_quality: np.ndarray | None = None,
     ranking: bool = False,
 ) -> xgb.DMatrix:
-    """Feature rows with the size curve as base margin (and labels, and one query for ranking)."""
+    """Feature rows with the baseline as base margin (and labels, and one query for ranking)."""
     return xgb.DMatrix(
         features,
         label=log_quality,
-        base_margin=curve(features[:, schema.names.index(KEPT_FEATURE)]),
+        base_margin=baseline(features, schema.names),
         qid=np.zeros(len(features), dtype=int) if ranking else None,
     )
 
