@@ -9,6 +9,10 @@ own sparsity (the same non-zeros, up to rounding) and measured on the same windo
 llm-compressor rows come from ``baselines.json`` where it was measured on the same windows.
 
     python experiments/main_job.py --storage sqlite:///runs/smollm2.db --study smollm2-default --threads 2
+        [--test-windows 64] [--trials N N] [--baselines-from results/main_job_64/main_job.json]
+
+``--trials`` measures given trials instead (one per target: another refinement of the same study,
+say), and ``--baselines-from`` reuses the baseline rows of an earlier run on the same windows.
 """
 
 from __future__ import annotations
@@ -41,22 +45,36 @@ def main() -> None:
     arguments.add_argument("--targets", nargs="+", type=float, default=[0.6, 0.7])
     arguments.add_argument("--test-windows", type=int, default=16, help="first windows of the test split")
     arguments.add_argument("--database-dir", default=None, help="the study's variant database folder (default: the cache's)")
+    arguments.add_argument("--trials", nargs="+", type=int, default=None,
+                           help="measure these trials (one per target) instead of the front members")
+    arguments.add_argument("--baselines-from", type=Path, default=None,
+                           help="take the baseline rows from this earlier main_job.json (same windows) "
+                           "instead of pruning them again")
     args = parse(arguments)
+    earlier = json.loads(args.baselines_from.read_text()) if args.baselines_from else None
+    if earlier is not None and earlier["test_windows"] != args.test_windows:
+        raise SystemExit(f"{args.baselines_from} was measured on {earlier['test_windows']} windows")
+    if args.trials is not None and len(args.trials) != len(args.targets):
+        raise SystemExit("--trials needs one trial per target")
     setup = load_study_setup(args.storage, args.study, args.test_windows)
     settings, pruner, windows = setup.settings, setup.pruner, setup.windows
     peer = llmcompressor_rows(len(windows))
     result = {"model": settings.model, "study": args.study, "test_windows": len(windows),
               "test_tokens": int(windows.numel()), "rows": []}
-    for target in args.targets:
-        member = front_member(setup.study, target)
+    for index, target in enumerate(args.targets):
+        member = (setup.study.trials[args.trials[index]] if args.trials is not None
+                  else front_member(setup.study, target))
         row = trial_row(member)
         sparsity = row["sparsity"]
         start = time.perf_counter()
         exported = measure_export(args.storage, args.study, member.number, windows, args.database_dir)
-        rows = [{"target": target, "model": f"front trial {member.number}", "plan": row["plan"],
+        label = f"{'front ' if args.trials is None else ''}trial {member.number}"
+        rows = [{"target": target, "model": label, "plan": row["plan"],
                  "sparsity": sparsity, "nonzeros": row["nonzeros"], "ppl": exported,
                  "study_ppl": row["ppl"], "seconds": round(time.perf_counter() - start)}]
-        for label, (method, owl) in BASELINES.items():
+        if earlier is not None:
+            rows += [r for r in earlier["rows"] if r["target"] == target and r["model"] in BASELINES]
+        for label, (method, owl) in BASELINES.items() if earlier is None else ():
             start = time.perf_counter()
             plan = PlanRequest(method, sparsity, owl=owl).build(setup.loaded, pruner.stats)
             measured = measure_one_shot(pruner, plan, windows)
