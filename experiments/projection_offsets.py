@@ -18,8 +18,7 @@ import yaml
 
 from _common import HERE, Column, add_out, number, parser, table, write_results
 
-from autoprune.study import SearchConfig
-from autoprune.study._worker import TrialRequest, TrialWorker, space_context
+from autoprune.study import SearchConfig, TrialRequest, TrialWorker
 from search_spaces import SearchSpace
 
 CONFIG = HERE.parent / "configs/smollm2-default.yaml"
@@ -62,8 +61,7 @@ def main() -> None:
     config = SearchConfig(**settings)
     worker = TrialWorker(config.worker_spec())
     space = SearchSpace.named("profile")
-    ctx = space_context(worker.loaded, worker.stats, config.method, config.sparsity_range,
-                        config.database_settings())
+    ctx = worker.space_context(config.method, config.sparsity_range)
     seed = space.seeds(ctx, [args.target])[f"ramp0.4@{args.target:.2f}"]
     rows = []
     for label, offsets in VARIANTS.items():

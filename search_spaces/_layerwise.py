@@ -42,6 +42,12 @@ def projection_param(projection: str) -> str:
     return f"offset_{projection}"
 
 
+def projection_distributions(ctx: SpaceContext) -> dict[str, BaseDistribution]:
+    """One ``offset_<projection>`` per projection of ``ctx``'s blocks, the same in every block."""
+    offset = FloatDistribution(-MAX_PROJECTION_OFFSET, MAX_PROJECTION_OFFSET)
+    return {projection_param(name): offset for name in ctx.projections}
+
+
 class LayerwiseSpace(SearchSpace):
     """``target``, one ``offset_<projection>`` per projection and one ``block_i`` offset per
     decoder block."""
@@ -50,10 +56,9 @@ class LayerwiseSpace(SearchSpace):
 
     def distributions(self, ctx: SpaceContext) -> dict[str, BaseDistribution]:
         offset = FloatDistribution(-MAX_OFFSET, MAX_OFFSET)
-        projection_offset = FloatDistribution(-MAX_PROJECTION_OFFSET, MAX_PROJECTION_OFFSET)
         return {
             TARGET: ctx.target_distribution(),
-            **{projection_param(name): projection_offset for name in ctx.projections},
+            **projection_distributions(ctx),
             **{block_param(block): offset for block in range(ctx.num_blocks)},
         }
 

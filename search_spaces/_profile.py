@@ -20,7 +20,7 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 from autoprune.plan import Plan
 from search_spaces._base import TARGET, Params, SearchSpace, SpaceContext
 from search_spaces._budget import project_to_budget
-from search_spaces._layerwise import MAX_OFFSET, MAX_PROJECTION_OFFSET, SEED_SLOPES, projection_param
+from search_spaces._layerwise import MAX_OFFSET, SEED_SLOPES, projection_distributions, projection_param
 
 #: Depths (first block to last, evenly spaced) whose offsets the curve passes through.
 KNOTS = 4
@@ -43,12 +43,11 @@ class ProfileSpace(SearchSpace):
 
     def distributions(self, ctx: SpaceContext) -> dict[str, BaseDistribution]:
         depth = FloatDistribution(-MAX_OFFSET, MAX_OFFSET)
-        projection = FloatDistribution(-MAX_PROJECTION_OFFSET, MAX_PROJECTION_OFFSET)
         return {
             TARGET: ctx.target_distribution(),
             **{knot_param(knot): depth for knot in range(KNOTS)},
             SPARE: FloatDistribution(0.0, MAX_OFFSET),
-            **{projection_param(name): projection for name in ctx.projections},
+            **projection_distributions(ctx),
         }
 
     def cast(self, params: Params, ctx: SpaceContext) -> Plan:

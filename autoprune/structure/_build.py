@@ -294,6 +294,7 @@ def decoder_linear_params(shapes: list[BlockShape | None], dims: ModelDims) -> i
 def kept_layer_shapes(shapes: list[BlockShape | None], dims: ModelDims) -> dict[str, tuple[int, int]]:
     """(rows, columns) of every decoder linear layer the blocks' ``shapes`` keep (``None``: a
     removed block), by the layer's name in the dense model."""
+    adapter = LlamaFamilyAdapter()
     kept: dict[str, tuple[int, int]] = {}
     for index, shape in enumerate(shapes):
         if shape is None:
@@ -306,5 +307,5 @@ def kept_layer_shapes(shapes: list[BlockShape | None], dims: ModelDims) -> dict[
         if shape.ffn:
             layers.update({"mlp.gate_proj": (shape.ffn, dims.hidden), "mlp.up_proj": (shape.ffn, dims.hidden),
                            "mlp.down_proj": (dims.hidden, shape.ffn)})
-        kept.update({LlamaFamilyAdapter().layer_name(index, layer): size for layer, size in layers.items()})
+        kept.update({adapter.layer_name(index, layer): size for layer, size in layers.items()})
     return kept

@@ -30,10 +30,9 @@ if TYPE_CHECKING:  # the plan module imports this package's schema
 _ADAPTER = LlamaFamilyAdapter()
 
 
-def check_pruned_layers(plan: Plan, dims: ModelDims) -> dict[str, tuple[int, int]]:
-    """The kept shapes of ``plan``'s sub-network, or a one-line error naming a layer it prunes that
-    the sub-network does not keep (removed block, dropped sub-block) or whose kept inputs an N:M
-    pattern does not divide."""
+def check_pruned_layers(plan: Plan, dims: ModelDims) -> None:
+    """A one-line error naming a layer ``plan`` prunes that its sub-network does not keep (removed
+    block, dropped sub-block) or whose kept inputs an N:M pattern does not divide."""
     kept = kept_layer_shapes(resolve_blocks(plan.structure, plan.removed_blocks, dims), dims)
     for name, spec in sorted(plan.layers.items()):
         if spec.is_dense:
@@ -45,7 +44,6 @@ def check_pruned_layers(plan: Plan, dims: ModelDims) -> dict[str, tuple[int, int
                 f"the plan prunes {name} {spec.nm.n}:{spec.nm.m}, but its sub-network keeps "
                 f"{kept[name][1]} inputs"
             )
-    return kept
 
 
 def kept_inputs(
