@@ -193,14 +193,28 @@ def prune_sequentially(
     calibration pass (two forwards per block) for every plan, so it is for the variant a user
     exports, never for search trials, and it is not the variant a study measured.
     """
+    sequential_pass(loaded, windows, plan, device, batch_size, progress)
+    loaded.adapter.remove_blocks(loaded.model, plan.removed_blocks)
+    return loaded.model
+
+
+def sequential_pass(
+    loaded: LoadedModel,
+    windows: torch.Tensor,
+    plan: Plan,
+    device: str | torch.device = "cpu",
+    batch_size: int = 8,
+    progress: bool = True,
+) -> None:
+    """:func:`prune_sequentially` without removing the plan's blocks (they are skipped): the layers
+    of ``loaded.model`` point at their sequentially pruned weights afterwards, and a caller that
+    keeps the dense ones (``Pruner.pointed``) can measure the variant and restore the model."""
     model, adapter = loaded.model, loaded.adapter
     validate_plan(plan, adapter.all_layer_names(model), adapter.num_blocks(model))
     removed = frozenset(plan.removed_blocks)
     edit = sequential_edit(loaded, plan)
     for _block_statistics in block_passes(loaded, windows, torch.device(device), batch_size, progress, edit, removed):
         pass  # the edits are what counts
-    adapter.remove_blocks(model, plan.removed_blocks)
-    return model
 
 
 def sequential_statistics(

@@ -23,6 +23,7 @@ from autoprune.measure import measure_size, perplexity
 from autoprune.methods import prune_count
 from autoprune.models import ArchitectureAdapter, load_model
 from autoprune.pruner import prune_sequentially
+from autoprune.structure import BlockWidths, Structure
 from autoprune.plan import LayerSpec, NMPattern, Plan
 from autoprune.errors import AutopruneError
 from autoprune.study import (
@@ -317,10 +318,12 @@ def test_a_refinement_with_another_method_prunes_and_exports_with_it(capsys, stu
 
 
 def test_a_trial_refined_for_sequential_exports_as_prune_sequential_makes_it(capsys, studied, tmp_path):
-    """A refinement with ``--sequential-every`` leaves no statistics behind. Exported plainly, its
-    trial is the one-shot variant the study measured (and a note says so); with ``--sequential``
+    """A refinement with ``--sequential-every`` leaves no statistics behind. Exported with
+    ``--one-shot``, its trial is the one-shot variant the study measured; with ``--sequential``
     it is exactly what ``prune --sequential`` makes of its plan, the recipe says sequential, and
-    the trial's recorded sequential perplexity is that model's on the study's windows."""
+    the trial's recorded sequential perplexity is that model's on the study's windows. Exported
+    without either, it is the variant the study measured better (a note says when that is the
+    sequential one)."""
     folder, config = studied
     settings = studied.refine_config()
     cached = set((folder / "cache" / "stats").iterdir())
@@ -335,13 +338,18 @@ def test_a_trial_refined_for_sequential_exports_as_prune_sequential_makes_it(cap
     assert refined.user_attrs["refine"]["sequential_every"] == 2
     export = ["export", "--storage", config.storage, "--study", STUDY, "--trial", refined.number,
               "--cache-dir", folder / "cache", "--format", "json"]
-    code, out, err = run_cli(capsys, *export, "--out", tmp_path / "one-shot")
-    assert code == 0 and f"trial {refined.number} was refined for --sequential" in err
+    code, out, err = run_cli(capsys, *export, "--out", tmp_path / "one-shot", "--one-shot")
+    assert code == 0 and "note" not in err
     assert json.loads(out)[0]["recorded_ppl"] == refined.user_attrs["ppl"]
     code, out, err = run_cli(capsys, *export, "--out", tmp_path / "sequential", "--sequential")
-    assert code == 0 and "refined for" not in err
+    assert code == 0 and "note" not in err
     recorded = refined.user_attrs["sequential"]["ppl"]
     assert json.loads(out)[0]["recorded_ppl"] == recorded != refined.user_attrs["ppl"]
+    code, out, err = run_cli(capsys, *export, "--out", tmp_path / "default")
+    better = refined.user_attrs["sequential"]["quality"] < refined.user_attrs["quality"]
+    assert code == 0 and (f"exporting trial {refined.number} --sequential" in err) == better
+    assert json.loads(out)[0]["recorded_ppl"] == (recorded if better else refined.user_attrs["ppl"])
+    assert yaml.safe_load((tmp_path / "default" / "recipe.yaml").read_text())["sequential"] is better
     assert trial_row(refined)["ppl_sequential"] == recorded
     assert trial_row(optuna.load_study(study_name=STUDY, storage=config.storage).trials[settings.trial])["ppl_sequential"] is None
     assert yaml.safe_load((tmp_path / "sequential" / "recipe.yaml").read_text())["sequential"] is True
@@ -380,3 +388,31 @@ def test_bad_input_is_one_line_and_leaves_the_study_alone(capsys, studied, args,
     assert err.startswith("autoprune: error:") and len(err.strip().splitlines()) == 1, err
     assert message in err and "Traceback" not in err
     assert hashlib.sha256((folder / "s.db").read_bytes()).hexdigest() == before
+
+
+def test_measure_sequential_records_what_prune_sequential_makes_and_leaves_the_worker_dense(studied):
+    """``measure_sequential`` ranks candidates one-shot, as a plain refinement does (same path, same
+    one-shot measurement), then measures the result pruned block after block: its recorded
+    sequential perplexity is ``prune_sequentially``'s model's on the study's windows, and the
+    worker's model is dense again afterwards (a dense plan measures as before)."""
+    folder, config = studied
+    worker = worker_for(studied)
+    dense = worker.run(TrialRequest(0, Plan(method="sparsegpt")))
+    plain = refine_trial(studied.refine_config(generations=2, offspring=3, pool_windows=6, screen_tokens=16))
+    measured = refine_trial(studied.refine_config(
+        generations=2, offspring=3, pool_windows=6, screen_tokens=16, measure_sequential=True
+    ))
+    assert not plain.found and not measured.found and measured.trial != plain.trial
+    study = optuna.load_study(study_name=STUDY, storage=config.storage)
+    refined, other = study.trials[measured.trial], study.trials[plain.trial]
+    assert trial_plan(refined) == trial_plan(other) and refined.values == other.values
+    assert "sequential" not in other.user_attrs and refined.user_attrs["refine"]["measure_sequential"]
+    expected = prune_sequentially(load_model(config.model), worker.calibration_windows, trial_plan(refined),
+                                  progress=False)
+    windows = validation_windows(config.data, AutoTokenizer.from_pretrained(config.model), 32, 3)
+    assert perplexity(expected, windows) == pytest.approx(refined.user_attrs["sequential"]["ppl"], rel=1e-4)
+    result = worker.run_sequential(TrialRequest(1, trial_plan(refined)))
+    assert result.ppl == pytest.approx(refined.user_attrs["sequential"]["ppl"], rel=1e-4)
+    assert worker.run(TrialRequest(2, Plan(method="sparsegpt"))).quality == dense.quality
+    with pytest.raises(AutopruneError, match="sub-network"):
+        worker.run_sequential(TrialRequest(3, Plan(structure=Structure(every_block=BlockWidths(ffn=8)))))

@@ -46,13 +46,18 @@ def test_a_search_refines_its_chosen_members_once(tiny_llama_dir, data_dir, tmp_
     config = tiny_config(
         tiny_llama_dir, data_dir, tmp_path, method="sparsegpt", trials=4, database=True,
         refine_targets=[0.45, 0.5], refine_method="admm", refine_generations=2, refine_offspring=2,
-        refine_select_windows=1,
+        refine_select_windows=1, refine_sequential=[0.5],
     )
     summary = run_search(config, progress=False)
     study = load_existing_study(config.storage, config.study)
     refined = [t for t in study.get_trials(deepcopy=False) if "refined_from" in t.user_attrs]
     parents = {finish_parent(study.get_trials(deepcopy=False), t).number for t in config.refine_targets}
     assert {t.user_attrs["refined_from"] for t in refined} == parents
+    # only the member refined for 0.5 was also measured pruned block after block
+    sequential = finish_parent(study.get_trials(deepcopy=False), 0.5).number
+    for trial in refined:
+        measured = trial.user_attrs["refined_from"] == sequential
+        assert ("sequential" in trial.user_attrs) == measured == trial.user_attrs["refine"]["measure_sequential"]
     assert all(t.state == TrialState.COMPLETE and t.user_attrs["plan_summary"]["method"] == "admm"
                for t in refined)
     assert len(summary.refined) == len(parents)
@@ -83,6 +88,9 @@ def test_refinement_keeps_its_off_grid_counts_in_the_database(studied):
         ({"refine_targets": [0.9]}, "refine_targets must lie inside sparsity_range"),
         ({"space": "subnet", "refine_method": "admm", "sparsity_range": (0.1, 0.4)}, "refine_method"),
         ({"refine_offspring": 1}, "refine_offspring"),
+        ({"refine_targets": [0.6], "refine_sequential": [0.7]}, "refine_sequential must name targets"),
+        ({"space": "subnet", "sparsity_range": (0.1, 0.4), "refine_targets": [0.3], "refine_sequential": [0.3]},
+         "refine_sequential"),
     ],
 )
 def test_bad_finishing_settings_are_refused_in_one_line(tmp_path, overrides, message):

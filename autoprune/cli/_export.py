@@ -21,10 +21,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--trial", type=int, required=True, help="trial number (see autoprune front)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="calibration cache folder")
-    parser.add_argument(
-        "--sequential", action="store_true",
+    recipe = parser.add_mutually_exclusive_group()
+    recipe.add_argument(
+        "--sequential", dest="sequential", action="store_const", const=True, default=None,
         help="prune block after block from the already-pruned model's statistics (the recipe "
-        "keeps it): what `refine --sequential-every` tunes a trial for, not what the study measured",
+        "keeps it). Default: the variant the study measured best (sequential for refinements that "
+        "measured it better, one-shot for the rest)",
+    )
+    recipe.add_argument(
+        "--one-shot", dest="sequential", action="store_const", const=False,
+        help="prune from the dense model's statistics, as every search trial was measured",
     )
     add_database_flags(parser)
     add_format(parser, ("table", "json", "gguf"))

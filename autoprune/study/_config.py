@@ -173,8 +173,13 @@ class SearchConfig(DatabaseFields, FinishFields):
         for key in ("baseline_targets", "refine_targets"):
             if any(not low <= t <= high for t in getattr(self, key) or ()):
                 raise ValueError(f"{key} must lie inside sparsity_range")
-        if self.space == SUBNET_SPACE and self.refine_method is not None:
-            raise ValueError("refine_method prunes weights; a sub-network is refined on its widths (leave it out)")
+        if not set(self.refine_sequential) <= set(self.refine_targets):
+            raise ValueError("refine_sequential must name targets of refine_targets")
+        if self.space == SUBNET_SPACE and (self.refine_method is not None or self.refine_sequential):
+            raise ValueError(
+                "refine_method and refine_sequential prune weights; a sub-network is refined on its "
+                "widths (leave them out)"
+            )
         return self
 
     @classmethod

@@ -4,8 +4,11 @@
 it; ``autoprune prune --recipe out/recipe.yaml --out OTHER`` rebuilds the same model. The recipe
 holds the model, the calibration settings and the plan, never the storage URL. ``sequential``
 exports the variant ``prune --sequential`` makes of the trial's plan (and says so in the recipe);
-its ``recorded_ppl`` is then the study's measurement of that variant, which only trials refined for
-it have (None for the rest: the study never measured it). ``gguf_type`` also writes
+its ``recorded_ppl`` is then the study's measurement of that variant, which only refined trials
+that measured it have (None for the rest: the study never measured it). Left unsaid, the export is
+the variant the study measured best: the sequential one where the trial holds a better measurement
+of it (a search's finishing refinements, ``refine_sequential``), one-shot otherwise.
+``gguf_type`` also writes
 ``out/model-<type>.gguf`` (:mod:`autoprune.export_gguf`); a model GGUF cannot express leaves ``out``
 as it was before the export.
 """
@@ -23,7 +26,7 @@ from autoprune.api import PruneReport, prune
 from autoprune.errors import AutopruneError
 from autoprune.export import check_output_dir
 from autoprune.export_gguf import GGUF_TYPES, export_checkpoint_gguf
-from autoprune.study._records import find_trial, recorded_sequential_ppl
+from autoprune.study._records import find_trial, recorded_sequential_ppl, sequential_is_better
 from autoprune.study._settings import trial_recipe
 from autoprune.study._storage import load_existing_study
 from autoprune.variants import DatabaseSettings
@@ -68,7 +71,7 @@ def export_trial(
     study: str,
     trial: int,
     out: Path,
-    sequential: bool = False,
+    sequential: bool | None = None,
     cache_dir: Path | None = None,
     progress: bool = True,
     gguf_type: str | None = None,
@@ -77,8 +80,8 @@ def export_trial(
     """Prune the model of ``study``'s complete trial number ``trial`` as the study recipe says,
     save it to ``out`` (a new or empty folder, checked before anything loads) with its recipe, and
     compare its size with the study's record. ``sequential`` prunes block after block from the
-    already-pruned model's statistics (what ``refine --sequential-every`` tunes a trial for).
-    ``gguf_type`` (one of :data:`GGUF_TYPES`) also writes the checkpoint as a GGUF file."""
+    already-pruned model's statistics, False one-shot as the trials were measured, None the
+    variant the study measured best (see the module's docstring). ``gguf_type`` (one of :data:`GGUF_TYPES`) also writes the checkpoint as a GGUF file."""
     if gguf_type is not None and gguf_type not in GGUF_TYPES:
         raise AutopruneError(f"unknown GGUF type {gguf_type!r} (known: {', '.join(GGUF_TYPES)})")
     check_output_dir(out)
@@ -90,11 +93,14 @@ def export_trial(
             f"trial {frozen.number} is {frozen.state.name.lower()}; only complete trials can be exported"
         )
     notes = []
-    if frozen.user_attrs.get("refine", {}).get("sequential_every") and not sequential:
-        notes.append(
-            f"note: trial {frozen.number} was refined for --sequential; exporting it one-shot, as "
-            "the study measured it"
-        )
+    if sequential is None:
+        sequential = sequential_is_better(frozen)
+        if sequential:
+            notes.append(
+                f"note: exporting trial {frozen.number} --sequential, the variant the study measured "
+                f"best (ppl {recorded_sequential_ppl(frozen):.2f}, one-shot {frozen.user_attrs['ppl']:.2f}); "
+                "--one-shot for the other"
+            )
     recipe = trial_recipe(loaded_study, frozen).model_copy(update={"sequential": sequential})
     report = prune(recipe.model, recipe.calibration, recipe.plan, out, cache_dir=cache_dir,
                    progress=progress, sequential=recipe.sequential, database=database)

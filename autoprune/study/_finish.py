@@ -7,7 +7,10 @@ number of extra trials would (``experiments/README.md``, ``refine_front.py``). `
 names the sizes a user wants: for each, the parent is the searched front member (refinements left
 out) with the fewest non-zeros at or below the target's, the member a user asking for that size
 would export, and ``autoprune refine`` runs on it with the search's own database, device and
-thread settings. Each result is a trial of the study, so ``front`` and ``export`` see it; running
+thread settings. For the targets in ``refine_sequential`` the result is also measured pruned block
+after block from the already-pruned model's inputs, which a trial cannot afford (a calibration
+pass) and which pays most at high sparsity, where the errors of earlier blocks compound; ``export``
+then writes that variant where it measured better. Each result is a trial of the study, so ``front`` and ``export`` see it; running
 the search again finds it instead of refining again, and a refinement that was stopped goes on from
 its last generation.
 """
@@ -46,6 +49,12 @@ class FinishFields(BaseModel):
     refine_select_windows: Annotated[int, Field(ge=1)] = Field(
         2, description="whole windows the finalists and the parent are compared on each generation"
     )
+    refine_sequential: list[float] = Field(
+        default_factory=list,
+        description="of refine_targets, those whose refined member is also measured pruned block "
+        "after block (`export --sequential`, a calibration pass each); export writes that variant "
+        "where it is better (default: none)",
+    )
 
 
 def finish_parent(trials: Sequence[FrozenTrial], target: float) -> FrozenTrial | None:
@@ -70,20 +79,23 @@ def refine_front(config: SearchConfig, progress: bool = False) -> tuple[list[Ref
     summaries: list[RefineSummary] = []
     missed: list[float] = []
     done: set[int] = set()
-    for target in config.refine_targets:
-        parent = finish_parent(trials, target)
+    parents = {target: finish_parent(trials, target) for target in config.refine_targets}
+    sequential = {parents[target].number for target in config.refine_sequential if parents[target] is not None}
+    for target, parent in parents.items():
         if parent is None:
             missed.append(target)
             continue
         if parent.number in done:
             continue
         done.add(parent.number)
-        summaries.append(refine_trial(refine_config(config, parent.number), progress))
+        settings = refine_config(config, parent.number, parent.number in sequential)
+        summaries.append(refine_trial(settings, progress))
     return summaries, missed
 
 
-def refine_config(config: SearchConfig, trial: int) -> RefineConfig:
-    """The ``autoprune refine`` settings of one finishing refinement of a search's ``trial``."""
+def refine_config(config: SearchConfig, trial: int, sequential: bool = False) -> RefineConfig:
+    """The ``autoprune refine`` settings of one finishing refinement of a search's ``trial``
+    (``sequential``: also measure the result as ``export --sequential`` makes it)."""
     search = config.model_dump()
     return RefineConfig(
         trial=trial,
@@ -91,6 +103,7 @@ def refine_config(config: SearchConfig, trial: int) -> RefineConfig:
         offspring=config.refine_offspring,
         select_windows=config.refine_select_windows,
         method=config.refine_method,
+        measure_sequential=sequential,
         **{key: search[key] for key in _SHARED},
     )
 

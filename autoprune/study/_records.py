@@ -18,8 +18,8 @@ in user attributes, written by the driver only:
 - for a trial ``autoprune refine`` added: the same measured attributes, ``refined_from`` (the
   parent trial, whose parameters it carries although its plan is per-layer), ``refine`` (the
   evolution's settings, generations accepted, first and last fitness, seconds) and, when refined
-  for the sequential recipe, ``sequential`` (``ppl``, ``kl``, ``quality`` of the plan pruned
-  block after block, on the same windows: what ``export --sequential`` gives).
+  for the sequential recipe or asked to measure it, ``sequential`` (``ppl``, ``kl``, ``quality``
+  of the plan pruned block after block, on the same windows: what ``export --sequential`` gives).
 
 States: COMPLETE trials were measured on every window; PRUNED trials were stopped early; FAIL
 trials are the rest. Only COMPLETE trials (and only feasible ones under constraints) form the front.
@@ -112,6 +112,14 @@ def recorded_sequential_ppl(trial: FrozenTrial) -> float | None:
     """The perplexity of the trial's ``--sequential`` variant, where the study measured it (trials
     refined for it); None elsewhere."""
     return (trial.user_attrs.get("sequential") or {}).get("ppl")
+
+
+def sequential_is_better(trial: FrozenTrial) -> bool:
+    """Whether the study measured the trial's ``--sequential`` variant better than its one-shot
+    one (on the same windows, by the study's quality): the variant ``export`` writes by default."""
+    sequential = (trial.user_attrs.get("sequential") or {}).get("quality")
+    one_shot = trial.user_attrs.get("quality")
+    return sequential is not None and one_shot is not None and sequential < one_shot
 
 
 def finite_or_none(value: float | None) -> float | None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import platform
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -21,11 +23,12 @@ from autoprune.api import prepare_with_windows
 from autoprune.calibration import CalibrationStats
 from autoprune.config import CalibrationConfig
 from autoprune.data import validation_windows
+from autoprune.errors import AutopruneError
 from autoprune.latency import latency_table
 from autoprune.measure import SizeMeter, ppl_from_nll, reference_logprobs, window_losses
 from autoprune.models import LoadedModel, compute_device
 from autoprune.plan import MethodName, Plan
-from autoprune.pruner import Pruner
+from autoprune.pruner import Pruner, sequential_pass
 from autoprune.structure import model_dims, resolve_blocks
 from autoprune.study._records import finite_or_none
 from autoprune.variants import DatabaseSettings
@@ -149,10 +152,29 @@ class TrialWorker:
         """Prune to the plan, measure size and quality; a collapsed model is a result, not a crash.
         ``pruner`` prunes from other statistics of the same model than the worker's own (a
         refinement's sequential ones), so both variants of a plan are measured alike."""
+        return self._timed(request, (pruner or self.pruner).applied(request.plan))
+
+    def run_sequential(self, request: TrialRequest, progress: bool = False) -> TrialResult:
+        """The plan as ``export --sequential`` makes it, measured like :meth:`run`: pruned block
+        after block from the inputs the already-pruned blocks give on the calibration windows (a
+        calibration pass, so for a study's finished members, not for its trials)."""
+        if request.plan.structure is not None:
+            raise AutopruneError("the sequential recipe does not apply to sub-network plans yet")
+        return self._timed(request, self._sequentially_pruned(request.plan, progress))
+
+    @contextmanager
+    def _sequentially_pruned(self, plan: Plan, progress: bool) -> Iterator[torch.nn.Module]:
+        with self.pruner.pointed({}) as model:  # however it leaves, the dense weights come back
+            sequential_pass(self.loaded, self.calibration_windows, plan, self.spec.device, progress=progress)
+            with self.loaded.adapter.without_blocks(model, plan.removed_blocks):
+                yield model
+
+    def _timed(self, request: TrialRequest, pruned: AbstractContextManager[torch.nn.Module]) -> TrialResult:
+        """Measure the model ``pruned`` makes of the request's plan, timing its parts."""
         start = time.perf_counter()
         timings: dict[str, float] = {}
         weights_start = time.perf_counter()
-        with (pruner or self.pruner).applied(request.plan) as model:
+        with pruned as model:
             timings["prune"] = time.perf_counter() - weights_start
             size = self._size(model, request.plan)
             eval_start = time.perf_counter()

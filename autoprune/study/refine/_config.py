@@ -25,7 +25,7 @@ PATH_SETTINGS = frozenset(
      "method"}
 )
 #: The settings a refined trial records: a rerun with the same ones finds it instead of refining again.
-RECORDED_SETTINGS = PATH_SETTINGS | {"generations"}
+RECORDED_SETTINGS = PATH_SETTINGS | {"generations", "measure_sequential"}
 
 
 class RefineConfig(DatabaseFields):
@@ -55,6 +55,11 @@ class RefineConfig(DatabaseFields):
         None,
         description="rank candidates for the --sequential recipe, from the parent's sequential "
         "statistics, recomputed every N generations (a calibration pass each)",
+    )
+    measure_sequential: bool = Field(
+        False,
+        description="also measure the refined plan as `export --sequential` makes it (a "
+        "calibration pass); where that variant is better, it is what `export` writes by default",
     )
     method: MethodName | None = Field(
         None,

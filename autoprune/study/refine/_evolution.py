@@ -165,15 +165,17 @@ class LevelSwitchEvolution:
     def measure_sequential(
         self, state: EvolutionState, number: int, progress: bool = False
     ) -> TrialResult:
-        """The final allocation as ``export --sequential`` makes it, measured like the trial: its
-        own sequential statistics (one more calibration pass), then the study's windows. The
-        statistics it was ranked on last (the checkpoint's, after a resume) are deleted first."""
+        """The final allocation as ``export --sequential`` makes it, measured like the trial on
+        the study's windows: pruned from its own sequential statistics where candidates were
+        ranked on them, otherwise block after block (one calibration pass). Statistics of another
+        allocation (the checkpoint's, after a resume) are deleted first."""
         stale = state.statistics_from
         if stale is not None and stale != state.counts:
             shutil.rmtree(self._statistics_folder(stale), ignore_errors=True)
-        if self.statistics_from != state.counts:
-            self._use_statistics(state.counts, progress)
-        return self.worker.run(TrialRequest(number, self.plan_of(state.counts)), self.pruner)
+        request = TrialRequest(number, self.plan_of(state.counts))
+        if self.statistics_from == state.counts:
+            return self.worker.run(request, self.pruner)
+        return self.worker.run_sequential(request, progress)
 
     def plan_of(self, counts: dict[str, int]) -> Plan:
         """The refined trial's plan with these per-row prune counts (or widths)."""
@@ -263,10 +265,10 @@ def check_refinable(plan: Plan, config: RefineConfig) -> None:
     if plan.structure is None:
         return
     require_widths_only(plan)
-    if config.sequential_every is not None:
+    if config.sequential_every is not None or config.measure_sequential:
         raise AutopruneError(
-            "--sequential-every refines per-layer sparsity for the --sequential recipe; a "
-            "sub-network plan is refined on its widths (leave it out)"
+            "the --sequential recipe prunes per-layer sparsity; a sub-network plan is refined on "
+            "its widths (leave out --sequential-every and --measure-sequential)"
         )
     if config.method is not None:
         raise AutopruneError(

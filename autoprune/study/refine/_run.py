@@ -82,7 +82,7 @@ def _refine_trial(config: RefineConfig, progress: bool) -> RefineSummary:
     result = worker.run(TrialRequest(number, plan))  # a sub-network plan: the worker cuts it
     sequential = (
         evolution.measure_sequential(state, number, progress)
-        if config.sequential_every is not None
+        if config.sequential_every is not None or config.measure_sequential
         else None
     )
     for variant, measured in (("refined plan", result), ("refined plan --sequential", sequential)):
