@@ -3,7 +3,8 @@ held-out windows of the WikiText-2 test split (SmolLM2-135M).
 
 For each ``--targets`` sparsity, the study's front member with the lowest sparsity at or above it
 (after ``make search``: the refined member ADMM pruned) is written by ``autoprune export`` (from the
-variant database where the study used one), loaded back with transformers and measured; uniform
+variant database where the study used one; block after block where the study measured that variant
+better), loaded back with transformers and measured; uniform
 ADMM, OWL-ADMM and uniform SparseGPT are pruned from the same cached statistics at the member's
 own sparsity (the same non-zeros, up to rounding) and measured on the same windows. The
 llm-compressor rows come from ``baselines.json`` where it was measured on the same windows.
@@ -13,6 +14,8 @@ llm-compressor rows come from ``baselines.json`` where it was measured on the sa
 
 ``--trials`` measures given trials instead (one per target: another refinement of the same study,
 say), and ``--baselines-from`` reuses the baseline rows of an earlier run on the same windows.
+``--sequential-baseline`` adds uniform ADMM pruned block after block (``prune --sequential``, a
+calibration pass per target), the baseline to hold a member exported that way against as well.
 """
 
 from __future__ import annotations
@@ -24,12 +27,15 @@ from pathlib import Path
 
 import torch
 
-from _common import RESULTS, Column, column, load_study_setup, measure_one_shot, parse, study_parser, table, write_results
+from _common import (
+    RESULTS, Column, column, load_study_setup, measure_one_shot, measure_sequential, parse, study_parser, table,
+    write_results,
+)
 from transformers import AutoModelForCausalLM
 
 from autoprune import PlanRequest
 from autoprune.measure import perplexity
-from autoprune.study import export_trial, front_trials, trial_row
+from autoprune.study import export_trial, member_at, trial_row
 from autoprune.variants import DatabaseSettings
 
 #: The uniform and OWL plans every member is compared with, by row label.
@@ -38,6 +44,8 @@ BASELINES = {
     "OWL ADMM": ("admm", True),
     "uniform SparseGPT": ("sparsegpt", False),
 }
+#: Uniform ADMM pruned block after block (``--sequential-baseline``).
+SEQUENTIAL_BASELINE = "uniform ADMM --sequential"
 
 
 def main() -> None:
@@ -50,6 +58,8 @@ def main() -> None:
     arguments.add_argument("--baselines-from", type=Path, default=None,
                            help="take the baseline rows from this earlier main_job.json (same windows) "
                            "instead of pruning them again")
+    arguments.add_argument("--sequential-baseline", action="store_true",
+                           help="also measure uniform ADMM pruned block after block (prune --sequential)")
     args = parse(arguments)
     earlier = json.loads(args.baselines_from.read_text()) if args.baselines_from else None
     if earlier is not None and earlier["test_windows"] != args.test_windows:
@@ -63,22 +73,32 @@ def main() -> None:
               "test_tokens": int(windows.numel()), "rows": []}
     for index, target in enumerate(args.targets):
         member = (setup.study.trials[args.trials[index]] if args.trials is not None
-                  else front_member(setup.study, target))
+                  else member_at(setup.study.get_trials(deepcopy=False), target))
+        if member is None:
+            raise SystemExit(f"no front member at or above {target:.0%} sparsity")
         row = trial_row(member)
         sparsity = row["sparsity"]
         start = time.perf_counter()
-        exported = measure_export(args.storage, args.study, member.number, windows, args.database_dir)
-        label = f"{'front ' if args.trials is None else ''}trial {member.number}"
-        rows = [{"target": target, "model": label, "plan": row["plan"],
+        exported, sequential = measure_export(args.storage, args.study, member.number, windows, args.database_dir)
+        label = f"{'front ' if args.trials is None else ''}trial {member.number}{' --sequential' if sequential else ''}"
+        rows = [{"target": target, "model": label, "plan": row["plan"], "sequential": sequential,
                  "sparsity": sparsity, "nonzeros": row["nonzeros"], "ppl": exported,
                  "study_ppl": row["ppl"], "seconds": round(time.perf_counter() - start)}]
         if earlier is not None:
-            rows += [r for r in earlier["rows"] if r["target"] == target and r["model"] in BASELINES]
+            rows += [r for r in earlier["rows"]
+                     if r["target"] == target and (r["model"] in BASELINES or r["model"] == SEQUENTIAL_BASELINE)]
         for label, (method, owl) in BASELINES.items() if earlier is None else ():
             start = time.perf_counter()
             plan = PlanRequest(method, sparsity, owl=owl).build(setup.loaded, pruner.stats)
             measured = measure_one_shot(pruner, plan, windows)
             rows.append({"target": target, "model": label, "sparsity": measured.size.sparsity,
+                         "nonzeros": measured.size.linear_nonzeros, "ppl": measured.ppl,
+                         "seconds": round(time.perf_counter() - start)})
+        if args.sequential_baseline and not any(r["model"] == SEQUENTIAL_BASELINE for r in rows):
+            start = time.perf_counter()
+            plan = PlanRequest("admm", sparsity).build(setup.loaded, pruner.stats)
+            measured = measure_sequential(settings.model, setup.calib, plan, windows, pruner.dense_linear_params)
+            rows.append({"target": target, "model": SEQUENTIAL_BASELINE, "sparsity": measured.size.sparsity,
                          "nonzeros": measured.size.linear_nonzeros, "ppl": measured.ppl,
                          "seconds": round(time.perf_counter() - start)})
         if target in peer:
@@ -92,22 +112,15 @@ def main() -> None:
     print(write_results(result, args.out, "main_job", markdown(result)))
 
 
-def front_member(study, target: float):
-    """The front member with the lowest sparsity at or above ``target``."""
-    members = [t for t in front_trials(study) if trial_row(t)["sparsity"] >= target - 1e-9]
-    if not members:
-        raise SystemExit(f"no front member at or above {target:.0%} sparsity")
-    return min(members, key=lambda t: trial_row(t)["sparsity"])
-
-
-def measure_export(storage: str, study: str, trial: int, windows, database_dir: str | None) -> float:
-    """Test perplexity of trial ``trial`` as ``autoprune export`` writes it and transformers loads
-    it (pruned from the variant database in ``database_dir``, the cache's by default)."""
+def measure_export(storage: str, study: str, trial: int, windows, database_dir: str | None) -> tuple[float, bool]:
+    """Test perplexity of trial ``trial`` as ``autoprune export`` writes it by default and
+    transformers loads it (pruned from the variant database in ``database_dir``, the cache's by
+    default), and whether that export was the block-after-block variant."""
     with tempfile.TemporaryDirectory(prefix="autoprune-export-") as folder:
-        export_trial(storage, study, trial, Path(folder) / "model", progress=False,
-                     database=DatabaseSettings(folder=database_dir))
+        result = export_trial(storage, study, trial, Path(folder) / "model", progress=False,
+                              database=DatabaseSettings(folder=database_dir))
         model = AutoModelForCausalLM.from_pretrained(Path(folder) / "model", dtype=torch.float32)
-        return perplexity(model.eval(), windows, progress=False)
+        return perplexity(model.eval(), windows, progress=False), result.report.recipe.sequential
 
 
 def llmcompressor_rows(test_windows: int) -> dict[float, float]:

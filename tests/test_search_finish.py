@@ -12,8 +12,7 @@ from optuna.trial import TrialState, create_trial
 
 from autoprune.errors import AutopruneError
 from autoprune.plan import LayerSpec
-from autoprune.study import SearchConfig, front_trials, load_existing_study, refine_trial, run_search
-from autoprune.study._finish import finish_parent
+from autoprune.study import SearchConfig, front_trials, load_existing_study, member_at, refine_trial, run_search
 from autoprune.variants import level_key
 
 
@@ -36,10 +35,13 @@ def test_the_parent_is_the_least_sparse_front_member_at_or_above_the_target():
         _trial(4, 0.70, 20.0),
         _trial(5, 0.61, 11.0, refined_from=1),  # a refinement: never a parent, never dominates
     ]
-    assert finish_parent(trials, 0.6).number == 2
-    assert finish_parent(trials, 0.605).number == 1
-    assert finish_parent(trials, 0.65).number == 4
-    assert finish_parent(trials, 0.71) is None
+    assert member_at(trials, 0.6, searched_only=True).number == 2
+    assert member_at(trials, 0.605, searched_only=True).number == 1
+    assert member_at(trials, 0.65, searched_only=True).number == 4
+    assert member_at(trials, 0.71, searched_only=True) is None
+    # what a user exports counts refinements: trial 5 dominates trials 1 and 2
+    assert member_at(trials, 0.6).number == member_at(trials, 0.605).number == 5
+    assert member_at(trials, 0.65).number == 4
 
 
 def test_a_search_refines_its_chosen_members_once(tiny_llama_dir, data_dir, tmp_path):
@@ -51,10 +53,10 @@ def test_a_search_refines_its_chosen_members_once(tiny_llama_dir, data_dir, tmp_
     summary = run_search(config, progress=False)
     study = load_existing_study(config.storage, config.study)
     refined = [t for t in study.get_trials(deepcopy=False) if "refined_from" in t.user_attrs]
-    parents = {finish_parent(study.get_trials(deepcopy=False), t).number for t in config.refine_targets}
+    parents = {member_at(study.get_trials(deepcopy=False), t, searched_only=True).number for t in config.refine_targets}
     assert {t.user_attrs["refined_from"] for t in refined} == parents
     # only the member refined for 0.5 was also measured pruned block after block
-    sequential = finish_parent(study.get_trials(deepcopy=False), 0.5).number
+    sequential = member_at(study.get_trials(deepcopy=False), 0.5, searched_only=True).number
     for trial in refined:
         measured = trial.user_attrs["refined_from"] == sequential
         assert ("sequential" in trial.user_attrs) == measured == trial.user_attrs["refine"]["measure_sequential"]

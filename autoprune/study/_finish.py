@@ -17,14 +17,12 @@ its last generation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated
 
-from optuna.trial import FrozenTrial
 from pydantic import BaseModel, Field
 
 from autoprune.plan import MethodName
-from autoprune.study._records import pareto_trials
+from autoprune.study._records import member_at
 from autoprune.study._storage import load_existing_study
 from autoprune.study.refine import FINALISTS, RefineConfig, RefineSummary, refine_trial
 from search_spaces import MAX_LAYER_SPARSITY
@@ -57,20 +55,6 @@ class FinishFields(BaseModel):
     )
 
 
-def finish_parent(trials: Sequence[FrozenTrial], target: float) -> FrozenTrial | None:
-    """The searched front member a refinement for ``target`` starts from: of the non-dominated
-    complete trials that are not refinements themselves, the one with the lowest sparsity at or
-    above ``target`` (the best quality among equals); None where no member is that sparse."""
-    searched = pareto_trials([trial for trial in trials if "refined_from" not in trial.user_attrs])
-    eligible = [
-        trial for trial in searched
-        if (trial.user_attrs.get("size") or {}).get("sparsity", -1.0) >= target - 1e-9
-    ]
-    if not eligible:
-        return None
-    return min(eligible, key=lambda trial: (trial.user_attrs["size"]["sparsity"], trial.values[-1]))
-
-
 def refine_front(config: SearchConfig, progress: bool = False) -> tuple[list[RefineSummary], list[float]]:
     """Refine the parent of each of ``config.refine_targets`` (a parent chosen by two targets
     once). Returns the refinements and the targets no front member was sparse enough for."""
@@ -79,7 +63,7 @@ def refine_front(config: SearchConfig, progress: bool = False) -> tuple[list[Ref
     summaries: list[RefineSummary] = []
     missed: list[float] = []
     done: set[int] = set()
-    parents = {target: finish_parent(trials, target) for target in config.refine_targets}
+    parents = {target: member_at(trials, target, searched_only=True) for target in config.refine_targets}
     sequential = {parents[target].number for target in config.refine_sequential if parents[target] is not None}
     for target, parent in parents.items():
         if parent is None:

@@ -66,6 +66,22 @@ def pareto_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     return [trial for trial, kept in zip(eligible, on_front, strict=True) if kept]
 
 
+def member_at(trials: Sequence[FrozenTrial], target: float, searched_only: bool = False) -> FrozenTrial | None:
+    """The front member a user asking for ``target`` sparsity would export: of the non-dominated
+    complete trials, the one with the lowest sparsity at or above ``target`` (the best quality
+    among equals); None where no member is that sparse. ``searched_only`` leaves refinements out
+    (they neither qualify nor dominate): the parent a search's finishing refinement starts from."""
+    if searched_only:
+        trials = [trial for trial in trials if "refined_from" not in trial.user_attrs]
+    eligible = [
+        trial for trial in pareto_trials(trials)
+        if (trial.user_attrs.get("size") or {}).get("sparsity", -1.0) >= target - 1e-9
+    ]
+    if not eligible:
+        return None
+    return min(eligible, key=lambda trial: (trial.user_attrs["size"]["sparsity"], trial.values[-1]))
+
+
 def counts_toward_budget(trial: FrozenTrial) -> bool:
     """Finished trials count; orphans (killed mid-trial and re-queued) and unfinished ones do not."""
     if trial.state == TrialState.FAIL:
