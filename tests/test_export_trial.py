@@ -65,26 +65,38 @@ def test_export_trial_writes_what_the_cli_prints(searched, tmp_path, capsys):
                                          "recipe": str(tmp_path / "cli" / "recipe.yaml")}]
 
 
-def test_notes_say_what_differs_from_the_studys_record(searched, tmp_path):
-    """A trial refined for --sequential exported one-shot gets a note, exported --sequential it has
-    no recorded perplexity (never measured); a record of another size gets a warning."""
+def test_the_default_variant_is_the_one_the_study_measured_best(searched, tmp_path):
+    """Exported without --sequential or --one-shot, a trial whose sequential variant the study
+    measured better is exported that way (a note says so, ``recorded_ppl`` is that measurement);
+    one measured worse, or never, is exported one-shot without a note. --sequential on a trial the
+    study never measured that way has no recorded perplexity; a record of another size gets a
+    warning."""
     storage = own_copy(searched, tmp_path)
     study = optuna.load_study(study_name=STUDY, storage=storage)
     source = complete_trials(storage)[0]
-    size = source.user_attrs["size"]
-    for attrs in ({"refine": {"sequential_every": 2}}, {"size": {**size, "linear_nonzeros": size["linear_nonzeros"] + 1}}):
+    size, quality, ppl = source.user_attrs["size"], source.user_attrs["quality"], source.user_attrs["ppl"]
+    for attrs in (
+        {"sequential": {"ppl": ppl * 0.9, "kl": None, "quality": quality * 0.9}},
+        {"sequential": {"ppl": ppl * 1.1, "kl": None, "quality": quality * 1.1}},
+        {"size": {**size, "linear_nonzeros": size["linear_nonzeros"] + 1}},
+    ):
         study.add_trial(optuna.trial.create_trial(
             state=TrialState.COMPLETE, params=source.params, distributions=source.distributions,
             values=source.values, user_attrs={**source.user_attrs, **attrs},
         ))
-    refined, resized = complete_trials(storage)[-2:]
-    one_shot = export_trial(storage, STUDY, refined.number, tmp_path / "a", progress=False)
-    assert one_shot.notes == [f"note: trial {refined.number} was refined for --sequential; exporting it "
-                              "one-shot, as the study measured it"]
-    sequential = export_trial(storage, STUDY, refined.number, tmp_path / "b", sequential=True, progress=False)
-    assert sequential.notes == [] and sequential.recorded_ppl is None
-    assert Recipe.load(sequential.recipe).sequential
-    warned = export_trial(storage, STUDY, resized.number, tmp_path / "c", progress=False)
+    better, worse, resized = complete_trials(storage)[-3:]
+    chosen = export_trial(storage, STUDY, better.number, tmp_path / "a", progress=False)
+    assert chosen.notes == [f"note: exporting trial {better.number} --sequential, the variant the study "
+                            f"measured best (ppl {ppl * 0.9:.2f}, one-shot {ppl:.2f}); --one-shot for the other"]
+    assert chosen.recorded_ppl == ppl * 0.9 and Recipe.load(chosen.recipe).sequential
+    asked = export_trial(storage, STUDY, better.number, tmp_path / "b", sequential=False, progress=False)
+    assert asked.notes == [] and asked.recorded_ppl == ppl and not Recipe.load(asked.recipe).sequential
+    plain = export_trial(storage, STUDY, worse.number, tmp_path / "c", progress=False)
+    assert plain.notes == [] and plain.recorded_ppl == ppl and not Recipe.load(plain.recipe).sequential
+    unmeasured = export_trial(storage, STUDY, source.number, tmp_path / "d", sequential=True, progress=False)
+    assert unmeasured.notes == [] and unmeasured.recorded_ppl is None
+    assert Recipe.load(unmeasured.recipe).sequential
+    warned = export_trial(storage, STUDY, resized.number, tmp_path / "e", progress=False)
     assert warned.notes == [f"warning: the checkpoint has {size['linear_nonzeros']} linear non-zeros, the "
                             f"study recorded {size['linear_nonzeros'] + 1} (different calibration data or model?)"]
 

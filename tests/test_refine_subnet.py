@@ -142,7 +142,8 @@ def test_a_refined_sub_network_joins_the_study_measured_as_its_sub_network(studi
 @pytest.mark.parametrize(
     ("flags", "plan", "message"),
     [
-        (["--sequential-every", 2], Plan(structure=TINY_STRUCTURE), "--sequential-every refines per-layer"),
+        (["--sequential-every", 2], Plan(structure=TINY_STRUCTURE), "--sequential recipe prunes per-layer"),
+        (["--measure-sequential", "true"], Plan(structure=TINY_STRUCTURE), "leave out --sequential-every and --measure"),
         (["--method", "wanda"], Plan(structure=TINY_STRUCTURE), "--method prunes weights"),
         ([], Plan(structure=TINY_STRUCTURE, layers={"model.layers.0.mlp.up_proj": LayerSpec(sparsity=0.5)}),
          "also prunes weights of its kept blocks"),
