@@ -8,9 +8,8 @@ its ``recorded_ppl`` is then the study's measurement of that variant, which only
 that measured it have (None for the rest: the study never measured it). Left unsaid, the export is
 the variant the study measured best: the sequential one where the trial holds a better measurement
 of it (a search's finishing refinements, ``refine_sequential``), one-shot otherwise.
-``gguf_type`` also writes
-``out/model-<type>.gguf`` (:mod:`autoprune.export_gguf`); a model GGUF cannot express leaves ``out``
-as it was before the export.
+``gguf_type`` also writes ``out/model-<type>.gguf`` (:mod:`autoprune.export_gguf`); a model GGUF
+cannot express leaves ``out`` as it was before the export.
 """
 
 from __future__ import annotations
@@ -81,7 +80,8 @@ def export_trial(
     save it to ``out`` (a new or empty folder, checked before anything loads) with its recipe, and
     compare its size with the study's record. ``sequential`` prunes block after block from the
     already-pruned model's statistics, False one-shot as the trials were measured, None the
-    variant the study measured best (see the module's docstring). ``gguf_type`` (one of :data:`GGUF_TYPES`) also writes the checkpoint as a GGUF file."""
+    variant the study measured best (see the module's docstring). ``gguf_type`` (one of
+    :data:`GGUF_TYPES`) also writes the checkpoint as a GGUF file."""
     if gguf_type is not None and gguf_type not in GGUF_TYPES:
         raise AutopruneError(f"unknown GGUF type {gguf_type!r} (known: {', '.join(GGUF_TYPES)})")
     check_output_dir(out)

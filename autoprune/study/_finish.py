@@ -10,9 +10,9 @@ would export, and ``autoprune refine`` runs on it with the search's own database
 thread settings. For the targets in ``refine_sequential`` the result is also measured pruned block
 after block from the already-pruned model's inputs, which a trial cannot afford (a calibration
 pass) and which pays most at high sparsity, where the errors of earlier blocks compound; ``export``
-then writes that variant where it measured better. Each result is a trial of the study, so ``front`` and ``export`` see it; running
-the search again finds it instead of refining again, and a refinement that was stopped goes on from
-its last generation.
+then writes that variant where it measured better. Each result is a trial of the study, so
+``front`` and ``export`` see it; running the search again finds it instead of refining again, and a
+refinement that was stopped goes on from its last generation.
 """
 
 from __future__ import annotations
