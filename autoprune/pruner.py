@@ -208,7 +208,10 @@ def sequential_pass(
 ) -> None:
     """:func:`prune_sequentially` without removing the plan's blocks (they are skipped): the layers
     of ``loaded.model`` point at their sequentially pruned weights afterwards, and a caller that
-    keeps the dense ones (``Pruner.pointed``) can measure the variant and restore the model."""
+    keeps the dense ones (``Pruner.pointed``) can measure the variant and restore the model. A
+    sub-network plan is refused: the pass prunes the dense model's layers, it cuts nothing."""
+    if plan.structure is not None:
+        raise AutopruneError("the sequential recipe does not apply to sub-network plans yet")
     model, adapter = loaded.model, loaded.adapter
     validate_plan(plan, adapter.all_layer_names(model), adapter.num_blocks(model))
     removed = frozenset(plan.removed_blocks)

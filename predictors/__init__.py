@@ -4,7 +4,7 @@ study's trials, used to screen candidates before they cost a forward pass.
 
     featurizer = study_featurizer(study)                  # model + cached calibration of the study
     data = training_set(study, featurizer)               # complete trials as features and quality
-    predictor = Predictor.fit(data, featurizer.schema)   # size curve, then xgboost on log-quality
+    predictor = Predictor.fit(data, featurizer.schema)   # baseline, then xgboost on log-quality
     predictor.save(default_predictor_path(storage, name))
     report = quality_report(data, featurizer.schema)     # held-out and k-fold rank quality
     run_search(config, proposer_factory=PredictorProposer.for_search)  # a screened search

@@ -23,7 +23,6 @@ from autoprune.api import prepare_with_windows
 from autoprune.calibration import CalibrationStats
 from autoprune.config import CalibrationConfig
 from autoprune.data import validation_windows
-from autoprune.errors import AutopruneError
 from autoprune.latency import latency_table
 from autoprune.measure import SizeMeter, ppl_from_nll, reference_logprobs, window_losses
 from autoprune.models import LoadedModel, compute_device
@@ -158,8 +157,6 @@ class TrialWorker:
         """The plan as ``export --sequential`` makes it, measured like :meth:`run`: pruned block
         after block from the inputs the already-pruned blocks give on the calibration windows (a
         calibration pass, so for a study's finished members, not for its trials)."""
-        if request.plan.structure is not None:
-            raise AutopruneError("the sequential recipe does not apply to sub-network plans yet")
         return self._timed(request, self._sequentially_pruned(request.plan, progress))
 
     @contextmanager

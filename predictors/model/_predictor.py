@@ -15,7 +15,7 @@ trees learn what per-layer detail adds to it. The quality report (``autoprune pr
 measures the result on any study; experiments/README.md compares it with a size curve alone.
 
 Saved with xgboost's own ``save_model`` (JSON) and a metadata JSON beside it holding the feature
-schema and the size curve: loading checks nothing about the machine, predicting checks the schema.
+schema and the baseline: loading checks nothing about the machine, predicting checks the schema.
 """
 
 from __future__ import annotations
