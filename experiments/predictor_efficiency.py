@@ -143,7 +143,7 @@ def main() -> None:
         model=args.model, data=args.data, storage=args.storage, space="layerwise", method="wanda",
         sparsity_range=tuple(args.sparsity_range), eval_windows=args.eval_windows,
         early_stop_margin=None, threads=args.threads, population=args.population,
-        calib_samples=args.calib_samples, seq_len=args.seq_len,
+        calib_samples=args.calib_samples, seq_len=args.seq_len, database=False, refine_targets=[],
     )
     spec = base.worker_spec().model_copy(update={"eval_seq_len": args.eval_seq_len})
     executor = MemoizedExecutor(spec, base.method, base.sparsity_range)

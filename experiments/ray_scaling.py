@@ -148,6 +148,7 @@ def measure(
         study=f"{run}-warm-up", trials=workers, space="layerwise", seeded=False, population=8,
         seq_len=args.seq_len, calib_samples=16, eval_windows=args.eval_windows, min_windows=1,
         early_stop_margin=None, threads=1, cache_dir=str(model.parent / "cache"),
+        database=False, refine_targets=[],  # trials alone: what is timed
     )
     factory = partial(SleepWorker, seconds=sleep) if kind == "sleep" else TrialWorker
     cpus = 1.0 if kind == "real" else min(1.0, CORES / workers)

@@ -105,7 +105,7 @@ def measure(method: str, args: argparse.Namespace, database: str | None = None) 
             trials=args.trials, space="layerwise", method=method, eval_windows=args.eval_windows,
             seq_len=args.seq_len, calib_samples=args.calib_samples, early_stop_margin=None,
             threads=args.threads, device=args.device, eval_batch=args.eval_batch,
-            database=database is not None, database_dir=database,
+            database=database is not None, database_dir=database, refine_targets=[],
         )
         start = time.perf_counter()
         run_search(config, progress=True)

@@ -97,7 +97,7 @@ def main() -> None:
         sparsity_range=tuple(args.sparsity_range), baseline_targets=args.targets,
         objective=args.objective, eval_windows=args.eval_windows, seq_len=args.seq_len,
         calib_samples=args.calib_samples,
-        threads=args.threads, predictor=args.predictor,
+        threads=args.threads, predictor=args.predictor, database=False, refine_targets=[],
     )
     if not args.no_search:
         screening = PredictorProposer.for_search if config.predictor == "on" else None

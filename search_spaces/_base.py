@@ -143,6 +143,14 @@ class SpaceContext:
         steps = max(1, round((high - low) / TARGET_GRID))
         return FloatDistribution(low, high, step=round((high - low) / steps, 12))
 
+    def on_target_grid(self, targets: Sequence[float]) -> list[float]:
+        """Each of ``targets`` moved to the nearest point of :meth:`target_distribution`'s grid
+        (the middle of 0.5-0.75 is 0.625, between two points): a baseline enqueued off the grid
+        runs, but its parameters lie outside the distribution the study records, so no trial can
+        be made from them (a refinement of it is)."""
+        grid = self.target_distribution()
+        return [round(grid.low + round((t - grid.low) / grid.step) * grid.step, 12) for t in targets]
+
 
 def _structure_info(loaded: LoadedModel, stats: CalibrationStats) -> dict[str, object]:
     """``dims`` and ``unit_scores`` of a LLaMA-family model; nothing for other families."""
@@ -174,6 +182,9 @@ class SearchSpace(ABC):
     name: ClassVar[str]
     #: Whether the space's plans have a size target (``params[TARGET]``) that casting lands on.
     has_target: ClassVar[bool] = True
+    #: Whether the plans give layers unstructured sparsity, the allocation a finishing refinement
+    #: moves between layers (not blocks removed alone, N:M patterns or a sub-network's widths).
+    unstructured: ClassVar[bool] = True
     #: The targets searched when the config names none (fractions of the dense decoder linear
     #: weights removed): sub-networks lose quality at far smaller sizes than sparse layers.
     default_range: ClassVar[tuple[float, float]] = (0.4, 0.8)

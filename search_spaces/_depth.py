@@ -26,6 +26,7 @@ class DepthSpace(SearchSpace):
 
     name = "depth"
     has_target = False
+    unstructured = False
 
     def distributions(self, ctx: SpaceContext) -> dict[str, BaseDistribution]:
         return {N_REMOVED: IntDistribution(0, self._max_removed(ctx))}

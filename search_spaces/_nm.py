@@ -27,6 +27,7 @@ class NMSpace(SearchSpace):
 
     name = "nm"
     has_target = False
+    unstructured = False
 
     def distributions(self, ctx: SpaceContext) -> dict[str, BaseDistribution]:
         widest_m = max(NMPattern.parse(choice).m for choice in NM_CHOICES if choice != DENSE)

@@ -84,6 +84,7 @@ class SubnetSpace(SearchSpace):
 
     name = "subnet"
     default_range = (0.1, 0.4)
+    unstructured = False
     target_tolerance = 0.01
 
     def applies_to(self, ctx: SpaceContext) -> bool:

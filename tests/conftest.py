@@ -212,13 +212,21 @@ def reconstruction_error(original: torch.Tensor, pruned: torch.Tensor, x: torch.
 # --- Studies ---------------------------------------------------------------------------------------
 
 
+#: The trials alone: no variant database, no finishing refinement (both on by default, as in the
+#: main job). Tests of something else start from these, so that only what they test runs.
+TRIALS_ONLY = {"database": False, "refine_targets": []}
+#: :data:`TRIALS_ONLY` as ``autoprune search`` flags.
+TRIALS_ONLY_FLAGS = ["--database", "false", "--refine-targets"]
+
+
 def tiny_config(model_dir: Path, data_dir: Path, folder: Path, **overrides) -> SearchConfig:
-    """A small search on the tiny model whose study file and cache live in ``folder``."""
+    """A small search on the tiny model whose study file and cache live in ``folder`` (trials
+    only, :data:`TRIALS_ONLY`, unless ``overrides`` say otherwise)."""
     settings = dict(
         model=str(model_dir), data=str(data_dir), storage=f"sqlite:///{folder / 'study.db'}",
         study="tiny", trials=10, population=4, seeded=False, space="layerwise", method="wanda",
         sparsity_range=(0.3, 0.7), eval_windows=3, min_windows=1, seq_len=32, calib_samples=8,
-        cache_dir=str(folder / "cache"),
+        cache_dir=str(folder / "cache"), **TRIALS_ONLY,
     )
     return SearchConfig(**{**settings, **overrides})
 
@@ -266,7 +274,7 @@ def refine_study_source(tiny_llama_dir, data_dir, tmp_path_factory) -> RefineStu
         model=str(tiny_llama_dir), data=str(data_dir), storage=f"sqlite:///{folder / 's.db'}",
         study=REFINE_STUDY, trials=6, population=4, seeded=False, space="layerwise",
         method="sparsegpt", sparsity_range=(0.5, 0.7), eval_windows=3, min_windows=1, seq_len=32,
-        calib_samples=8, cache_dir=str(folder / "cache"), objective="kl",
+        calib_samples=8, cache_dir=str(folder / "cache"), objective="kl", **TRIALS_ONLY,
     )
     run_search(config, progress=False)
     return RefineStudy(folder, config)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import TRIALS_ONLY
 from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM
 
@@ -30,6 +31,7 @@ def searched(tiny_llama_dir, data_dir, tmp_path_factory) -> SearchConfig:
         model=str(tiny_llama_dir), data=str(data_dir), storage=f"sqlite:///{folder / 's.db'}",
         study=STUDY, trials=3, population=2, seeded=False, method="wanda", sparsity_range=(0.4, 0.6),
         eval_windows=2, min_windows=1, seq_len=32, calib_samples=4, cache_dir=str(folder / "cache"),
+        **TRIALS_ONLY,
     )
     run_search(config, progress=False)
     return config

@@ -10,7 +10,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import WORDS, save_tiny_model, synthetic_text, tiny_llama_config
+from conftest import TRIALS_ONLY, WORDS, save_tiny_model, synthetic_text, tiny_llama_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -156,6 +156,7 @@ def searched_study(model_dir: Path, data_dir: Path, folder: Path, trials: int) -
         "study": "gguf", "trials": trials, "seeded": False, "population": 4, "space": "depth_layerwise",
         "seed": 6, "method": "sparsegpt", "sparsity_range": [0.3, 0.7], "eval_windows": 3,
         "min_windows": 1, "seq_len": 32, "calib_samples": 8, "cache_dir": str(folder / "cache"),
+        **TRIALS_ONLY,
     }
     (folder / "search.yaml").write_text(yaml.safe_dump(config))
     assert main(["search", "--config", str(folder / "search.yaml"), "--format", "json"]) == 0

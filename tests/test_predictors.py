@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import optuna
 import pytest
-from conftest import copy_search, run_cli, tiny_config
+from conftest import TRIALS_ONLY_FLAGS, copy_search, run_cli, tiny_config
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from autoprune import CalibrationConfig, prepare
@@ -305,7 +305,7 @@ def test_search_flag_turns_screening_on(tiny_llama_dir, data_dir, tmp_path, caps
     code, _, err = run_cli(
         capsys, "search", *[part for pair in zip(flags, values, strict=True) for part in pair],
         "--trials", 20, "--population", 4, "--sparsity-range", 0.3, 0.7, "--eval-windows", 2,
-        "--min-windows", 1, "--seq-len", 32, "--calib-samples", 8, "--predictor", "on", "--format", "json",
+        "--min-windows", 1, "--seq-len", 32, "--calib-samples", 8, "--predictor", "on", "--format", "json", *TRIALS_ONLY_FLAGS,
     )
     assert code == 0, err
     study = load_existing_study(config.storage, STUDY)

@@ -20,7 +20,7 @@ import pytest
 import ray
 import ray.cloudpickle
 import torch
-from conftest import GRACE_S, HEARTBEAT, STATES_QUERY, assert_resumed, free_port, kill_mid_trial, tiny_config
+from conftest import GRACE_S, HEARTBEAT, STATES_QUERY, TRIALS_ONLY_FLAGS, assert_resumed, free_port, kill_mid_trial, tiny_config
 from optuna.trial import TrialState
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -63,7 +63,7 @@ def cli_args(config: SearchConfig, storage: str) -> list[str]:
     for name in ("model", "data", "study", "trials", "space", "method", "population", "eval_windows",
                  "min_windows", "seq_len", "calib_samples", "threads", "seeded", "cache_dir"):
         flags += ["--" + name.replace("_", "-"), str(getattr(config, name))]
-    return flags + ["--sparsity-range", *map(str, config.sparsity_range)]
+    return flags + ["--sparsity-range", *map(str, config.sparsity_range), *TRIALS_ONLY_FLAGS]
 
 
 class Faulty(TrialWorker):

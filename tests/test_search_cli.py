@@ -11,7 +11,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import copy_study_folder, run_cli
+from conftest import TRIALS_ONLY, copy_study_folder, run_cli
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autoprune.cli import main
@@ -32,7 +32,7 @@ def searched_source(tiny_llama_dir, data_dir, tmp_path_factory):
         "model": str(tiny_llama_dir), "data": str(data_dir), "storage": f"sqlite:///{folder / 's.db'}",
         "study": STUDY, "trials": 10, "seeded": False, "population": 4, "space": "depth_layerwise", "seed": 6,
         "method": "sparsegpt", "sparsity_range": [0.3, 0.7], "eval_windows": 3, "min_windows": 1,
-        "seq_len": 32, "calib_samples": 8, "cache_dir": str(folder / "cache"),
+        "seq_len": 32, "calib_samples": 8, "cache_dir": str(folder / "cache"), **TRIALS_ONLY,
     }
     (folder / "search.yaml").write_text(yaml.safe_dump(config))
     assert main(["search", "--config", str(folder / "search.yaml"), "--format", "json"]) == 0

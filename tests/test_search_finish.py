@@ -4,12 +4,16 @@ refuses in one line."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import optuna
 import pytest
 from conftest import run_cli, tiny_config
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState, create_trial
 
+from autoprune.cli import build_parser
+from autoprune.cli._common import given_field_flags
 from autoprune.errors import AutopruneError
 from autoprune.plan import LayerSpec
 from autoprune.study import SearchConfig, front_trials, load_existing_study, member_at, refine_trial, run_search
@@ -107,3 +111,59 @@ def test_the_cli_refuses_a_target_outside_the_range_before_writing(tiny_llama_di
                            f"sqlite:///{tmp_path / 's.db'}", "--refine-targets", "0.95")
     assert code == 2 and err.strip().count("\n") == 0 and "refine_targets" in err
     assert not (tmp_path / "s.db").exists()
+
+
+MAIN_JOB = Path(__file__).parents[1] / "configs" / "smollm2-default.yaml"
+
+
+def test_the_main_jobs_finish_is_what_flags_alone_get():
+    """The main job's file spells out its database and finishing keys; a search started without
+    a file, on the same range, gets the same values from the defaults."""
+    main_job = SearchConfig.load(MAIN_JOB, {})
+    from_flags = SearchConfig.load(None, {"sparsity_range": main_job.sparsity_range})
+    keys = ("method", "population", "eval_windows", "database", "database_grid", "refine_targets",
+            "refine_method", "refine_generations", "refine_offspring", "refine_select_windows",
+            "refine_sequential")
+    assert {key: getattr(from_flags, key) for key in keys} == {key: getattr(main_job, key) for key in keys}
+    assert main_job.database and main_job.refine_targets and main_job.refine_sequential
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        ([], (True, [0.6, 0.7], "admm", [0.7])),
+        (["--sparsity-range", "0.3", "0.65"], (True, [0.6], "admm", [])),  # targets outside left out
+        (["--sparsity-range", "0.2", "0.5"], (True, [], "admm", [])),
+        (["--refine-targets"], (True, [], "admm", [])),  # the flag alone: no refinement
+        (["--refine-targets", "0.55", "--refine-method", "wanda"], (True, [0.55], "wanda", [])),
+        (["--space", "nm"], (True, [], None, [])),  # no unstructured allocation to move
+        (["--space", "depth"], (True, [], None, [])),
+        (["--space", "subnet"], (False, [], None, [])),  # refined on widths; no database of cuts
+        (["--database", "false"], (False, [0.6, 0.7], "admm", [0.7])),
+    ],
+)
+def test_finishing_defaults_follow_the_space_and_the_range(flags, expected):
+    args = build_parser().parse_args(["search", *flags])
+    config = SearchConfig.load(None, given_field_flags(args, SearchConfig))
+    assert (config.database, config.refine_targets, config.refine_method, config.refine_sequential) == expected
+
+
+def test_a_search_from_flags_alone_finishes_as_the_main_job_does(tiny_llama_dir, data_dir, tmp_path, capsys):
+    """No config file, no database or refine flag: the trials are assembled from the database and
+    the members at 60% and 70% refined with ADMM, the 70% one also measured block after block."""
+    storage = f"sqlite:///{tmp_path / 's.db'}"
+    code, _, err = run_cli(
+        capsys, "search", "--model", tiny_llama_dir, "--data", data_dir, "--storage", storage,
+        "--study", "flags", "--trials", 6, "--population", 4, "--seeded", "false",
+        "--sparsity-range", 0.5, 0.75, "--eval-windows", 3, "--min-windows", 1, "--seq-len", 32,
+        "--calib-samples", 8, "--cache-dir", tmp_path / "cache", "--refine-generations", 1,
+        "--refine-offspring", 2, "--refine-select-windows", 1, "--format", "json",
+    )
+    assert code == 0, err
+    trials = load_existing_study(storage, "flags").get_trials(deepcopy=False)
+    parents = {target: member_at(trials, target, searched_only=True).number for target in (0.6, 0.7)}
+    refined = {t.user_attrs["refined_from"]: t for t in trials if "refined_from" in t.user_attrs}
+    assert set(refined) == set(parents.values())
+    assert all(t.user_attrs["plan_summary"]["method"] == "admm" for t in refined.values())
+    assert "sequential" in refined[parents[0.7]].user_attrs  # (on random weights one parent may serve both)
+    assert list((tmp_path / "cache" / "variants").rglob("sparsegpt/*/*.safetensors"))  # trials read it

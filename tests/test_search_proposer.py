@@ -8,6 +8,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import TRIALS_ONLY
 from optuna.distributions import CategoricalDistribution
 
 from autoprune.errors import AutopruneError
@@ -27,7 +28,7 @@ def small_config(model_dir: Path, data_dir: Path, folder: Path, **overrides) -> 
         study="proposed", trials=6, population=2, space="layerwise", method="magnitude",
         sparsity_range=(0.3, 0.7), eval_windows=1, min_windows=1, seq_len=32, calib_samples=4,
         cache_dir=str(folder / "cache"), early_stop_margin=None, seeded=False,
-        baseline_targets=[0.5],
+        baseline_targets=[0.5], **TRIALS_ONLY,
     )
     return SearchConfig(**{**settings, **overrides})
 

@@ -13,7 +13,7 @@ import time
 
 import optuna
 import pytest
-from conftest import GRACE_S, HEARTBEAT, STATES_QUERY, assert_resumed, kill_mid_trial
+from conftest import GRACE_S, HEARTBEAT, STATES_QUERY, TRIALS_ONLY_FLAGS, assert_resumed, kill_mid_trial
 
 TRIALS = 10
 
@@ -24,7 +24,7 @@ def search_command(model_dir, data_dir, db) -> list[str]:
         str(data_dir), "--storage", f"sqlite:///{db}", "--study", "resume", "--trials", str(TRIALS),
         "--seeded", "false", "--space", "layerwise", "--method", "sparsegpt", "--population", "4", "--sparsity-range",
         "0.3", "0.7", "--eval-windows", "4", "--min-windows", "1", "--seq-len", "32",
-        "--calib-samples", "8", "--threads", "1", "--format", "json",
+        "--calib-samples", "8", "--threads", "1", "--format", "json", *TRIALS_ONLY_FLAGS,
     ]
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import TRIALS_ONLY
 
 from autoprune.errors import AutopruneError
 from autoprune.study import (
@@ -99,7 +100,7 @@ def test_postgres_with_the_password_from_the_environment(
     config = SearchConfig(
         model=str(tiny_llama_dir), data=str(data_dir), storage=url, study=study_name, trials=3,
         space="uniform", sparsity_range=(0.3, 0.6), eval_windows=2, min_windows=1, seq_len=32,
-        calib_samples=8, cache_dir=str(tmp_path / "cache"),
+        calib_samples=8, cache_dir=str(tmp_path / "cache"), **TRIALS_ONLY,
     )
     summary = run_search(config, progress=False)
     assert summary.finished == 3 and summary.front

@@ -15,7 +15,7 @@ import time
 import optuna
 import pytest
 from optuna.trial import TrialState
-from conftest import assert_resumed, kill_mid_trial, stop_mid_trial
+from conftest import TRIALS_ONLY_FLAGS, assert_resumed, kill_mid_trial, stop_mid_trial
 
 from autoprune.study import counts_toward_budget
 from autoprune.study._storage import PASSWORD_ENV, open_storage
@@ -29,7 +29,7 @@ def _command(model_dir, data_dir, url: str, study: str) -> list[str]:
         "--storage", url, "--study", study, "--trials", str(TRIALS), "--seeded", "false",
         "--space", "layerwise", "--method", "sparsegpt", "--population", "4",
         "--sparsity-range", "0.3", "0.7", "--eval-windows", "4", "--min-windows", "1", "--seq-len", "32",
-        "--calib-samples", "8", "--threads", "1", "--format", "json",
+        "--calib-samples", "8", "--threads", "1", "--format", "json", *TRIALS_ONLY_FLAGS,
     ]
 
 

@@ -30,14 +30,14 @@ from autoprune.study import (
 )
 from autoprune.study._settings import SETTINGS_ATTR
 from autoprune.study.refine import EvolutionState, RefineConfig, record_refinement
-from conftest import save_tiny_model, synthetic_text, tiny_llama_config
+from conftest import TRIALS_ONLY, save_tiny_model, synthetic_text, tiny_llama_config
 
 LEGACY = Path(__file__).parent / "data" / "legacy_study.journal"
 #: What the generator asked for (``make_legacy_study.py``); the study must resume with exactly this.
 LEGACY_CONFIG = dict(
     model="model", data="data", study="legacy", trials=3, population=2, seeded=False,
     space="layerwise", method="wanda", sparsity_range=(0.4, 0.6), eval_windows=2, min_windows=1,
-    seq_len=32, calib_samples=4, objective="ppl", max_ppl=1e6,
+    seq_len=32, calib_samples=4, objective="ppl", max_ppl=1e6, **TRIALS_ONLY,
 )
 
 
@@ -82,7 +82,7 @@ def test_settings_round_trip_through_a_study_in_the_stored_form():
     assert json.loads(json.dumps(raw)) == raw and StudySettings.model_validate(raw) == settings
     # the worker a study's settings make measures as the search's own workers did
     assert settings.worker_spec(cache_dir="c", min_windows=config.min_windows) == config.worker_spec().model_copy(
-        update={"cache_dir": "c", "threads": None, "device": "cpu"}
+        update={"cache_dir": "c", "threads": None, "device": "cpu", "database": None}
     )
     assert settings.worker_spec().calibration == config.calibration()
 

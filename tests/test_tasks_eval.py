@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import TRIALS_ONLY
 import yaml
 
 from autoprune.cli import main
@@ -83,6 +84,7 @@ def test_front_tasks_records_each_front_members_scores(tiny_llama_dir, data_dir,
         "study": "tasks", "trials": 4, "seeded": False, "population": 4, "space": "layerwise",
         "seed": 1, "method": "wanda", "sparsity_range": [0.3, 0.7], "eval_windows": 2,
         "min_windows": 1, "seq_len": 32, "calib_samples": 8, "cache_dir": str(tmp_path / "cache"),
+        **TRIALS_ONLY,
     }
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(config))
     assert main(["search", "--config", str(tmp_path / "search.yaml"), "--format", "json"]) == 0

@@ -51,13 +51,14 @@ def given_field_flags(args: argparse.Namespace, model: type[BaseModel]) -> dict[
 
 
 def _nargs(annotation: object) -> int | str | None:
-    """2 for a pair, ``+`` for a list, None for a single value (optional or not)."""
+    """2 for a pair, ``*`` for a list (the flag alone: an empty one), None for a single value
+    (optional or not)."""
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
     origin = typing.get_origin(annotation)
     if origin is tuple:
         return len(typing.get_args(annotation))
-    return "+" if origin is list else None
+    return "*" if origin is list else None
 
 
 def parse_fraction(text: str) -> float:

@@ -63,8 +63,10 @@ class SearchConfig(DatabaseFields, FinishFields):
     """One search: which model and data, where the study lives, what to search and how.
 
     The defaults are the main job's choices (``configs/smollm2-default.yaml``: SparseGPT
-    allocations, populations of 12, 6 validation windows), so a search started with flags alone
-    searches what ``make search`` does; the main job's file adds its size targets and time budget."""
+    allocations assembled from the variant database, populations of 12, 6 validation windows, the
+    front members at 60% and 70% refined with ADMM's weights), so a search started with flags alone
+    searches and finishes as ``make search`` does; the main job's file adds its range, baseline
+    targets and time budget."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -132,6 +134,10 @@ class SearchConfig(DatabaseFields, FinishFields):
     cache_dir: str | None = Field(None, description="calibration cache folder")
     device: str = Field("cpu", description="torch device of the worker")
     threads: Annotated[int, Field(ge=1)] | None = Field(None, description="torch threads of the worker")
+    database: bool | None = Field(
+        None, description="assemble plans from the variant database of pruned layers (lazily built; "
+        "default: on, except for the subnet space)"
+    )
     predictor: Literal["on", "off"] = Field(
         "off", description="screen candidates with the accuracy predictor after the first population"
     )
@@ -169,6 +175,9 @@ class SearchConfig(DatabaseFields, FinishFields):
             if "objective" in self.model_fields_set and self.objective != quality:
                 raise ValueError(f"objective {self.objective!r} is not the quality objectives names ({quality!r})")
             self.objective = quality
+        if self.database is None:  # it holds pruned layers, not a sub-network's cuts
+            self.database = self.space != SUBNET_SPACE
+        self.fill_finish_defaults(SearchSpace.named(self.space).unstructured, self.sparsity_range)
         low, high = self.sparsity_range
         for key in ("baseline_targets", "refine_targets"):
             if any(not low <= t <= high for t in getattr(self, key) or ()):

@@ -122,9 +122,10 @@ def run_search(
                 study.sampler = config.make_sampler(seed_offset=len(study.get_trials(deepcopy=False)))
                 orphans = requeue_stale(study, storage, lease.grace)
                 if not study.user_attrs.get(BASELINES_ATTR):
-                    for label, params in space.baselines(ctx, config.targets).items():
+                    targets = ctx.on_target_grid(config.targets)
+                    for label, params in space.baselines(ctx, targets).items():
                         study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
-                    for label, params in space.seeds(ctx, config.targets).items() if config.seeded else ():
+                    for label, params in space.seeds(ctx, targets).items() if config.seeded else ():
                         study.enqueue_trial(params, user_attrs={"seed": label}, skip_if_exists=True)
                     study.set_user_attr(BASELINES_ATTR, True)
                 _Loop(study, space, ctx, distributions, config, executor, proposer, lease).run(progress)

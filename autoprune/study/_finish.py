@@ -31,28 +31,55 @@ if TYPE_CHECKING:
     from autoprune.study._config import SearchConfig
 
 
+#: What a search finishes with unless its config says otherwise: the main job's choices
+#: (``configs/smollm2-default.yaml``), so a search started from flags alone ends as ``make search``
+#: does. Targets outside the search's range are left out; a sub-network search refines nothing.
+DEFAULT_REFINE_TARGETS = (0.6, 0.7)
+DEFAULT_REFINE_METHOD: MethodName = "admm"
+DEFAULT_REFINE_SEQUENTIAL = (0.7,)
+
+
 class FinishFields(BaseModel):
     """The ``refine_*`` keys of a search config (flat, so each is a flag)."""
 
-    refine_targets: list[Annotated[float, Field(ge=0.0, le=MAX_LAYER_SPARSITY)]] = Field(
-        default_factory=list,
+    refine_targets: list[Annotated[float, Field(ge=0.0, le=MAX_LAYER_SPARSITY)]] | None = Field(
+        None,
         description="after the trials, refine the front member nearest each of these sparsities "
-        "(at or above it) and add the result to the study (default: none)",
+        "(at or above it) and add the result to the study (default: those of 0.6 and 0.7 inside "
+        "sparsity_range; the flag without a value or [] in YAML: none)",
     )
     refine_method: MethodName | None = Field(
-        None, description="prune the refined allocations with this method (default: the study's own)"
+        DEFAULT_REFINE_METHOD,
+        description="prune the refined allocations with this method (default: admm; null in YAML: "
+        "the study's own)",
     )
-    refine_generations: Annotated[int, Field(ge=1)] = Field(8, description="generations per refinement")
+    refine_generations: Annotated[int, Field(ge=1)] = Field(9, description="generations per refinement")
     refine_offspring: Annotated[int, Field(ge=FINALISTS)] = Field(8, description="candidates per generation")
     refine_select_windows: Annotated[int, Field(ge=1)] = Field(
         2, description="whole windows the finalists and the parent are compared on each generation"
     )
-    refine_sequential: list[float] = Field(
-        default_factory=list,
+    refine_sequential: list[float] | None = Field(
+        None,
         description="of refine_targets, those whose refined member is also measured pruned block "
         "after block (`export --sequential`, a calibration pass each); export writes that variant "
-        "where it is better (default: none)",
+        "where it is better (default: 0.7 where it is a target)",
     )
+
+    def fill_finish_defaults(self, unstructured: bool, bounds: tuple[float, float]) -> None:
+        """Give the keys a config left unset the main job's values where they apply: its targets
+        inside ``bounds`` and, of those, its block-after-block one, for a space of unstructured
+        allocations; none of it, and no other method, for the others (blocks removed, N:M
+        patterns, a sub-network refined on its widths). Keys that were set stay as set, to be
+        checked as they are."""
+        if self.refine_targets is None:
+            low, high = bounds
+            defaults = [t for t in DEFAULT_REFINE_TARGETS if low <= t <= high]
+            self.refine_targets = defaults if unstructured else []
+        if self.refine_sequential is None:
+            defaults = [t for t in DEFAULT_REFINE_SEQUENTIAL if t in self.refine_targets]
+            self.refine_sequential = defaults if unstructured else []
+        if not unstructured and "refine_method" not in self.model_fields_set:
+            self.refine_method = None
 
 
 def refine_front(config: SearchConfig, progress: bool = False) -> tuple[list[RefineSummary], list[float]]:

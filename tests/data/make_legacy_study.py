@@ -37,7 +37,7 @@ def main() -> None:
         model="model", data="data", storage=f"journal://{JOURNAL}", study="legacy", trials=3,
         population=2, seeded=False, space="layerwise", method="wanda", sparsity_range=(0.4, 0.6),
         eval_windows=2, min_windows=1, seq_len=32, calib_samples=4, objective="ppl", max_ppl=1e6,
-        cache_dir="cache",
+        cache_dir="cache", database=False, refine_targets=[],
     )
     run_search(config, progress=False)
     shutil.copy(JOURNAL, Path(__file__).parent / JOURNAL)
