@@ -40,7 +40,8 @@ class Pruner:
     ) -> None:
         self.loaded = loaded
         self.stats = stats
-        #: Pruned variants read instead of pruned again, and stored once pruned (on-grid levels).
+        #: Pruned variants and sub-network cuts read instead of computed again, and stored once
+        #: computed.
         self.database = database
         self.adapter = loaded.adapter
         self.layer_names = self.adapter.all_layer_names(loaded.model)
@@ -48,7 +49,7 @@ class Pruner:
             name: loaded.model.get_submodule(name).weight.data for name in self.layer_names
         }
         self._methods: dict[str, PruningMethod] = {}
-        self._cuts = CutCache()
+        self._cuts = CutCache(store=database.cuts if database is not None else None)
 
     @property
     def num_blocks(self) -> int:

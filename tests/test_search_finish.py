@@ -138,7 +138,7 @@ def test_the_main_jobs_finish_is_what_flags_alone_get():
         (["--refine-targets", "0.55", "--refine-method", "wanda"], (True, [0.55], "wanda", [])),
         (["--space", "nm"], (True, [], None, [])),  # no unstructured allocation to move
         (["--space", "depth"], (True, [], None, [])),
-        (["--space", "subnet"], (False, [], None, [])),  # refined on widths; no database of cuts
+        (["--space", "subnet"], (True, [], None, [])),  # refined on its widths
         (["--database", "false"], (False, [0.6, 0.7], "admm", [0.7])),
     ],
 )

@@ -25,7 +25,8 @@ STUDY = "tiny"
 @pytest.fixture(scope="module")
 def subnet_study(tiny_llama_dir, data_dir, tmp_path_factory) -> SearchConfig:
     folder = tmp_path_factory.mktemp("subnet")
-    config = tiny_config(tiny_llama_dir, data_dir, folder, space="subnet", sparsity_range=None, trials=8)
+    config = tiny_config(tiny_llama_dir, data_dir, folder, space="subnet", sparsity_range=None, trials=8,
+                         database=True)
     run_search(config, progress=False)
     return config
 
@@ -56,6 +57,8 @@ def test_subnet_trials_are_cut_models_measured_on_params_latency_and_ppl(subnet_
         assert trial.user_attrs["plan"]["structure"] is not None
     smaller = [t for t in complete if t.user_attrs["size"]["sparsity"] > 0.05]
     assert smaller and all(t.values[1] > 0 for t in smaller)
+    # the trials' cuts were stored in the variant database (the search's default), for later processes
+    assert list(Path(subnet_study.cache_dir, "variants").rglob("cuts/block_*/*.safetensors"))
 
 
 def test_front_rows_carry_params_latency_and_ppl(subnet_study, capsys):

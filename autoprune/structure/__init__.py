@@ -8,6 +8,7 @@ layers a plan may also prune (:func:`kept_inputs`).
 from autoprune.structure._build import (
     BlockCut,
     CutCache,
+    CutStore,
     build_subnet,
     choose_cuts,
     decoder_linear_params,
@@ -44,6 +45,7 @@ __all__ = [
     "DEFAULT_STRUCTURED_METHOD",
     "BlockCut",
     "CutCache",
+    "CutStore",
     "BlockShape",
     "BlockWidths",
     "ModelDims",

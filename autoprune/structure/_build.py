@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
@@ -54,20 +54,34 @@ def model_dims(model: PreTrainedModel) -> ModelDims:
     return ModelDims.of(config)
 
 
-class CutCache:
-    """Kept units and corrected consuming weights of (block, sub-block, width, method) already
-    cut, newest last, at most ``size`` of them: a search's trials share most block widths, and a
-    width is the same cut in every trial, so it is chosen and corrected once."""
+class CutStore(Protocol):
+    """Where cuts outlive a process: :class:`autoprune.variants.CutStore`, in a variant database."""
 
-    def __init__(self, size: int = 512) -> None:
+    def load(self, key: tuple) -> list[int] | torch.Tensor | None: ...
+
+    def save(self, key: tuple, value: list[int] | torch.Tensor) -> None: ...
+
+
+class CutCache:
+    """Kept units and corrected consuming weights of (what, block, method, width) already cut,
+    newest last, at most ``size`` of them: a search's trials share most block widths, and a width
+    is the same cut in every trial, so it is chosen and corrected once. With a ``store`` (a
+    variant database) a cut computed in one process is read in the next."""
+
+    def __init__(self, size: int = 512, store: CutStore | None = None) -> None:
         self.size = size
+        self.store = store
         self._entries: OrderedDict[tuple, object] = OrderedDict()
 
     def get(self, key: tuple, compute: Callable[[], T]) -> T:
         if key in self._entries:
             self._entries.move_to_end(key)
             return self._entries[key]
-        value = compute()
+        value = self.store.load(key) if self.store is not None else None
+        if value is None:
+            value = compute()
+            if self.store is not None:
+                self.store.save(key, value)
         self._entries[key] = value
         if len(self._entries) > self.size:
             self._entries.popitem(last=False)
@@ -93,15 +107,10 @@ def choose_cuts(
     for index, shape in enumerate(shapes):
         if shape is None:
             continue
-        heads = cache.get(
-            ("heads", index, structure.method, shape.kv_groups, shape.heads_per_group),
-            lambda: _kept(model, stats, method, index, "self_attn.o_proj", heads_layout,
-                          shape.kv_groups, shape.heads_per_group),
-        )
-        channels = cache.get(
-            ("channels", index, structure.method, shape.ffn),
-            lambda: _kept(model, stats, method, index, "mlp.down_proj", ffn_layout, 1, shape.ffn),
-        )
+        heads = _kept(model, stats, method, index, "self_attn.o_proj", heads_layout,
+                      shape.kv_groups, shape.heads_per_group, cache, ("heads", index, structure.method))
+        channels = _kept(model, stats, method, index, "mlp.down_proj", ffn_layout, 1, shape.ffn,
+                         cache, ("channels", index, structure.method))
         cuts.append(BlockCut(index, shape, heads, channels))
     return cuts
 
@@ -115,7 +124,11 @@ def _kept(
     layout: UnitLayout,
     groups: int,
     per_group: int,
+    cache: CutCache,
+    key: tuple,
 ) -> list[int]:
+    """The units a sub-block keeps at ``groups`` x ``per_group``: all or none at once, else
+    chosen by ``method`` (through ``cache``, under ``key`` and the width)."""
     if per_group == 0 or groups == 0:
         return []
     if groups == layout.n_groups and per_group == layout.units_per_group:
@@ -124,7 +137,8 @@ def _kept(
         raise AutopruneError("cutting heads or channels needs calibration statistics")
     name = LlamaFamilyAdapter().layer_name(index, layer)
     weight = model.get_submodule(name).weight.detach()
-    return method.select(weight, stats.layer(name), layout, groups, per_group)
+    return cache.get((*key, groups, per_group),
+                     lambda: method.select(weight, stats.layer(name), layout, groups, per_group))
 
 
 def build_subnet(
@@ -230,15 +244,16 @@ def _sliced_state(
             kv_heads = sorted({head // dims.heads_per_group for head in cut.heads})
             kv_rows = torch.tensor(UnitLayout(dims.head_dim, 1, dims.num_kv_heads).columns(kv_heads))
             producers = {"self_attn.q_proj": q_rows, "self_attn.k_proj": kv_rows, "self_attn.v_proj": kv_rows}
+            # the kept heads follow from the block, method and width: those name the cut
+            key = ("o_proj", cut.index, structure.method, correct, cut.shape.kv_groups, cut.shape.heads_per_group)
             _put_sub_block(source, old, put, producers, "self_attn.o_proj", q_rows, "input_layernorm",
-                           lambda compute: cache.get(("o_proj", cut.index, structure.method, correct,
-                                                      tuple(cut.heads)), compute), stats, correct)
+                           lambda compute, key=key: cache.get(key, compute), stats, correct)
         if cut.channels:
             rows = torch.tensor(cut.channels)
             producers = {"mlp.gate_proj": rows, "mlp.up_proj": rows}
+            key = ("down_proj", cut.index, structure.method, correct, cut.shape.ffn)
             _put_sub_block(source, old, put, producers, "mlp.down_proj", rows, "post_attention_layernorm",
-                           lambda compute: cache.get(("down_proj", cut.index, structure.method, correct,
-                                                      tuple(cut.channels)), compute), stats, correct)
+                           lambda compute, key=key: cache.get(key, compute), stats, correct)
     return state
 
 
@@ -262,7 +277,10 @@ def _put_sub_block(
                 tensor = source[f"{old}{layer}.{kind}"]
                 put(f"{layer}.{kind}", tensor if len(rows) == tensor.shape[0] else tensor[rows])
     weight = source[f"{old}{consumer}.weight"]
-    put(f"{consumer}.weight", cached(lambda: _consumer(weight, columns, stats, old + consumer, correct)))
+    if len(columns) == weight.shape[1]:  # nothing cut: the dense layer itself
+        put(f"{consumer}.weight", weight)
+    else:
+        put(f"{consumer}.weight", cached(lambda: _consumer(weight, columns, stats, old + consumer, correct)))
     if f"{old}{consumer}.bias" in source:
         put(f"{consumer}.bias", source[f"{old}{consumer}.bias"])
     put(f"{norm}.weight", source[f"{old}{norm}.weight"])
@@ -276,9 +294,7 @@ def _consumer(
     correct: bool,
 ) -> torch.Tensor:
     """The consuming layer restricted to the kept input columns, least-squares corrected when
-    asked and something was cut."""
-    if len(columns) == weight.shape[1]:
-        return weight
+    asked."""
     if not correct:
         return weight[:, columns]
     if stats is None:

@@ -134,9 +134,9 @@ class SearchConfig(DatabaseFields, FinishFields):
     cache_dir: str | None = Field(None, description="calibration cache folder")
     device: str = Field("cpu", description="torch device of the worker")
     threads: Annotated[int, Field(ge=1)] | None = Field(None, description="torch threads of the worker")
-    database: bool | None = Field(
-        None, description="assemble plans from the variant database of pruned layers (lazily built; "
-        "default: on, except for the subnet space)"
+    database: bool = Field(
+        True, description="assemble plans from the variant database of pruned layers and sub-network "
+        "cuts (lazily built)"
     )
     predictor: Literal["on", "off"] = Field(
         "off", description="screen candidates with the accuracy predictor after the first population"
@@ -175,8 +175,6 @@ class SearchConfig(DatabaseFields, FinishFields):
             if "objective" in self.model_fields_set and self.objective != quality:
                 raise ValueError(f"objective {self.objective!r} is not the quality objectives names ({quality!r})")
             self.objective = quality
-        if self.database is None:  # it holds pruned layers, not a sub-network's cuts
-            self.database = self.space != SUBNET_SPACE
         self.fill_finish_defaults(SearchSpace.named(self.space).unstructured, self.sparsity_range)
         low, high = self.sparsity_range
         for key in ("baseline_targets", "refine_targets"):

@@ -1,16 +1,16 @@
 """A per-layer database of pruned variants at discrete levels (EvoPress / DarwinLM design): each
 layer's weight at each level is pruned once from the cached statistics and assembled into plan
-after plan."""
+after plan; sub-network cuts (a block's kept heads or channels at a width, corrected) likewise."""
 
 from autoprune.variants._build import BuildReport, build_database
+from autoprune.variants._cuts import CutStore
 from autoprune.variants._database import (
     DATABASE_FORMAT_VERSION,
-    DatabaseCounters,
     DatabaseSettings,
     VariantDatabase,
     default_database_dir,
 )
-from autoprune.variants._entry import read_entry, write_entry
+from autoprune.variants._entry import DatabaseCounters, read_entry, write_entry
 from autoprune.variants._levels import (
     DEFAULT_GRID,
     Level,
@@ -24,6 +24,7 @@ __all__ = [
     "DATABASE_FORMAT_VERSION",
     "DEFAULT_GRID",
     "BuildReport",
+    "CutStore",
     "DatabaseCounters",
     "DatabaseSettings",
     "Level",

@@ -12,9 +12,7 @@ sees it reads and adds entries, each written atomically (see :mod:`autoprune.var
 
 from __future__ import annotations
 
-import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,11 +21,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from autoprune._atomic import warn_damaged
 from autoprune.calibration import CalibrationStats, default_cache_dir
 from autoprune.methods import LayerJob, PruningMethod
-from autoprune.variants._entry import read_entry, write_entry
+from autoprune.variants._cuts import CUTS_FOLDER, CutStore
+from autoprune.variants._entry import DatabaseCounters, read_entry, write_entry
 from autoprune.variants._levels import DEFAULT_GRID, level_key
 
 DATABASE_FORMAT_VERSION = 1
-_LOG = logging.getLogger("autoprune.cache")
 
 
 def default_database_dir(cache_dir: Path | None = None) -> Path:
@@ -55,19 +53,6 @@ class DatabaseSettings(BaseModel):
         """The database of ``stats`` in this folder (the cache's ``variants/`` when unset)."""
         folder = Path(self.folder) if self.folder else default_database_dir(cache_dir)
         return VariantDatabase(stats, folder)
-
-
-@dataclass
-class DatabaseCounters:
-    """What a database did since it was opened (for reports and tests)."""
-
-    read: int = 0
-    written: int = 0
-    rebuilt: int = 0
-    bytes_written: int = 0
-    damaged: list[str] = field(default_factory=list)
-    #: Set once a write failed: the folder is read, not written, from then on.
-    unwritable: bool = False
 
 
 class VariantDatabase:
@@ -127,18 +112,14 @@ class VariantDatabase:
         database (an entry is whole or absent, never half)."""
         for job in jobs:
             key = _key(job)
-            if key is None or self.counters.unwritable:
-                continue
-            path = self.path(method, job.name, key)
-            try:
-                self.counters.bytes_written += write_entry(path, weights[job.name])
-            except OSError as error:
-                self.counters.unwritable = True
-                _LOG.warning("autoprune: warning: variant database %s cannot be written (%s); "
-                             "pruning without storing", self.root, error.strerror or error)
-                continue
-            self.counters.rebuilt += str(path) in self.counters.damaged
-            self.counters.written += 1
+            if key is not None:
+                path = self.path(method, job.name, key)
+                self.counters.keep(self.root, path, lambda: write_entry(path, weights[job.name]))
+
+    @property
+    def cuts(self) -> CutStore:
+        """The sub-network cuts stored beside the pruned layers (same model and statistics)."""
+        return CutStore(self.root / CUTS_FOLDER, self.counters)
 
     def disk_bytes(self, method: str | None = None) -> int:
         """Bytes the stored entries take (of one method, or all)."""

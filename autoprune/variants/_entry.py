@@ -15,8 +15,11 @@ whole files.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -30,17 +33,67 @@ READABLE_FORMATS = frozenset({"1", ENTRY_FORMAT})
 _SHA = "sha256"
 #: Files this process has checked against their sha256, by (path, inode, size, mtime).
 _VERIFIED: set[tuple[str, int, int, int]] = set()
+_LOG = logging.getLogger("autoprune.cache")
+
+
+@dataclass
+class DatabaseCounters:
+    """What a database did since it was opened (for reports and tests)."""
+
+    read: int = 0
+    written: int = 0
+    rebuilt: int = 0
+    bytes_written: int = 0
+    damaged: list[str] = field(default_factory=list)
+    #: Set once a write failed: the folder is read, not written, from then on.
+    unwritable: bool = False
+
+    def keep(self, root: Path, path: Path, write: Callable[[], int]) -> None:
+        """Count the entry ``write`` stores at ``path`` (returning its bytes). A folder that
+        cannot be written (a read-only share, a full disk) is said once, in one warning line, and
+        not written again: what would be stored is computed as without a database (an entry is
+        whole or absent, never half)."""
+        if self.unwritable:
+            return
+        try:
+            self.bytes_written += write()
+        except OSError as error:
+            self.unwritable = True
+            _LOG.warning("autoprune: warning: variant database %s cannot be written (%s); "
+                         "computing without storing", root, error.strerror or error)
+            return
+        self.rebuilt += str(path) in self.damaged
+        self.written += 1
 
 
 def write_entry(path: Path, weight: torch.Tensor) -> int:
     """Store ``weight`` at ``path`` atomically, in the smaller layout; its size on disk in bytes."""
     weight = weight.detach().to("cpu").contiguous()
-    tensors = _encode(weight)
-    metadata = {
-        "format": ENTRY_FORMAT,
-        "shape": ",".join(str(size) for size in weight.shape),
-        _SHA: _digest(tensors),
-    }
+    shape = ",".join(str(size) for size in weight.shape)
+    return write_checked(path, _encode(weight), {"format": ENTRY_FORMAT, "shape": shape})
+
+
+def read_entry(path: Path, like: torch.Tensor) -> tuple[torch.Tensor | None, str]:
+    """The weight stored at ``path`` (dtype and shape of ``like``, on its device), or None and
+    what is wrong with the file: unreadable, not matching its sha256, or of another shape/dtype."""
+    tensors, metadata, problem = read_checked(path)
+    if tensors is None:
+        return None, problem
+    if metadata.get("format") not in READABLE_FORMATS:
+        return None, "not a variant file of this format"
+    shape = tuple(int(size) for size in metadata.get("shape", "").split(",") if size)
+    if shape != tuple(like.shape):
+        return None, f"shape {shape}, the layer has {tuple(like.shape)}"
+    weight = _decode(tensors, shape)
+    if weight.dtype != like.dtype:
+        return None, f"dtype {weight.dtype}, the layer has {like.dtype}"
+    return weight.to(like.device), ""
+
+
+def write_checked(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> int:
+    """Store ``tensors`` (on the CPU, contiguous) at ``path`` with ``metadata`` and their sha256,
+    atomically; the file's size in bytes."""
+    metadata = {**metadata, _SHA: _digest(tensors)}
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(dir=path.parent, prefix=".partial-", suffix=".safetensors")
     os.close(handle)
@@ -52,9 +105,9 @@ def write_entry(path: Path, weight: torch.Tensor) -> int:
     return path.stat().st_size
 
 
-def read_entry(path: Path, like: torch.Tensor) -> tuple[torch.Tensor | None, str]:
-    """The weight stored at ``path`` (dtype and shape of ``like``, on its device), or None and
-    what is wrong with the file: unreadable, not matching its sha256, or of another shape/dtype.
+def read_checked(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict[str, str], str]:
+    """The tensors and metadata :func:`write_checked` stored at ``path``, or None and what is
+    wrong with the file (unreadable, no sha256, tensors not matching it).
 
     A file is checked against its sha256 the first time this process reads it; read again
     unchanged (same inode, size and modification time: entries are replaced whole, never
@@ -65,20 +118,14 @@ def read_entry(path: Path, like: torch.Tensor) -> tuple[torch.Tensor | None, str
             metadata = stored.metadata() or {}
             tensors = {name: stored.get_tensor(name) for name in stored.keys()}
     except Exception as error:  # safetensors raises its own error types for a damaged header
-        return None, f"unreadable: {' '.join(str(error).split())[:120] or type(error).__name__}"
-    if metadata.get("format") not in READABLE_FORMATS or _SHA not in metadata:
-        return None, "not a variant file of this format"
+        return None, {}, f"unreadable: {' '.join(str(error).split())[:120] or type(error).__name__}"
+    if _SHA not in metadata:
+        return None, metadata, "not a variant file of this format"
     if identity not in _VERIFIED:
         if _digest(tensors) != metadata[_SHA]:
-            return None, "its tensors do not match their sha256"
+            return None, metadata, "its tensors do not match their sha256"
         _VERIFIED.add(identity)
-    shape = tuple(int(size) for size in metadata.get("shape", "").split(",") if size)
-    if shape != tuple(like.shape):
-        return None, f"shape {shape}, the layer has {tuple(like.shape)}"
-    weight = _decode(tensors, shape)
-    if weight.dtype != like.dtype:
-        return None, f"dtype {weight.dtype}, the layer has {like.dtype}"
-    return weight.to(like.device), ""
+    return tensors, metadata, ""
 
 
 def _encode(weight: torch.Tensor) -> dict[str, torch.Tensor]:
