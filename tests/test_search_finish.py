@@ -139,6 +139,8 @@ def test_the_main_jobs_finish_is_what_flags_alone_get():
         (["--space", "nm"], (True, [], None, [])),  # no unstructured allocation to move
         (["--space", "depth"], (True, [], None, [])),
         (["--space", "subnet"], (True, [], None, [])),  # refined on its widths
+        (["--executor", "ray"], (True, [], "admm", [])),  # a refinement would run on the driver
+        (["--executor", "ray", "--refine-targets", "0.6"], (True, [0.6], "admm", [])),
         (["--database", "false"], (False, [0.6, 0.7], "admm", [0.7])),
     ],
 )

@@ -175,7 +175,10 @@ class SearchConfig(DatabaseFields, FinishFields):
             if "objective" in self.model_fields_set and self.objective != quality:
                 raise ValueError(f"objective {self.objective!r} is not the quality objectives names ({quality!r})")
             self.objective = quality
-        self.fill_finish_defaults(SearchSpace.named(self.space).unstructured, self.sparsity_range)
+        # A search on a cluster refines only when asked: a refinement runs in the driver's
+        # process, which is not where the workers' devices are.
+        self.fill_finish_defaults(self.sparsity_range, SearchSpace.named(self.space).unstructured,
+                                  by_default=self.executor == "in-process")
         low, high = self.sparsity_range
         for key in ("baseline_targets", "refine_targets"):
             if any(not low <= t <= high for t in getattr(self, key) or ()):

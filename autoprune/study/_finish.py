@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 #: What a search finishes with unless its config says otherwise: the main job's choices
 #: (``configs/smollm2-default.yaml``), so a search started from flags alone ends as ``make search``
-#: does. Targets outside the search's range are left out; a sub-network search refines nothing.
+#: does. Targets outside the search's range are left out; searches of other spaces and on a Ray
+#: cluster refine nothing unless told (see ``SearchConfig``).
 DEFAULT_REFINE_TARGETS = (0.6, 0.7)
 DEFAULT_REFINE_METHOD: MethodName = "admm"
 DEFAULT_REFINE_SEQUENTIAL = (0.7,)
@@ -46,7 +47,8 @@ class FinishFields(BaseModel):
         None,
         description="after the trials, refine the front member nearest each of these sparsities "
         "(at or above it) and add the result to the study (default: those of 0.6 and 0.7 inside "
-        "sparsity_range; the flag without a value or [] in YAML: none)",
+        "sparsity_range, for in-process searches of unstructured spaces; the flag without a value "
+        "or [] in YAML: none)",
     )
     refine_method: MethodName | None = Field(
         DEFAULT_REFINE_METHOD,
@@ -65,16 +67,16 @@ class FinishFields(BaseModel):
         "where it is better (default: 0.7 where it is a target)",
     )
 
-    def fill_finish_defaults(self, unstructured: bool, bounds: tuple[float, float]) -> None:
-        """Give the keys a config left unset the main job's values where they apply: its targets
-        inside ``bounds`` and, of those, its block-after-block one, for a space of unstructured
-        allocations; none of it, and no other method, for the others (blocks removed, N:M
-        patterns, a sub-network refined on its widths). Keys that were set stay as set, to be
-        checked as they are."""
+    def fill_finish_defaults(self, bounds: tuple[float, float], unstructured: bool, by_default: bool) -> None:
+        """Give the keys a config left unset the main job's values where they apply: for a space
+        of ``unstructured`` allocations, its method, its targets inside ``bounds`` (where the
+        search refines ``by_default``) and, of the targets, its block-after-block one; for other
+        spaces (blocks removed, N:M patterns, widths) no refinement unless asked and no other
+        method. Keys that were set stay as set, to be checked as they are."""
         if self.refine_targets is None:
             low, high = bounds
             defaults = [t for t in DEFAULT_REFINE_TARGETS if low <= t <= high]
-            self.refine_targets = defaults if unstructured else []
+            self.refine_targets = defaults if unstructured and by_default else []
         if self.refine_sequential is None:
             defaults = [t for t in DEFAULT_REFINE_SEQUENTIAL if t in self.refine_targets]
             self.refine_sequential = defaults if unstructured else []
