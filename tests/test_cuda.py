@@ -148,3 +148,24 @@ def test_a_refinement_on_cuda_walks_the_cpu_path(studied, tmp_path) -> None:
     assert gpu.accepted == cpu.accepted and trial_plan(gpu_trial) == trial_plan(cpu_trial)
     assert gpu_trial.values[0] == cpu_trial.values[0] == parent.values[0]
     assert gpu_trial.values[1] == pytest.approx(cpu_trial.values[1], rel=2e-3)
+
+
+def test_subnet_cuts_read_from_the_database_go_to_the_models_device(tiny_llama_dir, data_dir, tmp_path):
+    """A cut stored by one process comes back on the CPU; the next one's model is on the GPU."""
+    from autoprune.plan import Plan
+    from autoprune.pruner import Pruner
+    from autoprune.structure import BlockWidths, Structure
+    from autoprune.variants import VariantDatabase
+
+    config = CalibrationConfig(source=str(data_dir), n_samples=8, seq_len=32)
+    loaded, stats, _ = prepare(str(tiny_llama_dir), config, tmp_path / "cache", False, "cuda")
+    loaded.model.to("cuda")  # as a search's worker on a GPU holds it
+    plan = Plan(structure=Structure(every_block=BlockWidths(heads_per_group=1, ffn=96)))
+    tokens = torch.arange(16, device="cuda").unsqueeze(0)
+    first = Pruner(loaded, stats, VariantDatabase(stats, tmp_path / "db")).subnet(plan)
+    database = VariantDatabase(stats, tmp_path / "db")
+    again = Pruner(loaded, stats, database).subnet(plan)
+    assert database.counters.read and database.counters.written == 0
+    assert {p.device.type for p in again.parameters()} == {"cuda"}
+    with torch.no_grad():
+        assert torch.equal(again(tokens).logits, first(tokens).logits)

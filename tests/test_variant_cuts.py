@@ -66,3 +66,4 @@ def test_a_damaged_cut_is_recomputed_with_one_warning(prepared, tmp_path, caplog
     (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert "sub-network cut" in line and str(entry) in line and "recomputing" in line
     assert again.counters.rebuilt == again.counters.written == 1
+

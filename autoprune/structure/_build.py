@@ -280,7 +280,9 @@ def _put_sub_block(
     if len(columns) == weight.shape[1]:  # nothing cut: the dense layer itself
         put(f"{consumer}.weight", weight)
     else:
-        put(f"{consumer}.weight", cached(lambda: _consumer(weight, columns, stats, old + consumer, correct)))
+        # a cut read from a database comes on the CPU, in the dtype it was stored in
+        cut = cached(lambda: _consumer(weight, columns, stats, old + consumer, correct))
+        put(f"{consumer}.weight", cut.to(weight.device, weight.dtype))
     if f"{old}{consumer}.bias" in source:
         put(f"{consumer}.bias", source[f"{old}{consumer}.bias"])
     put(f"{norm}.weight", source[f"{old}{norm}.weight"])
