@@ -136,7 +136,7 @@ def _kept(
     if stats is None:
         raise AutopruneError("cutting heads or channels needs calibration statistics")
     name = LlamaFamilyAdapter().layer_name(index, layer)
-    weight = model.get_submodule(name).weight.detach()
+    weight = model.get_submodule(name).weight.detach().cpu()  # beside the statistics
     return cache.get((*key, groups, per_group),
                      lambda: method.select(weight, stats.layer(name), layout, groups, per_group))
 
@@ -172,7 +172,8 @@ def _build(
     subnet.model.rotary_emb = type(subnet.model.rotary_emb)(config=config)  # its buffers are not state
     subnet.tie_weights()
     subnet.eval()
-    return subnet.to(next(model.parameters()).dtype)
+    dense = next(model.parameters())
+    return subnet.to(device=dense.device, dtype=dense.dtype)  # the rotary buffers are made on the CPU
 
 
 def subnet_config(dense: LlamaConfig, shapes: list[BlockShape], dims: ModelDims) -> LlamaConfig:
@@ -280,7 +281,7 @@ def _put_sub_block(
     if len(columns) == weight.shape[1]:  # nothing cut: the dense layer itself
         put(f"{consumer}.weight", weight)
     else:
-        # a cut read from a database comes on the CPU, in the dtype it was stored in
+        # a cut comes on the CPU (solved there, or read from a database), in the dtype it was made in
         cut = cached(lambda: _consumer(weight, columns, stats, old + consumer, correct))
         put(f"{consumer}.weight", cut.to(weight.device, weight.dtype))
     if f"{old}{consumer}.bias" in source:
@@ -301,7 +302,8 @@ def _consumer(
         return weight[:, columns]
     if stats is None:
         raise AutopruneError("the least-squares correction needs calibration statistics")
-    return least_squares_correction(weight, stats.layer(layer).xtx, columns.tolist())
+    # solved beside the statistics, on the CPU, whatever device the model is on
+    return least_squares_correction(weight.cpu(), stats.layer(layer).xtx, columns.tolist())
 
 
 def decoder_linear_params(shapes: list[BlockShape | None], dims: ModelDims) -> int:
