@@ -22,7 +22,7 @@ from search_spaces._layerwise import LayerwiseSpace
 from search_spaces._nm import NMSpace
 from search_spaces._owl import OWLSpace
 from search_spaces._profile import ProfileSpace
-from search_spaces._subnet import SubnetSpace
+from search_spaces._subnet import SubnetSpace, subnet_widths
 from search_spaces._uniform import UniformSpace
 
 __all__ = [
@@ -42,5 +42,6 @@ __all__ = [
     "SpaceContext",
     "SubnetSpace",
     "UniformSpace",
+    "subnet_widths",
     "project_to_budget",
 ]

@@ -79,6 +79,15 @@ class Widths:
         )
 
 
+def subnet_widths(dims: ModelDims) -> tuple[list[tuple[int, int]], list[int]]:
+    """The widths the space cuts a block to, full and empty ones left out: attention as (KV groups,
+    query heads per group), FFN channels; what ``autoprune database build --cuts`` builds ahead."""
+    widths = Widths.of(dims)
+    full = (dims.num_kv_heads, dims.heads_per_group)
+    return ([shape for shape in widths.attention if shape not in ((0, 0), full)],
+            [width for width in widths.ffn if 0 < width < dims.ffn])
+
+
 class SubnetSpace(SearchSpace):
     """Per-block heads and FFN widths, sub-block drops and removed blocks, under a weight budget."""
 

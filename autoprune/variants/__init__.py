@@ -2,7 +2,7 @@
 layer's weight at each level is pruned once from the cached statistics and assembled into plan
 after plan; sub-network cuts (a block's kept heads or channels at a width, corrected) likewise."""
 
-from autoprune.variants._build import BuildReport, build_database
+from autoprune.variants._build import BuildReport, build_cuts, build_database
 from autoprune.variants._cuts import CutStore
 from autoprune.variants._database import (
     DATABASE_FORMAT_VERSION,
@@ -29,6 +29,7 @@ __all__ = [
     "DatabaseSettings",
     "Level",
     "VariantDatabase",
+    "build_cuts",
     "build_database",
     "check_grid",
     "default_database_dir",
