@@ -99,7 +99,11 @@ def test_cuts_built_ahead_serve_every_width_of_the_subnet_space(tiny_llama_dir, 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--structured-method", "random"], "unknown structured method 'random'")],
+    [
+        (["--structured-method", "random"], "unknown structured method 'random'"),
+        (["--levels", "0.5"], "--cuts builds sub-network cuts"),
+        (["--method", "wanda"], "--cuts builds sub-network cuts"),
+    ],
 )
 def test_bad_cut_builds_are_one_line(tiny_llama_dir, data_dir, tmp_path, capsys, extra, message):
     code, out, err = run_cli(capsys, *_build_cuts(tiny_llama_dir, data_dir, tmp_path), *extra)

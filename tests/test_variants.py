@@ -194,6 +194,7 @@ def test_the_build_command_reports_and_resumes(tiny_llama_dir, data_dir, tmp_pat
     (["--levels", "0.51-0.52"], "holds no step of the grid"),
     (["--levels", "4:2"], "invalid N:M pattern"),
     (["--database-grid", "1"], "at least 2 steps"),
+    (["--structured-method", "weighted"], "--structured-method needs --cuts"),
 ])
 def test_bad_build_input_is_one_line_and_exit_2(tiny_llama_dir, data_dir, tmp_path, capsys, change, message):
     args = _build_args(tiny_llama_dir, data_dir, tmp_path / "cache", tmp_path / "db", "0.5") + change

@@ -30,17 +30,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     actions = parser.add_subparsers(dest="action", required=True, parser_class=type(parser))
     build = actions.add_parser("build", help="prune every layer to every level ahead (resumable)")
     build.add_argument("--model", required=True, help="hub id, local folder, .gguf file, or alias")
-    build.add_argument("--method", default="admm", help="pruning method (default admm)")
+    build.add_argument("--method", default=None, help="pruning method (default admm)")
     build.add_argument(
-        "--levels", nargs="+", default=list(DEFAULT_LEVELS),
-        help="grid sparsities (0.5), ranges of grid steps (0.25-0.95) and N:M patterns (2:4)",
+        "--levels", nargs="+", default=None,
+        help="grid sparsities (0.5), ranges of grid steps (0.25-0.95) and N:M patterns (2:4); "
+        f"default {' '.join(DEFAULT_LEVELS)}",
     )
     build.add_argument(
         "--cuts", action="store_true",
         help="instead of pruned levels, the sub-network cuts of every block at every head count "
         "and FFN width the subnet space takes (LLaMA family)",
     )
-    build.add_argument("--structured-method", default=DEFAULT_STRUCTURED_METHOD,
+    build.add_argument("--structured-method", default=None,
                        help=f"with --cuts: how heads and channels are chosen (default {DEFAULT_STRUCTURED_METHOD})")
     build.add_argument("--data", default="wikitext2", help="calibration text: PATH, wikitext2 or self")
     build.add_argument("--calib-samples", type=int, default=128)
@@ -55,8 +56,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_build(args: argparse.Namespace) -> int:
     """Check everything the model is not needed for first, then load, calibrate (cached), build."""
-    PruningMethod.check_name(args.method)
-    StructuredMethod.get(args.structured_method)
+    if args.cuts and (args.method or args.levels):
+        raise AutopruneError("--cuts builds sub-network cuts; --method and --levels are for pruned levels")
+    if not args.cuts and args.structured_method:
+        raise AutopruneError("--structured-method needs --cuts")
+    args.method = PruningMethod.check_name(args.method or "admm")
+    args.levels = args.levels or list(DEFAULT_LEVELS)
+    args.structured_method = StructuredMethod.get(args.structured_method or DEFAULT_STRUCTURED_METHOD).name
     settings = database_settings(args, switch=False)
     levels = parse_levels(args.levels, settings.grid if settings else DEFAULT_GRID)
     check_source(args.data)
