@@ -136,9 +136,12 @@ def _kept(
     if stats is None:
         raise AutopruneError("cutting heads or channels needs calibration statistics")
     name = LlamaFamilyAdapter().layer_name(index, layer)
-    weight = model.get_submodule(name).weight.detach().cpu()  # beside the statistics
-    return cache.get((*key, groups, per_group),
-                     lambda: method.select(weight, stats.layer(name), layout, groups, per_group))
+
+    def select() -> list[int]:
+        weight = model.get_submodule(name).weight.detach().cpu()  # beside the statistics
+        return method.select(weight, stats.layer(name), layout, groups, per_group)
+
+    return cache.get((*key, groups, per_group), select)  # a hit copies no weight off the device
 
 
 def build_subnet(
