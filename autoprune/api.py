@@ -138,8 +138,14 @@ def prune(
     sequential: bool = False,
     device: str = "cpu",
     database: DatabaseSettings | None = None,
+    load_weights: Callable[[torch.nn.Module], None] | None = None,
+    metadata: dict | None = None,
 ) -> PruneReport:
     """Calibrate ``model`` (cached), prune it to ``plan``, measure, and save to ``out`` if given.
+
+    ``load_weights`` replaces the pruned model's weights before it is measured and saved (with a
+    study's healed copy of the variant, see :mod:`autoprune.study._heal`); ``metadata`` is added
+    to what is saved beside the checkpoint.
 
     ``sequential`` prunes block after block from the statistics of the already-pruned model
     (:func:`autoprune.pruner.prune_sequentially`): better, slower, and not what a study measured.
@@ -179,6 +185,8 @@ def prune(
         model = prune_sequentially(loaded, prepared.windows, recipe.plan, compute, progress=progress)
     else:
         model = pruner.materialize(recipe.plan)
+    if load_weights is not None:
+        load_weights(model)
     model.to(compute)  # measured and evaluated on the device too
     timings["prune"] = time.perf_counter() - start
     size = measure_size(model, loaded.adapter, dense_linear)
@@ -192,12 +200,13 @@ def prune(
         timings["evaluate"] = time.perf_counter() - start
     report = PruneReport(recipe, size, ppl, prepared.cached, timings)
     if out is not None:
-        metadata = {
+        saved = {
             "recipe": recipe.model_dump(mode="json"),
             "evaluation": evaluation.model_dump() if evaluation else None,
             "report": report.as_dict(),
+            **(metadata or {}),
         }
-        (save_subnet if structured else save_checkpoint)(model, loaded.tokenizer, out, metadata)
+        (save_subnet if structured else save_checkpoint)(model, loaded.tokenizer, out, saved)
     return report
 
 

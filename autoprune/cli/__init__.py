@@ -8,13 +8,24 @@ import sys
 from collections.abc import Sequence
 
 from pydantic import ValidationError
+from transformers.utils import logging as hf_logging
 
-from autoprune.cli import _database, _eval, _export, _front, _predictor, _prune, _refine, _search
+from autoprune.cli import (
+    _database,
+    _eval,
+    _export,
+    _front,
+    _heal,
+    _predictor,
+    _prune,
+    _refine,
+    _search,
+)
 from autoprune.cli._common import OneLineParser
 from autoprune.errors import AutopruneError
 
 DESCRIPTION = "Search, prune, measure and export compressed variants of causal language models."
-SUBCOMMANDS = (_prune, _eval, _search, _refine, _front, _export, _predictor, _database)
+SUBCOMMANDS = (_prune, _eval, _search, _refine, _front, _export, _heal, _predictor, _database)
 
 
 def build_parser() -> OneLineParser:
@@ -29,6 +40,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one subcommand; user mistakes become ``autoprune: error: ...`` and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    hf_logging.disable_progress_bar()  # loading bars would bury a one-line error (and say nothing)
     try:
         args = build_parser().parse_args(argv)
         return args.run(args)

@@ -33,20 +33,26 @@ def add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="where the model computes (cpu, cuda, cuda:N)")
 
 
-def add_field_flags(parser: argparse.ArgumentParser, model: type[BaseModel]) -> None:
+def add_field_flags(
+    parser: argparse.ArgumentParser, model: type[BaseModel], exclude: frozenset[str] = frozenset()
+) -> None:
     """One flag per field of a pydantic settings model (``sparsity_range`` is ``--sparsity-range
-    LO HI``), described by the field: generated, so flags and settings can never disagree.
-    Values stay strings here; the model validates and converts them."""
+    LO HI``) but those in ``exclude``, described by the field: generated, so flags and settings can
+    never disagree. Values stay strings here; the model validates and converts them."""
     for name, field in model.model_fields.items():
+        if name in exclude:
+            continue
         nargs = _nargs(field.annotation)
         metavar = ("LO", "HI") if nargs == 2 else None
         flag = "--" + name.replace("_", "-")
         parser.add_argument(flag, dest=name, nargs=nargs, metavar=metavar, help=field.description)
 
 
-def given_field_flags(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
-    """The fields whose flags were given."""
-    flags = {name: getattr(args, name) for name in model.model_fields}
+def given_field_flags(
+    args: argparse.Namespace, model: type[BaseModel], exclude: frozenset[str] = frozenset()
+) -> dict[str, Any]:
+    """The fields whose flags were given (of those :func:`add_field_flags` added)."""
+    flags = {name: getattr(args, name) for name in model.model_fields if name not in exclude}
     return {name: value for name, value in flags.items() if value is not None}
 
 

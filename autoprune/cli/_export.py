@@ -11,7 +11,7 @@ from pathlib import Path
 from autoprune.cli._common import add_database_flags, add_format, database_settings, render
 from autoprune.errors import AutopruneError
 from autoprune.export_gguf import GGUF_TYPES
-from autoprune.study import DEFAULT_STORAGE, export_trial
+from autoprune.study import DEFAULT_STORAGE, artifact_store, export_trial
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -32,6 +32,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--one-shot", dest="sequential", action="store_const", const=False,
         help="prune from the dense model's statistics, as every search trial was measured",
     )
+    parser.add_argument("--unhealed", action="store_true",
+                        help="a trial the study healed: write its one-shot weights instead")
+    parser.add_argument("--artifact-store", default=None,
+                        help="folder of the study's healed weights (default: beside its file)")
     add_database_flags(parser)
     add_format(parser, ("table", "json", "gguf"))
     parser.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
@@ -46,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
     result = export_trial(
         args.storage, args.study, args.trial, args.out, sequential=args.sequential,
         cache_dir=args.cache_dir, gguf_type=gguf_type, database=database_settings(args),
+        healed=not args.unhealed,
+        store=artifact_store(args.storage, args.artifact_store) if args.artifact_store else None,
     )
     for note in result.notes:
         print(f"autoprune: {note}", file=sys.stderr)

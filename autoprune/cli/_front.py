@@ -21,6 +21,7 @@ from autoprune.study import (
     DEFAULT_STORAGE,
     front_trials,
     load_existing_study,
+    member_row,
     recorded_task_scores,
     score_trials_on_tasks,
     trial_row,
@@ -57,8 +58,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def front_row(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> dict:
-    """:func:`trial_row` with the trial's recorded task accuracies, one ``acc:<task>`` column each."""
-    row = trial_row(trial)
+    """:func:`member_row` (the trial and its healed perplexity) with the trial's recorded task
+    accuracies, one ``acc:<task>`` column each."""
+    row = member_row(study, trial)
     for task, score in recorded_task_scores(study, trial.number).items():
         row[f"acc:{task}"] = score.get("acc")
     return row

@@ -2,6 +2,7 @@
 
 from autoprune.data._sources import SELF, WIKITEXT2, Role, check_source, read_text
 from autoprune.data._windows import (
+    calibration_ids,
     calibration_windows,
     evaluation_windows,
     self_generated_windows,
@@ -14,6 +15,7 @@ __all__ = [
     "SELF",
     "WIKITEXT2",
     "Role",
+    "calibration_ids",
     "calibration_windows",
     "check_source",
     "evaluation_windows",

@@ -43,6 +43,13 @@ def validation_windows(
     return _consecutive(ids[int(len(ids) * CALIBRATION_SHARE) :], seq_len, max_windows)
 
 
+def calibration_ids(source: str, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    """The tokens of the calibration split that calibration and training draw from: its first
+    part, never the held-out tail that :func:`validation_windows` scores on."""
+    ids = tokenize(read_text(source, "calibration"), tokenizer)
+    return ids[: int(len(ids) * CALIBRATION_SHARE)]
+
+
 def calibration_windows(
     source: str,
     tokenizer: PreTrainedTokenizerBase,
@@ -54,8 +61,7 @@ def calibration_windows(
     calibration, ``"self"``, see :func:`self_generated_windows`)."""
     if n_samples < 1 or seq_len < 2:
         raise AutopruneError("calibration needs at least 1 sample of at least 2 tokens")
-    ids = tokenize(read_text(source, "calibration"), tokenizer)
-    usable = ids[: int(len(ids) * CALIBRATION_SHARE)]
+    usable = calibration_ids(source, tokenizer)
     if len(usable) <= seq_len:
         raise AutopruneError(
             f"calibration text of {source} has {len(usable)} usable tokens, fewer than {seq_len}"

@@ -4,6 +4,16 @@ from autoprune.study._config import EXECUTORS, SAMPLERS, SearchConfig
 from autoprune.study._driver import SearchSummary, front_size, run_search
 from autoprune.study._executor import Executor, InProcessExecutor
 from autoprune.study._export import ExportResult, export_trial
+from autoprune.study._finish import heal_front
+from autoprune.study._heal import (
+    HealedMember,
+    StudyHealer,
+    artifact_store,
+    load_healed_weights,
+    member_row,
+    recorded_heal,
+)
+from autoprune.study._heal_select import select_by_healing, selection_candidates
 from autoprune.study._proposing import Proposal, Proposer, ProposerFactory, SearchSetup
 from autoprune.study._records import (
     counts_toward_budget,
@@ -53,6 +63,7 @@ __all__ = [
     "SAMPLERS",
     "Executor",
     "ExportResult",
+    "HealedMember",
     "InProcessExecutor",
     "Objective",
     "Proposal",
@@ -63,29 +74,37 @@ __all__ = [
     "SearchConfig",
     "SearchSetup",
     "SearchSummary",
+    "StudyHealer",
     "StudySettings",
     "TrialRequest",
     "TrialResult",
     "TrialStatus",
     "TrialWorker",
     "WorkerSpec",
+    "artifact_store",
     "counts_toward_budget",
     "export_trial",
     "find_refinement",
     "find_trial",
     "front_size",
     "front_trials",
+    "heal_front",
+    "load_healed_weights",
     "member_at",
+    "member_row",
     "load_existing_study",
     "mask_url",
     "open_storage",
     "opened_storage",
     "pareto_trials",
+    "recorded_heal",
     "recorded_sequential_ppl",
     "recorded_task_scores",
     "refine_trial",
     "run_search",
     "score_trials_on_tasks",
+    "select_by_healing",
+    "selection_candidates",
     "storage_file",
     "study_settings",
     "trial_plan",

@@ -180,7 +180,7 @@ class SearchConfig(DatabaseFields, FinishFields):
         self.fill_finish_defaults(self.sparsity_range, SearchSpace.named(self.space).unstructured,
                                   by_default=self.executor == "in-process")
         low, high = self.sparsity_range
-        for key in ("baseline_targets", "refine_targets"):
+        for key in ("baseline_targets", "refine_targets", "heal_targets"):
             if any(not low <= t <= high for t in getattr(self, key) or ()):
                 raise ValueError(f"{key} must lie inside sparsity_range")
         if not set(self.refine_sequential) <= set(self.refine_targets):

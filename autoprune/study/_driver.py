@@ -51,7 +51,7 @@ from autoprune.errors import AutopruneError
 from autoprune.plan import Plan
 from autoprune.study._config import SearchConfig
 from autoprune.study._executor import Executor
-from autoprune.study._finish import refine_front
+from autoprune.study._finish import heal_front, refine_front
 from autoprune.study._objectives import check_latency_table, objective_values
 from autoprune.study._liveness import DriverLease, holding, lease_for, lost_race, requeue, requeue_stale
 from autoprune.study._proposing import (
@@ -135,9 +135,11 @@ def run_search(
             if owned:
                 executor.shutdown()
     refined, missed = refine_front(config, progress)  # the trials' worker is gone: one model in memory
+    healed, missed_heal = heal_front(config, progress)
     return search_summary(
         load_existing_study(config.storage, config.study), config, orphans, resumed,
         time.perf_counter() - start, [r.line() for r in refined], missed,
+        [h.line() for h in healed], missed_heal,
     )
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import shutil
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from autoprune.api import PruneReport, prune
 from autoprune.errors import AutopruneError
 from autoprune.export import check_output_dir
 from autoprune.export_gguf import GGUF_TYPES, export_checkpoint_gguf
+from autoprune.study._heal import artifact_store, load_healed_weights, recorded_heal
 from autoprune.study._records import find_trial, recorded_sequential_ppl, sequential_is_better
 from autoprune.study._settings import trial_recipe
 from autoprune.study._storage import load_existing_study
@@ -75,13 +77,18 @@ def export_trial(
     progress: bool = True,
     gguf_type: str | None = None,
     database: DatabaseSettings | None = None,
+    healed: bool = True,
+    store: Any = None,
 ) -> ExportResult:
     """Prune the model of ``study``'s complete trial number ``trial`` as the study recipe says,
     save it to ``out`` (a new or empty folder, checked before anything loads) with its recipe, and
     compare its size with the study's record. ``sequential`` prunes block after block from the
     already-pruned model's statistics, False one-shot as the trials were measured, None the
     variant the study measured best (see the module's docstring). ``gguf_type`` (one of
-    :data:`GGUF_TYPES`) also writes the checkpoint as a GGUF file."""
+    :data:`GGUF_TYPES`) also writes the checkpoint as a GGUF file. A trial the study healed is
+    written with its healed weights (from ``store``, default: the study's artifact folder) unless
+    ``healed`` is False or ``sequential`` asks for the block-after-block variant (a heal is of the
+    one-shot one)."""
     if gguf_type is not None and gguf_type not in GGUF_TYPES:
         raise AutopruneError(f"unknown GGUF type {gguf_type!r} (known: {', '.join(GGUF_TYPES)})")
     check_output_dir(out)
@@ -93,6 +100,14 @@ def export_trial(
             f"trial {frozen.number} is {frozen.state.name.lower()}; only complete trials can be exported"
         )
     notes = []
+    heal = recorded_heal(loaded_study, frozen.number) if healed and not sequential else None
+    if heal is not None:
+        sequential = False
+        store = store if store is not None else artifact_store(storage)
+        notes.append(
+            f"note: exporting trial {frozen.number} healed with {heal['tokens']:,} tokens (ppl "
+            f"{heal['ppl']:.2f}, one-shot {frozen.user_attrs['ppl']:.2f}); --unhealed for the other"
+        )
     if sequential is None:
         sequential = sequential_is_better(frozen)
         if sequential:
@@ -102,8 +117,12 @@ def export_trial(
                 "--one-shot for the other"
             )
     recipe = trial_recipe(loaded_study, frozen).model_copy(update={"sequential": sequential})
-    report = prune(recipe.model, recipe.calibration, recipe.plan, out, cache_dir=cache_dir,
-                   progress=progress, sequential=recipe.sequential, database=database)
+    report = prune(
+        recipe.model, recipe.calibration, recipe.plan, out, cache_dir=cache_dir, progress=progress,
+        sequential=recipe.sequential, database=database,
+        load_weights=partial(load_healed_weights, store=store, artifact=heal["artifact"]) if heal else None,
+        metadata={"heal": heal} if heal else None,
+    )
     recipe.save(out / RECIPE_FILE)
     gguf = _write_gguf(out, gguf_type, out_existed) if gguf_type is not None else None
     recorded = frozen.user_attrs["size"]["linear_nonzeros"]
@@ -113,6 +132,8 @@ def export_trial(
             f"recorded {recorded} (different calibration data or model?)"
         )
     ppl = recorded_sequential_ppl(frozen) if sequential else frozen.user_attrs.get("ppl")
+    if heal is not None:
+        ppl = heal["ppl"]
     return ExportResult(frozen.number, out, report, recorded, ppl, notes, gguf)
 
 

@@ -13,18 +13,29 @@ pass) and which pays most at high sparsity, where the errors of earlier blocks c
 then writes that variant where it measured better. Each result is a trial of the study, so
 ``front`` and ``export`` see it; running the search again finds it instead of refining again, and a
 refinement that was stopped goes on from its last generation.
+
+Then ``heal_targets`` heals the member a user asking for each of those sizes would export (the
+front member at or above it, refinements included) with :mod:`autoprune.training`: the study
+records the healed perplexity and keeps the weights (:mod:`autoprune.study._heal`), so ``front``
+shows it and ``export`` writes it. With ``heal_select`` above 1 the member is chosen by training
+instead: the best candidates of that size by one-shot quality are healed briefly and re-ranked in
+stages (:mod:`autoprune.study._heal_select`), and the winner gets the full heal.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 from pydantic import BaseModel, Field
 
 from autoprune.plan import MethodName
+from autoprune.study._heal import HealedMember, StudyHealer, artifact_store
+from autoprune.study._heal_select import select_by_healing, selection_candidates
 from autoprune.study._records import member_at
 from autoprune.study._storage import load_existing_study
 from autoprune.study.refine import FINALISTS, RefineConfig, RefineSummary, refine_trial
+from autoprune.training import HealConfig
 from search_spaces import MAX_LAYER_SPARSITY
 
 if TYPE_CHECKING:
@@ -38,6 +49,9 @@ if TYPE_CHECKING:
 DEFAULT_REFINE_TARGETS = (0.6, 0.7)
 DEFAULT_REFINE_METHOD: MethodName = "admm"
 DEFAULT_REFINE_SEQUENTIAL = (0.7,)
+#: Held-out windows a study's heal watches while it trains (the healed member is then measured on
+#: the study's own validation windows, as its trials are).
+STUDY_HEAL_WINDOWS = 4
 
 
 class FinishFields(BaseModel):
@@ -66,6 +80,38 @@ class FinishFields(BaseModel):
         "after block (`export --sequential`, a calibration pass each); export writes that variant "
         "where it is better (default: 0.7 where it is a target)",
     )
+
+    heal_targets: list[Annotated[float, Field(ge=0.0, le=MAX_LAYER_SPARSITY)]] = Field(
+        default_factory=list,
+        description="last, heal the member at each of these sparsities (the front member at or "
+        "above it) by distillation from the dense model, recording ppl_healed and keeping the "
+        "weights for export",
+    )
+    heal_tokens: Annotated[int, Field(ge=1)] = Field(200_000, description="tokens of each heal")
+    heal_lr: Annotated[float, Field(gt=0)] = Field(1e-4, description="peak learning rate of the heals")
+    heal_seq_len: Annotated[int, Field(ge=2)] = Field(256, description="tokens per training window of the heals")
+    heal_batch_size: Annotated[int, Field(ge=1)] = Field(8, description="windows per step of the heals")
+    heal_data: str | None = Field(
+        None, description="text the heals train on: PATH, wikitext2 or self (default: the study's data)"
+    )
+    heal_select: Annotated[int, Field(ge=1)] = Field(
+        8, description="candidates of each heal target ranked by short heals before the full one "
+        "(1: heal the front member without selection)",
+    )
+    heal_select_tokens: Annotated[int, Field(ge=1)] = Field(
+        16_384, description="tokens of the first selection stage (each next stage twice as many)"
+    )
+    heal_select_width: Annotated[float, Field(ge=0.0)] = Field(
+        0.02, description="candidates lie within this much sparsity above the target"
+    )
+    artifact_store: str | None = Field(
+        None, description="folder for healed weights (default: beside a SQLite or journal-file study)"
+    )
+
+    def heal_config(self, tokens: int) -> HealConfig:
+        """The settings of one of the search's heals."""
+        return HealConfig(tokens=tokens, lr=self.heal_lr, seq_len=self.heal_seq_len,
+                          batch_size=self.heal_batch_size, validation_windows=STUDY_HEAL_WINDOWS)
 
     def fill_finish_defaults(self, bounds: tuple[float, float], unstructured: bool, by_default: bool) -> None:
         """Give the keys a config left unset the main job's values where they apply: for a space
@@ -126,3 +172,36 @@ _SHARED = (
     "storage", "study", "seed", "cache_dir", "threads", "device", "eval_batch",
     "database", "database_dir", "database_grid",
 )
+
+
+def heal_front(config: SearchConfig, progress: bool = False) -> tuple[list[HealedMember], list[float]]:
+    """Heal the member at each of ``config.heal_targets`` (chosen by training where
+    ``heal_select`` > 1). Returns the healed members and the targets no trial was sparse enough
+    for."""
+    if not config.heal_targets:
+        return [], []
+    study = load_existing_study(config.storage, config.study)
+    cache_dir = Path(config.cache_dir) if config.cache_dir else None
+    healer = StudyHealer(study, config.worker_spec(), config.heal_data,
+                         artifact_store(config.storage, config.artifact_store), cache_dir, progress)
+    healed: list[HealedMember] = []
+    missed: list[float] = []
+    for target in config.heal_targets:
+        trials = study.get_trials(deepcopy=False)
+        label: dict = {"target": target}
+        if config.heal_select > 1:
+            candidates = selection_candidates(trials, target, config.heal_select, config.heal_select_width)
+            if len(candidates) > 1:
+                selection = select_by_healing(healer, target, candidates,
+                                              config.heal_config(config.heal_select_tokens))
+                number, label["selected"] = selection["winner"], True
+            else:
+                number = candidates[0].number if candidates else None
+        else:
+            member = member_at(trials, target)
+            number = member.number if member is not None else None
+        if number is None:
+            missed.append(target)
+            continue
+        healed.append(healer.heal(number, config.heal_config(config.heal_tokens), label))
+    return healed, missed

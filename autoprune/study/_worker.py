@@ -11,7 +11,7 @@ import math
 import platform
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -152,6 +152,11 @@ class TrialWorker:
         ``pruner`` prunes from other statistics of the same model than the worker's own (a
         refinement's sequential ones), so both variants of a plan are measured alike."""
         return self._timed(request, (pruner or self.pruner).applied(request.plan))
+
+    def measure(self, request: TrialRequest, model: torch.nn.Module) -> TrialResult:
+        """``model``, a variant of the request's plan made elsewhere (a healed one), measured as a
+        trial of the plan is."""
+        return self._timed(request, nullcontext(model))
 
     def run_sequential(self, request: TrialRequest, progress: bool = False) -> TrialResult:
         """The plan as ``export --sequential`` makes it, measured like :meth:`run`: pruned block
