@@ -26,6 +26,7 @@ from autoprune.export import check_output_dir
 from autoprune.study import (
     DEFAULT_STORAGE,
     StudyHealer,
+    connect_ray,
     artifact_store,
     export_trial,
     find_trial,
@@ -64,7 +65,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="where checkpoints go (default: a hidden folder beside --out)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="cache folder (self-generated text)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (per worker)")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="train data-parallel on this many Ray Train workers (a GPU each with "
+                        "--device cuda); --batch-size must split over them")
+    parser.add_argument("--ray-address", default=None,
+                        help="with --workers: auto or HOST:PORT of a Ray cluster (unset: a local Ray)")
     add_device_flag(parser)
     add_format(parser)
     parser.set_defaults(run=run)
@@ -94,9 +100,16 @@ def run(args: argparse.Namespace) -> int:
     evaluation = (
         EvaluationConfig(source=source, max_windows=args.eval_windows) if source is not None else None
     )
+    if args.workers is not None:
+        if args.workers < 1:
+            raise AutopruneError(f"--workers must be at least 1, got {args.workers}")
+        if config.batch_size % args.workers:
+            raise AutopruneError(f"--batch-size {config.batch_size} does not split over {args.workers} workers")
+        connect_ray(args.ray_address)
     report = heal_checkpoint(
         args.model, args.out, config, args.data, teacher=args.teacher, evaluation=evaluation,
         device=args.device, checkpoint_dir=args.checkpoint_dir, cache_dir=args.cache_dir,
+        workers=args.workers,
     )
     result = report.as_dict()
     if args.format == "json":

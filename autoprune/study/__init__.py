@@ -74,6 +74,7 @@ __all__ = [
     "SearchConfig",
     "SearchSetup",
     "SearchSummary",
+    "connect_ray",
     "StudyHealer",
     "StudySettings",
     "TrialRequest",
@@ -112,3 +113,12 @@ __all__ = [
     "trial_row",
     "write_ahead",
 ]
+
+
+def connect_ray(address: str | None) -> bool:
+    """Join the Ray cluster at ``address`` (``auto`` or ``HOST:PORT``; None starts a local Ray unless
+    ``RAY_ADDRESS`` names one), or say in one line why not; whether it is a local one. Imported on
+    use, so only what asks for Ray loads it."""
+    from autoprune.study._ray import connect
+
+    return connect(address)

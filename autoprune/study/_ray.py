@@ -97,7 +97,7 @@ class RayExecutor(Executor):
                 "--gpus-per-worker reserves GPUs the workers would not use: add --device cuda"
             )
         self._owns_ray = not ray.is_initialized()
-        local = self._owns_ray and _connect(address)
+        local = self._owns_ray and connect(address)
         _check_resources(workers, cpus_per_worker, gpus_per_worker, local)
         self._options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
         self._spec, self._factory, self._max_retries = spec, factory, max_retries
@@ -198,7 +198,7 @@ class RayExecutor(Executor):
         return TrialResult(job.request.number, "failed", error=reason, retries=job.deaths)
 
 
-def _connect(address: str | None) -> bool:
+def connect(address: str | None) -> bool:
     """Join the cluster at ``address``, or start a local Ray (without dashboard) when None; whether
     it is a local one."""
     address = address or os.environ.get("RAY_ADDRESS")

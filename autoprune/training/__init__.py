@@ -9,7 +9,7 @@ call: a chunked distillation loss (:mod:`._loss`), zero masks that keep a pruned
 from autoprune.training._checkpoints import FolderCheckpoints
 from autoprune.training._config import HealConfig, LoraSettings
 from autoprune.training._data import HealData
-from autoprune.training._heal import HealReport, check_teacher, heal, heal_checkpoint
+from autoprune.training._heal import HealReport, RayWorkers, check_teacher, heal, heal_checkpoint
 from autoprune.training._loop import Checkpoints, Healer, HealResult, Measurement, peak_memory
 from autoprune.training._loss import (
     IGNORE,
@@ -30,6 +30,7 @@ __all__ = [
     "Healer",
     "LoraSettings",
     "Measurement",
+    "RayWorkers",
     "SparsityMasks",
     "check_teacher",
     "distillation_loss",

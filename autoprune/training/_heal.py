@@ -54,6 +54,18 @@ def check_teacher(student: PreTrainedModel, teacher: PreTrainedModel, name: str)
         )
 
 
+@dataclass(frozen=True)
+class RayWorkers:
+    """Where a heal runs on Ray Train: ``count`` workers (a GPU each with ``use_gpu``, else
+    ``threads`` CPU threads each), checkpoints in ``storage_path`` under the run ``name``."""
+
+    count: int
+    storage_path: Path
+    name: str
+    use_gpu: bool = False
+    threads: int | None = None
+
+
 def heal(
     student: PreTrainedModel,
     teacher: LoadedModel,
@@ -64,15 +76,22 @@ def heal(
     progress: bool = True,
     cache_dir: Path | None = None,
     stop_after: int | None = None,
+    ray: RayWorkers | None = None,
 ) -> tuple[PreTrainedModel, HealResult]:
     """Train ``student`` toward ``teacher`` on ``source``'s training windows (``self``: text the
     teacher writes) as ``config`` says, on ``device``; the healed model (``student`` itself, its
-    adapters merged) and what the heal measured. ``checkpoints`` make it resumable."""
+    adapters merged) and what the heal measured. ``checkpoints`` make it resumable; with ``ray`` it
+    runs data-parallel on Ray Train workers instead (their checkpoints are Ray Train's)."""
     check_source(source)
     check_teacher(student, teacher.model, teacher.spec)
     data = HealData.from_source(
         source, teacher, config.seq_len, config.validation_windows, config.tokens, cache_dir, progress
     )
+    if ray is not None:
+        from autoprune.training._ray import heal_on_ray  # only a heal on Ray loads Ray Train
+
+        return heal_on_ray(student, teacher.model, data, config, ray.count, ray.storage_path, ray.name,
+                           ray.use_gpu, ray.threads, progress, stop_after)
     healer = Healer(student, teacher.model, data, config, compute_device(device))
     result = healer.run(checkpoints, progress, stop_after)
     return healer.finished_model(), result
@@ -119,11 +138,14 @@ def heal_checkpoint(
     cache_dir: Path | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    workers: int | None = None,
 ) -> HealReport:
     """Heal the checkpoint folder ``model`` and save it to ``out`` (new or empty), in the same
     form (a per-block sub-network keeps its modelling file) with its metadata and the heal's
     record. Checkpoints go to ``checkpoint_dir`` (default: a hidden folder beside ``out``) and are
-    removed once ``out`` is written; the same command run again after a kill resumes there."""
+    removed once ``out`` is written; the same command run again after a kill resumes there.
+    ``workers`` runs the heal on that many Ray Train workers (of the Ray this process joined), a
+    GPU each where ``device`` is a GPU."""
     check_output_dir(out)
     check_source(data)
     compute_device(device)
@@ -137,9 +159,14 @@ def heal_checkpoint(
     teacher_model = load_model(teacher)
     check_teacher(student.model, teacher_model.model, teacher)
     folder = checkpoint_dir or out.parent / f".{out.name}.heal-checkpoints"
-    saved = FolderCheckpoints(folder, student.fingerprint())
+    identity = student.fingerprint()
+    saved = FolderCheckpoints(folder, identity)
+    ray = None
+    if workers is not None:
+        ray = RayWorkers(workers, folder.resolve(), f"heal-{identity}-{config.digest()}",
+                         use_gpu=compute_device(device).type == "cuda", threads=torch.get_num_threads())
     healed, result = heal(student.model, teacher_model, data, config, device, saved, progress,
-                          cache_dir, stop_after)
+                          cache_dir, stop_after, ray)
     size = measure_size(healed, student.adapter, dense_linear)
     if stop_after is not None and result.steps < config.steps:
         return HealReport(model, teacher, config, result, size, None)  # a run cut short: no output
