@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 from autoprune.study import (
     SearchConfig,
+    StudyHealer,
     TrialRequest,
     TrialWorker,
     export_trial,
@@ -33,7 +34,7 @@ TINY_HEALS = dict(heal_tokens=6 * 2 * 16, heal_seq_len=16, heal_batch_size=2, he
 def healed_study_source(tiny_llama_dir, data_dir, tmp_path_factory) -> tuple[Path, SearchConfig]:
     folder = tmp_path_factory.mktemp("healed")
     config = tiny_config(tiny_llama_dir, data_dir, folder, space="subnet", sparsity_range=None, trials=8,
-                         objective="kl", heal_targets=[0.25], **TINY_HEALS)
+                         objective="kl", heal_targets=[0.25], heal_max_latency=0.97, **TINY_HEALS)
     run_search(config, progress=False)
     return folder, config
 
@@ -59,6 +60,9 @@ def test_the_search_heals_its_member_chosen_by_training(healed_study) -> None:
     assert healed["tokens"] == 192 and healed["selected"] and healed["target"] == 0.25
     trial = study.trials[winner]
     assert trial.user_attrs["size"]["sparsity"] >= 0.25
+    dense_ms = StudyHealer(study, study_settings(study).worker_spec(cache_dir=healed_study.cache_dir)).dense_latency_ms()
+    for number in selection["candidates"]:
+        assert study.trials[number].user_attrs["size"]["latency_ms"] <= 0.97 * dense_ms
     watched = healed["measurements"]  # the heal's own held-out windows, before and after
     assert [m["tokens"] for m in watched][::len(watched) - 1] == [0, 192]
     artifacts = Path(str(healed_study.storage).removeprefix("sqlite:///") + ".artifacts")

@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 
 from autoprune.plan import MethodName
 from autoprune.study._heal import HealedMember, StudyHealer, artifact_store
-from autoprune.study._heal_select import select_by_healing, selection_candidates
+from autoprune.study._heal_select import select_by_healing, selection_candidates, within_latency
 from autoprune.study._records import member_at
 from autoprune.study._storage import load_existing_study
 from autoprune.study.refine import FINALISTS, RefineConfig, RefineSummary, refine_trial
@@ -99,10 +99,14 @@ class FinishFields(BaseModel):
         "(1: heal the front member without selection)",
     )
     heal_select_tokens: Annotated[int, Field(ge=1)] = Field(
-        16_384, description="tokens of the first selection stage (each next stage twice as many)"
+        8_192, description="tokens of the first selection stage (each next stage twice as many)"
     )
     heal_select_width: Annotated[float, Field(ge=0.0)] = Field(
         0.02, description="candidates lie within this much sparsity above the target"
+    )
+    heal_max_latency: Annotated[float, Field(gt=0.0)] | None = Field(
+        None, description="heal only members whose predicted prefill is at most this fraction of "
+        "the dense model's (studies that price latency)",
     )
     artifact_store: str | None = Field(
         None, description="folder for healed weights (default: beside a SQLite or journal-file study)"
@@ -186,11 +190,12 @@ def heal_front(config: SearchConfig, progress: bool = False) -> tuple[list[Heale
                          artifact_store(config.storage, config.artifact_store), cache_dir, progress)
     healed: list[HealedMember] = []
     missed: list[float] = []
+    bound = None if config.heal_max_latency is None else config.heal_max_latency * healer.dense_latency_ms()
     for target in config.heal_targets:
         trials = study.get_trials(deepcopy=False)
-        label: dict = {"target": target}
+        label: dict = {"target": target, "max_latency": config.heal_max_latency}
         if config.heal_select > 1:
-            candidates = selection_candidates(trials, target, config.heal_select, config.heal_select_width)
+            candidates = selection_candidates(trials, target, config.heal_select, config.heal_select_width, bound)
             if len(candidates) > 1:
                 selection = select_by_healing(healer, target, candidates,
                                               config.heal_config(config.heal_select_tokens))
@@ -198,7 +203,7 @@ def heal_front(config: SearchConfig, progress: bool = False) -> tuple[list[Heale
             else:
                 number = candidates[0].number if candidates else None
         else:
-            member = member_at(trials, target)
+            member = member_at(within_latency(trials, bound), target)
             number = member.number if member is not None else None
         if number is None:
             missed.append(target)

@@ -32,6 +32,7 @@ from safetensors.torch import load_model, save_model
 
 from autoprune.calibration import default_cache_dir
 from autoprune.errors import AutopruneError
+from autoprune.structure import resolve_blocks
 from autoprune.study._records import find_trial, trial_plan, trial_row
 from autoprune.study._settings import study_settings
 from autoprune.study._storage import storage_file
@@ -158,6 +159,12 @@ class StudyHealer:
                               checkpoints, self.progress, self.cache_dir)
         checkpoints.remove()
         return healed.to("cpu").eval(), result
+
+    def dense_latency_ms(self) -> float:
+        """The predicted prefill of the dense model, where the study prices latency."""
+        if self.worker.latency is None:
+            raise AutopruneError("a latency bound needs a study whose trials are priced (latency objectives)")
+        return self.worker.latency.predict(resolve_blocks(None, [], self.worker.dims)).prefill_ms
 
     def _complete(self, number: int) -> FrozenTrial:
         trial = find_trial(self.study, number)

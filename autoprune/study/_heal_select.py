@@ -27,16 +27,25 @@ SELECTION_ATTR_PREFIX = "heal_selection:"
 
 
 def selection_candidates(
-    trials: Sequence[FrozenTrial], target: float, count: int, width: float
+    trials: Sequence[FrozenTrial], target: float, count: int, width: float,
+    max_latency_ms: float | None = None,
 ) -> list[FrozenTrial]:
     """The ``count`` complete trials of best one-shot quality whose sparsity lies in
-    ``[target, target + width]``, best first."""
+    ``[target, target + width]`` (and whose predicted prefill is at most ``max_latency_ms``), best
+    first."""
     sized = [
-        trial for trial in trials
+        trial for trial in within_latency(trials, max_latency_ms)
         if trial.state == TrialState.COMPLETE and "plan" in trial.user_attrs
         and target - 1e-9 <= (trial.user_attrs.get("size") or {}).get("sparsity", -1.0) <= target + width
     ]
     return sorted(sized, key=lambda trial: (trial.values[-1], trial.number))[:count]
+
+
+def within_latency(trials: Sequence[FrozenTrial], max_latency_ms: float | None) -> list[FrozenTrial]:
+    """The trials whose predicted prefill is at most ``max_latency_ms`` (all, where None)."""
+    if max_latency_ms is None:
+        return list(trials)
+    return [t for t in trials if (t.user_attrs.get("size") or {}).get("latency_ms", float("inf")) <= max_latency_ms]
 
 
 def select_by_healing(
