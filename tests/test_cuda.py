@@ -169,3 +169,28 @@ def test_subnet_cuts_read_from_the_database_go_to_the_models_device(tiny_llama_d
     assert {p.device.type for p in again.parameters()} == {"cuda"}
     with torch.no_grad():
         assert torch.equal(again(tokens).logits, first(tokens).logits)
+
+
+def test_a_heal_on_cuda_follows_the_cpu_heal_and_keeps_zeros(tiny_llama_dir, data_dir) -> None:
+    from autoprune.training import HealConfig, heal
+
+    config = HealConfig(tokens=4 * 2 * 16, seq_len=16, batch_size=2, lr=3e-4, validation_windows=2,
+                        evaluations=1, precision="fp32")
+    teacher = load_model(str(tiny_llama_dir))
+
+    def student():
+        model = load_model(str(tiny_llama_dir)).model
+        with torch.no_grad():
+            model.model.layers[0].mlp.up_proj.weight[:, ::2] = 0
+        return model
+
+    on_cpu, _ = heal(student(), teacher, str(data_dir), config, progress=False)
+    on_gpu, result = heal(student(), teacher, str(data_dir), config, device="cuda", progress=False)
+    assert result.peak_memory_bytes > 0
+    for name, tensor in on_cpu.state_dict().items():
+        assert torch.allclose(tensor, on_gpu.state_dict()[name].cpu(), atol=1e-4), name
+    up = on_gpu.model.layers[0].mlp.up_proj.weight[:, ::2]
+    assert torch.equal(up, torch.zeros_like(up))
+    bf16 = config.model_copy(update={"precision": "bf16"})
+    _, mixed = heal(student(), teacher, str(data_dir), bf16, device="cuda", progress=False)
+    assert mixed.measurements[-1].kl < mixed.measurements[0].kl * 10  # trains, in bf16 autocast, without blowing up

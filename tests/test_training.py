@@ -160,3 +160,13 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_llama_dir, data_dir, toke
         assert expected in err and err.count("\n") == 1 and "Traceback" not in err, err
         assert not out.exists()
         assert not list(tmp_path.glob(".healed*"))
+
+
+def test_data_free_heal_trains_on_text_the_teacher_writes(tiny_llama_dir, data_dir, tmp_path, capsys) -> None:
+    pruned = tmp_path / "pruned"
+    assert run_cli(capsys, *prune_args(tiny_llama_dir, data_dir, pruned, "--method", "wanda", "--sparsity", "0.5"))[0] == 0
+    code, out, err = run_cli(capsys, *heal_args(pruned, "self", tmp_path / "healed", "--cache-dir", tmp_path / "cache"))
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["ppl"] is None and report["heal"]["data"] == "self"  # no test split to report on
+    assert list((tmp_path / "cache" / "self-text").glob("*.safetensors"))  # generated once, cached

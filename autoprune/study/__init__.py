@@ -45,6 +45,7 @@ from autoprune.study._worker import (
     TrialStatus,
     TrialWorker,
     WorkerSpec,
+    space_context,
 )
 from autoprune.study.refine import (
     EvolutionState,
@@ -105,6 +106,7 @@ __all__ = [
     "run_search",
     "score_trials_on_tasks",
     "select_by_healing",
+    "space_context",
     "selection_candidates",
     "storage_file",
     "study_settings",

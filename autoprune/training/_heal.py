@@ -103,6 +103,7 @@ class HealReport:
 
     model: str
     teacher: str
+    data: str
     config: HealConfig
     result: HealResult
     size: SizeReport
@@ -122,7 +123,8 @@ class HealReport:
             "validation_ppl": result["final"]["ppl"],
             "ppl": self.ppl,
             **self.size.as_dict(),
-            "heal": {"config": self.config.model_dump(mode="json"), "result": result},
+            "heal": {"teacher": self.teacher, "data": self.data,
+                     "config": self.config.model_dump(mode="json"), "result": result},
         }
 
 
@@ -169,7 +171,7 @@ def heal_checkpoint(
                           cache_dir, stop_after, ray)
     size = measure_size(healed, student.adapter, dense_linear)
     if stop_after is not None and result.steps < config.steps:
-        return HealReport(model, teacher, config, result, size, None)  # a run cut short: no output
+        return HealReport(model, teacher, data, config, result, size, None)  # a run cut short: no output
     if size.linear_nonzeros != before.linear_nonzeros:
         raise AutopruneError(  # the masks make this impossible; never save a model that broke them
             f"healing changed the decoder non-zeros ({before.linear_nonzeros} -> {size.linear_nonzeros})"
@@ -179,8 +181,8 @@ def heal_checkpoint(
         windows = evaluation_windows(evaluation.source, student.tokenizer, evaluation.seq_len,
                                      evaluation.max_windows)
         ppl = perplexity(healed.to(compute_device(device)), windows, progress=progress)
-    report = HealReport(model, teacher, config, result, size, ppl)
-    metadata = {**metadata, "heal": report.as_dict()["heal"] | {"teacher": teacher, "data": data}}
+    report = HealReport(model, teacher, data, config, result, size, ppl)
+    metadata = {**metadata, "heal": report.as_dict()["heal"]}
     save_subnet(healed.to("cpu"), student.tokenizer, out, metadata)
     saved.remove()
     return report
