@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,11 +17,13 @@ from autoprune.config import CalibrationConfig, EvaluationConfig
 from autoprune.data import SELF, calibration_windows, check_source, evaluation_windows
 from autoprune.errors import AutopruneError
 from autoprune.export import check_output_dir, read_metadata, save_checkpoint
+from autoprune.latency import latency_table
 from autoprune.measure import SizeReport, measure_size, perplexity
 from autoprune.models import LoadedModel, compute_device, load_model
 from autoprune.plan import MethodName, NMPattern, Plan, Recipe
 from autoprune.pruner import Pruner, prune_sequentially
 from autoprune.structure import StructureRequest, check_pruned_layers, model_dims, save_subnet
+from autoprune.training import Budget, HealConfig, learn_structure
 from autoprune.variants import DatabaseSettings
 
 
@@ -243,3 +246,56 @@ def evaluate(
         **size.as_dict(),
     }
 
+
+
+def prune_learned(
+    model: str,
+    data: str,
+    target: float,
+    config: HealConfig,
+    out: Path | None = None,
+    evaluation: EvaluationConfig | None = None,
+    budget: Budget = "params",
+    learn_share: float = 0.5,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    device: str = "cpu",
+) -> PruneReport:
+    """A sub-network of ``model`` learned by training (``autoprune prune --structured learned``):
+    gates trained with the weights on ``data`` until the expected cost is ``1 - target`` of the
+    dense model's, the model cut to what they keep and healed, all within ``config.tokens`` (see
+    :mod:`autoprune.training._learned`); measured like :func:`prune` and saved to ``out``.
+    Checkpoints go beside ``out``, so the same command resumes a killed run."""
+    if not 0.0 < target < 1.0:
+        raise AutopruneError(f"--target must lie in (0, 1), got {target}")
+    if out is not None:
+        check_output_dir(out)
+    for source in (data, evaluation.source if evaluation else SELF):
+        check_source(source)
+    compute_device(device)
+    start = time.perf_counter()
+    teacher = load_model(model)
+    model_dims(teacher.model)  # the LLaMA family only: one line before any work
+    dense_linear = measure_size(teacher.model, teacher.adapter).linear_params
+    latency = latency_table(teacher.model.config, cache_dir=cache_dir) if budget == "latency" else None
+    folder = (out.parent / f".{out.name}.learn-checkpoints") if out is not None else None
+    learned = learn_structure(teacher, data, target, config, learn_share, budget, latency, device,
+                              folder, progress, cache_dir)
+    recipe = Recipe(model=model, calibration=CalibrationConfig(source=data), plan=learned.plan)
+    size = measure_size(learned.model, teacher.adapter, dense_linear)
+    ppl = None
+    if evaluation is not None:
+        windows = evaluation_windows(evaluation.source, teacher.tokenizer, evaluation.seq_len, evaluation.max_windows)
+        ppl = perplexity(learned.model.to(compute_device(device)), windows, progress=progress)
+    report = PruneReport(recipe, size, ppl, False, {"learn_and_heal": time.perf_counter() - start})
+    if out is not None:
+        metadata = {
+            "recipe": recipe.model_dump(mode="json"),
+            "evaluation": evaluation.model_dump() if evaluation else None,
+            "report": report.as_dict(),
+            "learned": {"target": target, "budget": budget, "learn_share": learn_share,
+                        "config": config.model_dump(mode="json"), **learned.record()},
+        }
+        save_subnet(learned.model.to("cpu"), teacher.tokenizer, out, metadata)
+        shutil.rmtree(folder, ignore_errors=True)
+    return report

@@ -6,7 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
-from autoprune.api import PlanRequest, prune
+import torch
+
+from autoprune.api import PlanRequest, prune, prune_learned
 from autoprune.cli._common import (
     add_database_flags,
     add_device_flag,
@@ -21,6 +23,7 @@ from autoprune.errors import AutopruneError
 from autoprune.methods import PruningMethod
 from autoprune.plan import NMPattern, Recipe
 from autoprune.structure import StructureRequest
+from autoprune.training import HealConfig
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -38,6 +41,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--structured-method", choices=["activation", "weighted", "obs"], default=None,
                         help="how heads / channels are chosen (default: the measured best)")
+    learned = parser.add_argument_group("learned structure (--structured learned)")
+    learned.add_argument("--target", type=float, default=None,
+                         help="fraction of the decoder linear weights (or prefill) to remove")
+    learned.add_argument("--tokens", type=int, default=None,
+                         help="training tokens in all: gates, then the cut model healed")
+    learned.add_argument("--learn-budget", choices=["params", "latency"], default="params",
+                         help="what --target counts: decoder linear weights, or the prefill the "
+                         "device's latency table prices")
+    learned.add_argument("--learn-share", type=float, default=0.5,
+                         help="share of --tokens spent training the gates (the rest heals the cut)")
+    learned.add_argument("--lr", type=float, default=None, help="peak learning rate of the weights")
+    learned.add_argument("--train-seq-len", type=int, default=None, help="tokens per training window (256)")
+    learned.add_argument("--batch-size", type=int, default=None, help="training windows per step (8)")
+    learned.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--no-correction", action="store_true",
                         help="skip the least-squares correction of o_proj / down_proj")
     parser.add_argument(
@@ -76,6 +93,10 @@ def run(args: argparse.Namespace) -> int:
         raise AutopruneError("prune needs --out DIR")
     evaluation = evaluation_config(args)
     database = database_settings(args)
+    if args.structured == "learned":
+        return _run_learned(args, evaluation)
+    if any(value is not None for value in (args.target, args.tokens, args.lr, args.train_seq_len, args.batch_size)):
+        raise AutopruneError("--target, --tokens, --lr, --train-seq-len and --batch-size go with --structured learned")
     if args.recipe is not None:
         recipe = Recipe.load(args.recipe)
         report = prune(recipe.model, recipe.calibration, recipe.plan, args.out, evaluation,
@@ -116,3 +137,24 @@ def _row(report: dict) -> dict:
     keys = ("model", "method", "ppl", "sparsity", "total_params", "nonzero_params",
             "linear_nonzeros", "bytes_dense_fp16", "bytes_sparse", "calibration_cached")
     return {key: report[key] for key in keys}
+
+
+def _run_learned(args: argparse.Namespace, evaluation: EvaluationConfig | None) -> int:
+    """``prune --structured learned``: a sub-network chosen by training (see :func:`prune_learned`)."""
+    if args.model is None:
+        raise AutopruneError("prune --structured learned needs --model")
+    if args.target is None or args.tokens is None:
+        raise AutopruneError("--structured learned needs --target T (in (0, 1)) and --tokens N")
+    if args.recipe is not None or args.sparsity is not None or args.nm or args.owl or args.sequential:
+        raise AutopruneError("--structured learned cannot be combined with --recipe, --sparsity, --nm, --owl or --sequential")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    given = {"lr": args.lr, "seq_len": args.train_seq_len, "batch_size": args.batch_size}
+    settings = {"tokens": args.tokens} | {key: value for key, value in given.items() if value is not None}
+    report = prune_learned(
+        args.model, args.data, args.target, HealConfig(**settings), args.out, evaluation,
+        args.learn_budget, args.learn_share, args.cache_dir, device=args.device,
+    )
+    result = report.as_dict()
+    print(render([_row(result)], "table") if args.format == "table" else json.dumps(result, indent=2))
+    return 0

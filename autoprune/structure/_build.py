@@ -150,21 +150,23 @@ def build_subnet(
     structure: Structure,
     removed: list[int] | None = None,
     cache: CutCache | None = None,
+    cuts: list[BlockCut] | None = None,
 ) -> PreTrainedModel:
     """The smaller model ``structure`` (and ``removed`` blocks) makes of the dense ``model``.
     ``model`` is left unchanged; the new model holds new tensors for what it cuts and shares the
-    rest (embeddings, norms, whole layers) with ``model``. ``cache`` keeps cuts across calls."""
+    rest (embeddings, norms, whole layers) with ``model``. ``cache`` keeps cuts across calls;
+    ``cuts`` names the kept units outright (a learned structure's) instead of the method."""
     # Normal tensors even when called under inference mode: cached cuts outlive the call, and a
     # model cannot take inference tensors as parameters outside inference mode.
     with torch.inference_mode(False), torch.no_grad():
-        return _build(model, stats, structure, list(removed or []), cache or CutCache())
+        return _build(model, stats, structure, list(removed or []), cache or CutCache(), cuts)
 
 
 def _build(
     model: PreTrainedModel, stats: CalibrationStats | None, structure: Structure, removed: list[int],
-    cache: CutCache,
+    cache: CutCache, cuts: list[BlockCut] | None,
 ) -> PreTrainedModel:
-    cuts = choose_cuts(model, stats, structure, removed, cache)
+    cuts = cuts if cuts is not None else choose_cuts(model, stats, structure, removed, cache)
     dims = model_dims(model)
     config = subnet_config(model.config, [cut.shape for cut in cuts], dims)
     state = _sliced_state(model, stats, cuts, dims, structure, cache)

@@ -75,3 +75,16 @@ class StructuredOBS(StructuredMethod):
 
     def select(self, weight, stats, layout, groups_kept, units_per_group):
         return obs_select(weight, stats.xtx, layout, groups_kept, units_per_group)
+
+
+class LearnedStructure(StructuredMethod):
+    """Units chosen by training (hard-concrete gates, :mod:`autoprune.training._gates`): the kept
+    heads and channels are the trained model's, not a choice statistics can make again."""
+
+    name = "learned"
+
+    def select(self, weight, stats, layout, groups_kept, units_per_group):
+        raise AutopruneError(
+            "a learned structure's heads and channels were chosen by training: it is rebuilt from "
+            "its saved weights, not from a recipe (`autoprune prune --structured learned` learns one)"
+        )

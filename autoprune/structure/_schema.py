@@ -19,9 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from autoprune.errors import AutopruneError
 
 #: How heads and channels are chosen: Minitron's mean activation norm, the activation norm weighted
-#: by the consuming column's norm (FLAP's metric without mean-centering), or greedy structured OBS
-#: (ZipLM / SlimGPT) on the X^T X of the ``o_proj`` / ``down_proj`` input.
-StructuredMethodName = Literal["activation", "weighted", "obs"]
+#: by the consuming column's norm (FLAP's metric without mean-centering), greedy structured OBS
+#: (ZipLM / SlimGPT) on the X^T X of the ``o_proj`` / ``down_proj`` input, or training (``learned``:
+#: gates trained with the weights, :mod:`autoprune.training._gates`).
+StructuredMethodName = Literal["activation", "weighted", "obs", "learned"]
 
 #: Default structured method and correction, by measurement (experiments/structured_methods.py on
 #: SmolLM2, results in experiments/results/structured_methods_{heads,ffn}.md): with the

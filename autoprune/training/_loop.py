@@ -19,7 +19,7 @@ import math
 import resource
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -82,6 +82,27 @@ class Checkpoints(Protocol):
     def save(self, state: dict[str, Any], step: int) -> None: ...
 
 
+class Regularizer(Protocol):
+    """Parameters trained beside the student's and a penalty added to its loss (learned structure's
+    gates and Lagrange multipliers, :mod:`autoprune.training._gates`)."""
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimizer groups (``params``, ``names``, ``lr_scale`` against the schedule's rate, and
+        any AdamW option such as ``maximize``)."""
+
+    def sample(self) -> None:
+        """Draw this step's random state (before the forward pass)."""
+
+    def penalty(self) -> torch.Tensor:
+        """What is added to the step's loss."""
+
+    def evaluating(self) -> AbstractContextManager[None]:
+        """The student as measured: the regularizer's deterministic state."""
+
+    def summary(self) -> dict[str, float]:
+        """A few numbers for the progress bar and the record."""
+
+
 class _HiddenStates(nn.Module):
     """The student's final hidden states: the module data-parallel training wraps (the output
     head is applied by the chunked loss, outside the forward)."""
@@ -107,8 +128,10 @@ class Healer:
         rank: int = 0,
         world: int = 1,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
+        regularizer: Regularizer | None = None,
     ) -> None:
         self.config, self.data, self.device, self.rank, self.world = config, data, device, rank, world
+        self.regularizer = regularizer
         torch.manual_seed(config.seed)  # LoRA's initial adapters
         self.student = student.to(device).train()
         if config.precision == "bf16":  # a copy: the caller's teacher may be a search worker's model
@@ -121,8 +144,14 @@ class Healer:
         self.trainable = [p for p in student.parameters() if p.requires_grad]
         self.names = [n for n, p in student.named_parameters() if p.requires_grad]
         self.module = (wrap or (lambda module: module))(_HiddenStates(student))
+        groups = [{"params": list(self.trainable), "lr_scale": 1.0}]
+        for group in regularizer.param_groups(config.lr) if regularizer is not None else ():
+            names = group.pop("names")
+            self.trainable += group["params"]
+            self.names += names
+            groups.append(group)
         self.optimizer = torch.optim.AdamW(
-            self.trainable, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
+            groups, lr=config.lr, betas=(0.9, 0.95), weight_decay=config.weight_decay
         )
         self.step = 0
         self.measurements: list[Measurement] = []
@@ -165,6 +194,8 @@ class Healer:
         """One optimizer step on this worker's share of the step's batch; its loss."""
         config = self.config
         ids = self.data.batch(self.step, config.batch_size, config.seed, self.rank, self.world).to(self.device)
+        if self.regularizer is not None:
+            self.regularizer.sample()
         with self.autocast:
             with torch.no_grad():
                 teacher_hidden = self.teacher.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
@@ -179,12 +210,14 @@ class Healer:
                 config.ce_weight,
                 config.chunk,
             )
+            if self.regularizer is not None:
+                loss = loss + self.regularizer.penalty()
         loss.backward()
         self.masks.zero_gradients()
         if config.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip)
         for group in self.optimizer.param_groups:
-            group["lr"] = config.learning_rate(self.step)
+            group["lr"] = config.learning_rate(self.step) * group["lr_scale"]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.masks.apply()
@@ -195,8 +228,19 @@ class Healer:
     def measure(self) -> Measurement:
         """Perplexity and KL to the teacher on the held-out windows (one window at a time)."""
         self.student.eval()
-        nll = kl = 0.0
         windows = self.data.validation
+        evaluating = self.regularizer.evaluating() if self.regularizer is not None else nullcontext()
+        with evaluating:
+            nll, kl = self._held_out(windows)
+        self.student.train()
+        tokens = self.step * self.config.tokens_per_step
+        return Measurement(
+            self.step, tokens, ppl_from_nll(nll, windows.numel() - len(windows)), kl / windows.numel()
+        )
+
+    def _held_out(self, windows: torch.Tensor) -> tuple[float, float]:
+        """Summed next-token NLL and KL to the teacher over ``windows``."""
+        nll = kl = 0.0
         for window in windows:
             ids = window.unsqueeze(0).to(self.device)  # the student as it is stored: float32
             logits = self.student(ids, use_cache=False).logits[0].float()
@@ -204,11 +248,7 @@ class Healer:
             log_prob = F.log_softmax(logits, -1)
             nll -= float(log_prob[:-1].gather(1, ids[0, 1:, None]).sum())
             kl += float((reference.exp() * (reference - log_prob)).sum())
-        self.student.train()
-        tokens = self.step * self.config.tokens_per_step
-        return Measurement(
-            self.step, tokens, ppl_from_nll(nll, windows.numel() - len(windows)), kl / windows.numel()
-        )
+        return nll, kl
 
     def run(
         self,
@@ -240,6 +280,8 @@ class Healer:
                 loss = self.train_step()
                 bar.update(per_step)
                 postfix = {"loss": f"{loss:.4f}"}
+                if self.regularizer is not None:
+                    postfix |= {key: f"{value:.3f}" for key, value in self.regularizer.summary().items()}
                 if self.step in evaluations:
                     stopped = self._record(self.measure())
                     postfix["ppl"] = f"{self.measurements[-1].ppl:.2f}"

@@ -1,0 +1,117 @@
+"""Learning a sub-network: gates trained with the weights, then the cut model healed.
+
+Compresso and Sheared-LLaMA decide what to remove while training rather than from calibration
+statistics once. :func:`learn_structure` does it on the healing machinery: the first
+``learn_share`` of the token budget trains the dense model's weights together with hard-concrete
+gates on its heads, KV groups, FFN channels, sub-blocks and blocks (:mod:`autoprune.training._gates`)
+toward the teacher, the Lagrangian driving the expected cost to the target; then the gates are
+made hard, folded into the weights, the model is cut to the structure they chose (a plan v2
+structure of per-block widths, method ``learned``), and the rest of the budget heals the cut model
+with its structure fixed, as Compresso trains on once its masks are fixed. The total is the
+budget, so a learned structure and a cut-then-heal one compare at equal tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from transformers import PreTrainedModel
+
+from autoprune.errors import AutopruneError
+from autoprune.latency import LatencyTable
+from autoprune.models import LoadedModel, compute_device
+from autoprune.plan import Plan
+from autoprune.structure import build_subnet, model_dims
+from autoprune.training._checkpoints import FolderCheckpoints
+from autoprune.training._config import HealConfig
+from autoprune.training._data import HealData
+from autoprune.training._gates import StructureGates, UnitCosts
+from autoprune.training._heal import heal
+from autoprune.training._loop import Healer, HealResult
+
+Budget = Literal["params", "latency"]
+
+
+@dataclass
+class LearnedStructure:
+    """A learned sub-network: its plan (structure and removed blocks), the healed cut model, and
+    what each phase measured."""
+
+    plan: Plan
+    model: PreTrainedModel
+    gates: HealResult
+    heal: HealResult
+    #: The gates' expected cost at the end of their phase and the cut's, as fractions of the dense one.
+    expected_kept: float
+    kept: float
+
+    def record(self) -> dict:
+        return {
+            "expected_kept": self.expected_kept,
+            "kept": self.kept,
+            "gates": self.gates.as_dict(),
+            "heal": self.heal.as_dict(),
+        }
+
+
+def unit_costs(budget: Budget, dense: PreTrainedModel, latency: LatencyTable | None) -> UnitCosts:
+    """What the target counts: decoder linear weights, or prefill priced by ``latency``."""
+    dims = model_dims(dense)
+    if budget == "params":
+        return UnitCosts.of_weights(dims)
+    if latency is None:
+        raise AutopruneError("a latency budget needs the device's latency table")
+    c = {name: timing.prefill_ms for name, timing in latency.coefficients().items()}
+    return UnitCosts(c["fixed"], c["blocks"], c["attention"], c["heads"], c["kv_heads"], c["mlp"], c["ffn"])
+
+
+def learn_structure(
+    teacher: LoadedModel,
+    source: str,
+    target: float,
+    config: HealConfig,
+    learn_share: float = 0.5,
+    budget: Budget = "params",
+    latency: LatencyTable | None = None,
+    device: str = "cpu",
+    checkpoints: Path | None = None,
+    progress: bool = True,
+    cache_dir: Path | None = None,
+) -> LearnedStructure:
+    """Learn a sub-network of ``teacher``'s model with ``1 - target`` of its cost (decoder linear
+    weights, or prefill), spending ``config.tokens`` in all (``learn_share`` of them on the gates),
+    and heal it. ``checkpoints`` (a folder) makes both phases resumable."""
+    if not 0.0 < target < 1.0:
+        raise AutopruneError(f"the target must lie in (0, 1), got {target}")
+    if not 0.0 < learn_share < 1.0:
+        raise AutopruneError(f"the share of tokens spent on the gates must lie in (0, 1), got {learn_share}")
+    dims = model_dims(teacher.model)  # a model outside the LLaMA family: one line, before any work
+    steps = config.steps
+    learn_steps = max(1, round(steps * learn_share))
+    if learn_steps >= steps:
+        raise AutopruneError(f"a budget of {config.tokens} tokens ({steps} steps) leaves none to heal the cut model")
+    per_step = config.tokens_per_step
+    learning = config.model_copy(update={"tokens": learn_steps * per_step})
+    healing = config.model_copy(update={"tokens": (steps - learn_steps) * per_step})
+    student = copy.deepcopy(teacher.model)
+    costs = unit_costs(budget, student, latency)
+    gates = StructureGates(student, dims, 1.0 - target, costs)
+    data = HealData.from_source(source, teacher, config.seq_len, config.validation_windows, config.tokens,
+                                cache_dir, progress)
+    healer = Healer(student, teacher.model, data, learning, compute_device(device), regularizer=gates)
+    saved = FolderCheckpoints(checkpoints / "gates", "learned") if checkpoints is not None else None
+    learned = healer.run(saved, progress)
+    expected = float(gates.summary()["kept"])
+    cuts, structure, removed = gates.read_off()
+    gates.fold(student)
+    gates.remove()
+    cut = build_subnet(student.cpu(), None, structure, removed, cuts=cuts)
+    dense_cost = costs.dense(dims)
+    kept = (costs.constant + sum(costs.of_block(c.shape) for c in cuts)) / dense_cost
+    saved = FolderCheckpoints(checkpoints / "heal", "learned") if checkpoints is not None else None
+    healed, result = heal(cut, teacher, source, healing, device, saved, progress, cache_dir)
+    return LearnedStructure(Plan(structure=structure, removed_blocks=removed), healed, learned, result,
+                            expected, kept)
