@@ -34,7 +34,8 @@ TINY_HEALS = dict(heal_tokens=6 * 2 * 16, heal_seq_len=16, heal_batch_size=2, he
 def healed_study_source(tiny_llama_dir, data_dir, tmp_path_factory) -> tuple[Path, SearchConfig]:
     folder = tmp_path_factory.mktemp("healed")
     config = tiny_config(tiny_llama_dir, data_dir, folder, space="subnet", sparsity_range=None, trials=8,
-                         objective="kl", heal_targets=[0.25], heal_max_latency=0.97, **TINY_HEALS)
+                         objective="kl", heal_targets=[0.25], heal_max_latency=0.97, learn_targets=[0.25],
+                         **TINY_HEALS)
     run_search(config, progress=False)
     return folder, config
 
@@ -118,3 +119,20 @@ def test_heal_a_trial_from_the_command_line(healed_study, tmp_path, capsys) -> N
                            "--trial", 999, "--out", tmp_path / "missing")
     assert code == 2 and "trial 999 is not in study" in err and err.count("\n") == 1
     assert not (tmp_path / "missing").exists()
+
+
+def test_a_structure_learned_beside_the_healed_member_is_a_trial_export_writes(healed_study, tmp_path) -> None:
+    study = _study(healed_study)
+    record = study.user_attrs["learned:0.25"]
+    trial = study.trials[record["trial"]]
+    assert trial.user_attrs["plan"]["structure"]["method"] == "learned"
+    assert record["tokens"] == recorded_heal(study, study.user_attrs["heal_selection:0.25"]["winner"])["tokens"]
+    assert 0.74 <= 1 - trial.user_attrs["size"]["sparsity"] <= 0.76
+    assert trial.values[-1] == pytest.approx(record["quality"])
+    result = export_trial(healed_study.storage, healed_study.study, trial.number, tmp_path / "learned", progress=False)
+    assert "learned" in result.notes[0] and (tmp_path / "learned" / "recipe.yaml").is_file()
+    settings = study_settings(study)
+    worker = TrialWorker(settings.worker_spec(cache_dir=healed_study.cache_dir))
+    reloaded = load_model(str(tmp_path / "learned")).model
+    measured = worker.measure(TrialRequest(trial.number, trial_plan(trial)), reloaded)
+    assert measured.quality == pytest.approx(record["quality"], rel=1e-6)

@@ -185,6 +185,8 @@ class SearchConfig(DatabaseFields, FinishFields):
                 raise ValueError(f"{key} must lie inside sparsity_range")
         if not set(self.refine_sequential) <= set(self.refine_targets):
             raise ValueError("refine_sequential must name targets of refine_targets")
+        if self.learn_targets and self.space != SUBNET_SPACE:
+            raise ValueError("learn_targets learns sub-networks: it goes with space subnet")
         if self.space == SUBNET_SPACE and (self.refine_method is not None or self.refine_sequential):
             raise ValueError(
                 "refine_method and refine_sequential prune weights; a sub-network is refined on its "

@@ -20,13 +20,15 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.api import PruneReport, prune
 from autoprune.errors import AutopruneError
-from autoprune.export import check_output_dir
+from autoprune.export import check_output_dir, read_metadata
+from autoprune.measure import SizeReport
+from autoprune.plan import Recipe
 from autoprune.export_gguf import GGUF_TYPES, export_checkpoint_gguf
-from autoprune.study._heal import artifact_store, load_healed_weights, recorded_heal
+from autoprune.study._heal import artifact_store, load_healed_weights, recorded_heal, unpack_learned
 from autoprune.study._records import find_trial, recorded_sequential_ppl, sequential_is_better
 from autoprune.study._settings import trial_recipe
 from autoprune.study._storage import load_existing_study
@@ -99,6 +101,8 @@ def export_trial(
         raise AutopruneError(
             f"trial {frozen.number} is {frozen.state.name.lower()}; only complete trials can be exported"
         )
+    if "learned" in frozen.user_attrs:
+        return _export_learned(storage, frozen, out, store, gguf_type, out_existed)
     notes = []
     heal = recorded_heal(loaded_study, frozen.number) if healed and not sequential else None
     if heal is not None:
@@ -149,3 +153,22 @@ def _write_gguf(out: Path, gguf_type: str, out_existed: bool) -> Path:
             out.mkdir()
         raise
     return path
+
+
+def _export_learned(
+    storage: str, frozen: FrozenTrial, out: Path, store: Any, gguf_type: str | None, out_existed: bool
+) -> ExportResult:
+    """A learned structure's trial: its saved checkpoint (its weights come from training, not from a
+    recipe), the recipe beside it for the record."""
+    learned = frozen.user_attrs["learned"]
+    if "artifact" not in learned:
+        raise AutopruneError(f"trial {frozen.number} is a learned structure whose weights were not kept")
+    unpack_learned(store if store is not None else artifact_store(storage), learned["artifact"], out)
+    recipe = Recipe.model_validate(read_metadata(out)["recipe"])
+    recipe.save(out / RECIPE_FILE)
+    gguf = _write_gguf(out, gguf_type, out_existed) if gguf_type is not None else None
+    size = SizeReport(**{name: frozen.user_attrs["size"][name] for name in SizeReport.__dataclass_fields__})
+    report = PruneReport(recipe, size, learned["ppl"], True)
+    notes = [f"note: trial {frozen.number} is a structure learned with {learned['tokens']:,} tokens: "
+             "its saved checkpoint is written"]
+    return ExportResult(frozen.number, out, report, size.linear_nonzeros, learned["ppl"], notes, gguf)

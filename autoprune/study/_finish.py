@@ -25,7 +25,7 @@ stages (:mod:`autoprune.study._heal_select`), and the winner gets the full heal.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, Field
 
@@ -108,6 +108,18 @@ class FinishFields(BaseModel):
         None, description="heal only members whose predicted prefill is at most this fraction of "
         "the dense model's (studies that price latency)",
     )
+    learn_targets: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(
+        default_factory=list,
+        description="last, learn a sub-network at each of these targets (gates trained with the "
+        "weights, then the cut healed, heal_tokens in all) and add it to the study beside the "
+        "cut-then-heal member (sub-network studies of LLaMA-family models)",
+    )
+    learn_budget: Literal["params", "latency"] = Field(
+        "params", description="what learn_targets count: decoder linear weights or priced prefill"
+    )
+    learn_share: Annotated[float, Field(gt=0.0, lt=1.0)] = Field(
+        0.5, description="share of a learned structure's tokens spent training its gates"
+    )
     artifact_store: str | None = Field(
         None, description="folder for healed weights (default: beside a SQLite or journal-file study)"
     )
@@ -180,14 +192,21 @@ _SHARED = (
 
 def heal_front(config: SearchConfig, progress: bool = False) -> tuple[list[HealedMember], list[float]]:
     """Heal the member at each of ``config.heal_targets`` (chosen by training where
-    ``heal_select`` > 1). Returns the healed members and the targets no trial was sparse enough
-    for."""
-    if not config.heal_targets:
+    ``heal_select`` > 1), then learn a structure at each of ``config.learn_targets``. Returns the
+    healed and learned members and the heal targets no trial was sparse enough for."""
+    if not config.heal_targets and not config.learn_targets:
         return [], []
     study = load_existing_study(config.storage, config.study)
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
     healer = StudyHealer(study, config.worker_spec(), config.heal_data,
                          artifact_store(config.storage, config.artifact_store), cache_dir, progress)
+    healed = _heal_targets(config, study, healer) if config.heal_targets else ([], [])
+    learned = [healer.learn(target, config.heal_config(config.heal_tokens), config.learn_share,
+                            config.learn_budget) for target in config.learn_targets]
+    return healed[0] + learned, healed[1]
+
+
+def _heal_targets(config: SearchConfig, study, healer: StudyHealer) -> tuple[list[HealedMember], list[float]]:
     healed: list[HealedMember] = []
     missed: list[float] = []
     bound = None if config.heal_max_latency is None else config.heal_max_latency * healer.dense_latency_ms()

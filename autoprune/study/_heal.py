@@ -19,6 +19,7 @@ settings); a trial already healed with the same settings is reported, not healed
 from __future__ import annotations
 
 import copy
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,13 +34,17 @@ from safetensors.torch import load_model, save_model
 from autoprune.calibration import default_cache_dir
 from autoprune.errors import AutopruneError
 from autoprune.structure import resolve_blocks
-from autoprune.study._records import find_trial, trial_plan, trial_row
+from autoprune.structure import save_subnet
+from autoprune.study._objectives import objective_values
+from autoprune.study._records import find_trial, member_at, trial_plan, trial_row
 from autoprune.study._settings import study_settings
 from autoprune.study._storage import storage_file
 from autoprune.study._worker import TrialRequest, TrialWorker, WorkerSpec
-from autoprune.training import FolderCheckpoints, HealConfig, heal
+from autoprune.training import Budget, FolderCheckpoints, HealConfig, heal, learn_structure
 
 HEAL_ATTR_PREFIX = "heal:"
+#: A learned structure's record, per target (the trial it became is in it).
+LEARNED_ATTR_PREFIX = "learned:"
 #: The dtype healed weights are rounded to, as exports write them (see :func:`round_weights`).
 EXPORT_DTYPE = torch.bfloat16
 
@@ -91,10 +96,15 @@ class HealedMember:
     found: bool = False
 
     def line(self) -> str:
+        record = self.record
+        if "ppl_before" not in record:  # a learned structure
+            word = "found" if self.found else "learned"
+            return (f"{word} a structure at {record['target']:.0%} (trial {self.trial}, {record['kept']:.1%} kept): "
+                    f"ppl {record['ppl']:.2f} after {record['tokens']:,} tokens")
         word = "found" if self.found else "healed"
         return (
-            f"{word} trial {self.trial}: ppl {self.record['ppl_before']:.2f} -> {self.record['ppl']:.2f} "
-            f"after {self.record['tokens']:,} tokens"
+            f"{word} trial {self.trial}: ppl {record['ppl_before']:.2f} -> {record['ppl']:.2f} "
+            f"after {record['tokens']:,} tokens"
         )
 
 
@@ -160,6 +170,58 @@ class StudyHealer:
         checkpoints.remove()
         return healed.to("cpu").eval(), result
 
+    def learn(self, target: float, config: HealConfig, share: float, budget: Budget) -> HealedMember:
+        """Learn a sub-network at ``target`` (:func:`autoprune.training.learn_structure`, spending
+        ``config.tokens`` in all) and add it to the study as a trial, measured as the trials are, its
+        checkpoint an artifact; a rerun with the same settings finds it."""
+        key = f"{LEARNED_ATTR_PREFIX}{target:g}"
+        digest = f"{config.digest()}-{share}-{budget}"
+        done = self.study.user_attrs.get(key)
+        if done is not None and done["digest"] == digest:
+            return HealedMember(done["trial"], done, found=True)
+        folder = (self.cache_dir or default_cache_dir()) / "learn-checkpoints" / f"{self.study.study_name}-{target:g}-{digest}"
+        learned = learn_structure(self.worker.loaded, self.data, target, config, share, budget, self.worker.latency,
+                                  self.worker.spec.device, folder, self.progress, self.cache_dir)
+        model = learned.model.to("cpu").eval()
+        round_weights(model)
+        number = len(self.study.get_trials(deepcopy=False))
+        measured = self.worker.measure(TrialRequest(number, learned.plan), model)
+        if measured.status != "complete":
+            raise AutopruneError(f"the structure learned at {target:g} did not measure: {measured.status}")
+        trials = self.study.get_trials(deepcopy=False)
+        sibling = member_at(trials, target) or min(
+            (t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.values[-1]
+        )
+        record = {
+            "target": target, "digest": digest, "tokens": config.tokens, "budget": budget, "share": share,
+            "ppl": measured.ppl, "kl": measured.kl, "quality": measured.quality,
+            "config": config.model_dump(mode="json"), **learned.record(),
+        }
+        if self.store is not None:
+            record["artifact"] = self._upload_checkpoint(model, learned, record)
+        trial = optuna.trial.create_trial(
+            state=TrialState.COMPLETE, params=sibling.params, distributions=sibling.distributions,
+            values=objective_values(self.settings.costs, measured.size, measured.quality),
+            user_attrs={"plan": learned.plan.model_dump(mode="json"), "plan_summary": learned.plan.summary(),
+                        "expected_nonzeros": int(measured.size["linear_nonzeros"]), **measured.record(),
+                        "seconds": measured.seconds, "learned": {k: v for k, v in record.items() if k != "config"}},
+        )
+        self.study.add_trial(trial)
+        record["trial"] = self.study.get_trials(deepcopy=False)[-1].number
+        self.study.set_user_attr(key, record)
+        return HealedMember(record["trial"], record)
+
+    def _upload_checkpoint(self, model: torch.nn.Module, learned, record: dict[str, Any]) -> str:
+        """The learned model as a checkpoint folder (its modelling file where blocks differ),
+        archived and uploaded."""
+        with tempfile.TemporaryDirectory() as folder:
+            checkpoint = Path(folder) / "learned"
+            recipe = self.settings.recipe(learned.plan)
+            save_subnet(model, self.worker.loaded.tokenizer, checkpoint,
+                        {"recipe": recipe.model_dump(mode="json"), "learned": record})
+            archive = shutil.make_archive(str(Path(folder) / "learned"), "tar", checkpoint)
+            return upload_artifact(artifact_store=self.store, file_path=archive, study_or_trial=self.study)
+
     def dense_latency_ms(self) -> float:
         """The predicted prefill of the dense model, where the study prices latency."""
         if self.worker.latency is None:
@@ -193,3 +255,18 @@ def load_healed_weights(model: torch.nn.Module, store: Any, artifact: str) -> No
                 f"the healed weights do not fit the trial's model ({len(missing)} missing, "
                 f"{len(unexpected)} unexpected tensors)"
             )
+
+
+def unpack_learned(store: Any, artifact: str, out: Path) -> None:
+    """Write a learned trial's checkpoint (artifact ``artifact`` of ``store``) into the new or
+    empty folder ``out``, whole or not at all."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.partial-") as folder:
+        archive = Path(folder) / "learned.tar"
+        download_artifact(artifact_store=store, file_path=str(archive), artifact_id=artifact)
+        staging = Path(folder) / "checkpoint"
+        shutil.unpack_archive(archive, staging, "tar")
+        if out.exists():
+            out.rmdir()
+        staging.chmod(0o755)
+        staging.rename(out)

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from autoprune.config import CalibrationConfig
 from autoprune.errors import AutopruneError
-from autoprune.plan import MethodName, Recipe
+from autoprune.plan import MethodName, Plan, Recipe
 from autoprune.study._objectives import LATENCY_COSTS, Cost
 from autoprune.study._records import trial_plan
 from autoprune.study._worker import Objective, WorkerSpec
@@ -98,6 +98,10 @@ class StudySettings(BaseModel):
             database=database,
         )
 
+    def recipe(self, plan: Plan) -> Recipe:
+        """The recipe that rebuilds ``plan``'s model in a study of these settings."""
+        return Recipe(model=self.model, calibration=self.calibration, plan=plan)
+
     def stored(self) -> dict[str, Any]:
         """The JSON-safe dictionary kept in the study; ``costs`` only where they are not the
         default, so a study of non-zeros stores what every earlier version stored."""
@@ -134,5 +138,4 @@ def study_settings(study: optuna.Study) -> StudySettings:
 
 def trial_recipe(study: optuna.Study, trial: FrozenTrial) -> Recipe:
     """The recipe that rebuilds ``trial``'s model: model and calibration from the study, its plan."""
-    settings = study_settings(study)
-    return Recipe(model=settings.model, calibration=settings.calibration, plan=trial_plan(trial))
+    return study_settings(study).recipe(trial_plan(trial))
