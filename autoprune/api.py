@@ -15,7 +15,13 @@ from autoprune.calibration import CalibrationStats, calibrate, self_calibration_
 from autoprune.config import CalibrationConfig, EvaluationConfig
 from autoprune.data import SELF, calibration_windows, check_source, evaluation_windows
 from autoprune.errors import AutopruneError
-from autoprune.export import check_output_dir, read_metadata, save_checkpoint
+from autoprune.export import (
+    CheckpointFiles,
+    check_output_dir,
+    checkpoint_dtype,
+    read_metadata,
+    save_checkpoint,
+)
 from autoprune.measure import SizeReport, measure_size, perplexity
 from autoprune.models import LoadedModel, compute_device, load_model
 from autoprune.plan import MethodName, NMPattern, Plan, Recipe
@@ -33,14 +39,18 @@ class PruneReport:
     ppl: float | None
     calibration_cached: bool
     seconds: dict[str, float] = field(default_factory=dict)
+    #: What the checkpoint's weight files hold, once written.
+    checkpoint: CheckpointFiles | None = None
 
     def as_dict(self) -> dict:
+        written = self.checkpoint
         return {
             "model": self.recipe.model,
             "method": self.recipe.plan.method,
             "sequential": self.recipe.sequential,
             "ppl": self.ppl,
             **self.size.as_dict(),
+            **({"dtype": written.dtype, "checkpoint_bytes": written.weight_bytes} if written else {}),
             "calibration_cached": self.calibration_cached,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "plan": self.recipe.plan.summary(),
@@ -138,8 +148,10 @@ def prune(
     sequential: bool = False,
     device: str = "cpu",
     database: DatabaseSettings | None = None,
+    dtype: str | None = None,
 ) -> PruneReport:
-    """Calibrate ``model`` (cached), prune it to ``plan``, measure, and save to ``out`` if given.
+    """Calibrate ``model`` (cached), prune it to ``plan``, measure, and save to ``out`` if given,
+    its weights in ``dtype`` (a name in :data:`autoprune.export.DTYPES`; None: the source's).
 
     ``sequential`` prunes block after block from the statistics of the already-pruned model
     (:func:`autoprune.pruner.prune_sequentially`): better, slower, and not what a study measured.
@@ -149,6 +161,7 @@ def prune(
     """
     if out is not None:
         check_output_dir(out)
+    written_dtype = checkpoint_dtype(dtype) if dtype is not None else None
     for source in (calibration.source, evaluation.source if evaluation else SELF):
         check_source(source)
     compute = compute_device(device)
@@ -197,7 +210,8 @@ def prune(
             "evaluation": evaluation.model_dump() if evaluation else None,
             "report": report.as_dict(),
         }
-        (save_subnet if structured else save_checkpoint)(model, loaded.tokenizer, out, metadata)
+        save = save_subnet if structured else save_checkpoint
+        report.checkpoint = save(model, loaded.tokenizer, out, metadata, written_dtype or loaded.source_dtype)
     return report
 
 
