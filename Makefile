@@ -38,7 +38,8 @@ $(PEER_STAMP):
 	touch $(PEER_STAMP)
 
 ## llama.cpp through llama-cpp-python (an sdist: a long C++ build), in its own environment, to check
-## that autoprune's GGUF exports run there and to time them (experiments/llamacpp_speed.py).
+## that autoprune's GGUF exports run there and to time them (experiments/llamacpp_speed.py). Built
+## for a generic x86-64, not -march=native: the native build crashed here (Illegal instruction).
 LLAMACPP_VENV ?= .venv-llamacpp
 LLAMACPP_STAMP := $(LLAMACPP_VENV)/.installed
 
@@ -47,7 +48,7 @@ llamacpp-venv: $(LLAMACPP_STAMP)
 $(LLAMACPP_STAMP):
 	$(PYTHON) -m venv $(LLAMACPP_VENV)
 	$(LLAMACPP_VENV)/bin/pip install -q --upgrade pip
-	$(LLAMACPP_VENV)/bin/pip install -q numpy llama-cpp-python==0.3.36
+	CMAKE_ARGS=-DGGML_NATIVE=OFF $(LLAMACPP_VENV)/bin/pip install -q numpy llama-cpp-python==0.3.36
 	touch $(LLAMACPP_STAMP)
 
 ## The test suite (tiny random-weight models), in a random order (pytest-randomly prints its seed).

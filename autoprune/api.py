@@ -16,7 +16,13 @@ from autoprune.calibration import CalibrationStats, calibrate, self_calibration_
 from autoprune.config import CalibrationConfig, EvaluationConfig
 from autoprune.data import SELF, calibration_windows, check_source, evaluation_windows
 from autoprune.errors import AutopruneError
-from autoprune.export import check_output_dir, read_metadata, save_checkpoint
+from autoprune.export import (
+    CheckpointFiles,
+    check_output_dir,
+    checkpoint_dtype,
+    read_metadata,
+    save_checkpoint,
+)
 from autoprune.latency import latency_table
 from autoprune.measure import SizeReport, measure_size, perplexity
 from autoprune.models import LoadedModel, compute_device, load_model
@@ -36,14 +42,18 @@ class PruneReport:
     ppl: float | None
     calibration_cached: bool
     seconds: dict[str, float] = field(default_factory=dict)
+    #: What the checkpoint's weight files hold, once written.
+    checkpoint: CheckpointFiles | None = None
 
     def as_dict(self) -> dict:
+        written = self.checkpoint
         return {
             "model": self.recipe.model,
             "method": self.recipe.plan.method,
             "sequential": self.recipe.sequential,
             "ppl": self.ppl,
             **self.size.as_dict(),
+            **({"dtype": written.dtype, "checkpoint_bytes": written.weight_bytes} if written else {}),
             "calibration_cached": self.calibration_cached,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "plan": self.recipe.plan.summary(),
@@ -141,10 +151,12 @@ def prune(
     sequential: bool = False,
     device: str = "cpu",
     database: DatabaseSettings | None = None,
+    dtype: str | None = None,
     load_weights: Callable[[torch.nn.Module], None] | None = None,
     metadata: dict | None = None,
 ) -> PruneReport:
-    """Calibrate ``model`` (cached), prune it to ``plan``, measure, and save to ``out`` if given.
+    """Calibrate ``model`` (cached), prune it to ``plan``, measure, and save to ``out`` if given,
+    its weights in ``dtype`` (a name in :data:`autoprune.export.DTYPES`; None: the source's).
 
     ``load_weights`` replaces the pruned model's weights before it is measured and saved (with a
     study's healed copy of the variant, see :mod:`autoprune.study._heal`); ``metadata`` is added
@@ -158,6 +170,7 @@ def prune(
     """
     if out is not None:
         check_output_dir(out)
+    written_dtype = checkpoint_dtype(dtype) if dtype is not None else None
     for source in (calibration.source, evaluation.source if evaluation else SELF):
         check_source(source)
     compute = compute_device(device)
@@ -209,7 +222,8 @@ def prune(
             "report": report.as_dict(),
             **(metadata or {}),
         }
-        (save_subnet if structured else save_checkpoint)(model, loaded.tokenizer, out, saved)
+        save = save_subnet if structured else save_checkpoint
+        report.checkpoint = save(model, loaded.tokenizer, out, saved, written_dtype or loaded.source_dtype)
     return report
 
 
@@ -296,6 +310,6 @@ def prune_learned(
             "learned": {"target": target, "budget": budget, "learn_share": learn_share,
                         "config": config.model_dump(mode="json"), **learned.record()},
         }
-        save_subnet(learned.model.to("cpu"), teacher.tokenizer, out, metadata)
+        save_subnet(learned.model.to("cpu"), teacher.tokenizer, out, metadata, teacher.source_dtype)
         shutil.rmtree(folder, ignore_errors=True)
     return report

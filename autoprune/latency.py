@@ -41,7 +41,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrained
 from autoprune._atomic import write_text_atomic
 from autoprune.calibration import default_cache_dir
 from autoprune.structure import BlockShape, ModelDims, subnet_config
-from autoprune.structure.remote.modeling_subnet_llama import SubnetLlamaForCausalLM
+from autoprune.models.remote.modeling_subnet_llama import SubnetLlamaForCausalLM
 
 #: Version 1 held per-cell slopes; version 2 holds the probes' timings the cost model is fitted to.
 TABLE_FORMAT_VERSION = 2

@@ -25,7 +25,11 @@ BYTES_FP16 = 2
 
 @dataclass(frozen=True)
 class SizeReport:
-    """What a user compares: every count covers embeddings and lm_head, tied weights once."""
+    """What a user compares: every count covers embeddings and lm_head, tied weights once.
+
+    ``bytes_dense_fp16`` is two bytes per parameter: the weights of a checkpoint written in
+    bfloat16 or float16, as exports of a bfloat16 source (or a GGUF) are by default; a written
+    checkpoint's report also gives its files' own bytes (``checkpoint_bytes``)."""
 
     total_params: int
     nonzero_params: int

@@ -279,7 +279,8 @@ def run_peer(
     rows, runs, missing = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         dense_dir = Path(tmp) / "dense"
-        save_checkpoint(loaded.model, loaded.tokenizer, dense_dir, {"purpose": "peer baseline"})
+        save_checkpoint(loaded.model, loaded.tokenizer, dense_dir, {"purpose": "peer baseline"},
+                        torch.float32)  # the very weights autoprune prunes
         windows_file = Path(tmp) / "windows.pt"
         torch.save({"calibration": calib, "evaluation": windows}, windows_file)
         out_dir = peer_dir or Path(tmp)

@@ -100,16 +100,18 @@ def make_checkpoints(data: str, work: Path) -> dict[str, Path]:
     }
     if not folders["dense"].exists():
         loaded = load_model(MODEL)
-        save_checkpoint(loaded.model, loaded.tokenizer, folders["dense"], {"recipe": {"model": MODEL}})
+        save_checkpoint(loaded.model, loaded.tokenizer, folders["dense"], {"recipe": {"model": MODEL}},
+                        torch.float32)  # as the recorded results were measured
     if not folders["sparsegpt-50"].exists():
         start = time.perf_counter()
-        prune(MODEL, calibration, PlanRequest(method="sparsegpt", sparsity=0.5), folders["sparsegpt-50"])
+        prune(MODEL, calibration, PlanRequest(method="sparsegpt", sparsity=0.5), folders["sparsegpt-50"],
+              dtype="float32")
         print(f"pruned in {time.perf_counter() - start:.0f} s", flush=True)
     if not folders["sparsegpt-50-minus-2-blocks"].exists():
         loaded = load_model(str(folders["sparsegpt-50"]))
         loaded.adapter.remove_blocks(loaded.model, REMOVED)
         save_checkpoint(loaded.model, loaded.tokenizer, folders["sparsegpt-50-minus-2-blocks"],
-                        {"recipe": {"model": MODEL}, "removed_blocks": REMOVED})
+                        {"recipe": {"model": MODEL}, "removed_blocks": REMOVED}, torch.float32)
     return folders
 
 

@@ -28,6 +28,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
+import torch
 from transformers import AutoModelForCausalLM
 
 from autoprune import CalibrationConfig, prepare
@@ -80,7 +81,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for name, (structure, removed) in VARIANTS.items():
             out = Path(folder) / name.replace(" ", "_").replace("/", "-")
-            save_subnet(build_subnet(loaded.model, stats, structure, removed), loaded.tokenizer, out, {"variant": name})
+            save_subnet(build_subnet(loaded.model, stats, structure, removed), loaded.tokenizer, out,
+                        {"variant": name}, torch.float32)  # timed in float32, as the dense model
             models.append(AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval())
             names.append(name)
             shapes.append(resolve_blocks(structure, removed, dims))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import gguf
@@ -10,7 +11,7 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import TRIALS_ONLY, WORDS, save_tiny_model, synthetic_text, tiny_llama_config
+from conftest import TRIALS_ONLY, WORDS, save_tiny_model, synthetic_text, tiny_config, tiny_llama_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
@@ -21,6 +22,7 @@ from autoprune.export import save_checkpoint
 from autoprune.export_gguf import export_checkpoint_gguf, write_gguf
 from autoprune.measure import perplexity
 from autoprune.models import LlamaFamilyAdapter, load_model
+from autoprune.study import run_search
 
 TEXT = "the city was first known in the world after the new school , 2024 ."
 
@@ -218,7 +220,7 @@ def test_a_model_from_a_gguf_keeps_that_files_tokenizer_metadata(bpe_llama_dir, 
     source = tmp_path / "source.gguf"
     write_gguf(loaded.model, loaded.tokenizer, source)
     checkpoint = tmp_path / "checkpoint"
-    save_checkpoint(loaded.model, tokenizer, checkpoint, {"recipe": {"model": str(source)}})
+    save_checkpoint(loaded.model, tokenizer, checkpoint, {"recipe": {"model": str(source)}}, torch.float32)
     copied = tmp_path / "copied.gguf"
     export_checkpoint_gguf(checkpoint, copied, "f16")
     want, got = gguf.GGUFReader(source).fields, gguf.GGUFReader(copied).fields
@@ -238,3 +240,41 @@ def test_a_block_without_ffn_is_written_without_its_ffn_tensors(bpe_llama_dir, t
     names = {tensor.name for tensor in gguf.GGUFReader(path).tensors}
     assert not any(name.startswith("blk.2.ffn_") for name in names)
     assert {"blk.2.attn_norm.weight", "blk.2.attn_q.weight", "blk.1.ffn_norm.weight"} <= names
+
+
+def test_a_model_from_a_gguf_is_exported_in_bfloat16(bpe_llama_dir, tmp_path):
+    """A GGUF's weights have no torch dtype of their own: its exports are written in bfloat16."""
+    loaded = load_model(str(bpe_llama_dir))
+    source = tmp_path / "source.gguf"
+    write_gguf(loaded.model, loaded.tokenizer, source)
+    from_gguf = load_model(str(source))
+    assert from_gguf.source_dtype == torch.bfloat16 and loaded.source_dtype == torch.float32
+    assert next(from_gguf.model.parameters()).dtype == torch.float32  # pruned in float32
+
+
+def test_cli_export_gguf_of_a_per_block_subnet_trial(bpe_llama_dir, data_dir, tmp_path, capsys):
+    """A ``subnet`` study's trial with per-block widths: the GGUF is written from the checkpoint
+    (which autoprune reloads with its own modelling class) with each block's own widths."""
+    config = tiny_config(bpe_llama_dir, data_dir, tmp_path, space="subnet", sparsity_range=None, trials=8)
+    run_search(config, progress=False)
+    study = optuna.load_study(study_name=config.study, storage=config.storage)
+    def widths(trial: optuna.trial.FrozenTrial) -> set[str]:
+        structure = trial.user_attrs["plan"]["structure"] or {"blocks": {}}
+        return {json.dumps(block, sort_keys=True) for block in structure["blocks"].values()}
+
+    trial = next(t for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)) if len(widths(t)) > 1)
+    out = tmp_path / "export"
+    args = export_args(config.model_dump(), trial.number, out, "--format", "gguf", "--gguf-type", "f16")
+    assert main(args) == 0
+    assert f"{out / 'model-f16.gguf'}" in capsys.readouterr().out
+    checkpoint = load_model(str(out)).model
+    assert checkpoint.config.is_heterogeneous
+    fields = gguf.GGUFReader(out / "model-f16.gguf").fields
+    assert fields["general.architecture"].contents() == "deci"
+    blocks = LlamaFamilyAdapter().blocks(checkpoint)
+    head_dim = checkpoint.config.head_dim
+    heads = [b.self_attn.q_proj.out_features // head_dim if hasattr(b, "self_attn") else 0 for b in blocks]
+    ffn = [b.mlp.gate_proj.out_features if hasattr(b, "mlp") else 0 for b in blocks]
+    assert fields["deci.attention.head_count"].contents() == heads
+    assert fields["deci.feed_forward_length"].contents() == ffn
+    assert len(set(zip(heads, ffn))) > 1

@@ -28,7 +28,7 @@ from autoprune.latency import (
     table_path,
 )
 from autoprune.structure import BlockShape, BlockWidths, ModelDims, Structure, resolve_blocks
-from autoprune.structure.remote.modeling_subnet_llama import SubnetLlamaForCausalLM
+from autoprune.models.remote.modeling_subnet_llama import SubnetLlamaForCausalLM
 
 SETTINGS = LatencySettings(seq_len=16, prompt_len=8, new_tokens=2, repeats=1)
 

@@ -265,7 +265,7 @@ def test_uniform_cut_saves_a_stock_llama(tiny, tmp_path: Path) -> None:
     loaded, stats, windows = tiny
     structure = Structure(every_block=BlockWidths(kv_groups=1, heads_per_group=2, ffn=64))
     subnet = build_subnet(loaded.model, stats, structure, [0])
-    save_subnet(subnet, loaded.tokenizer, tmp_path / "out", {"note": "test"})
+    save_subnet(subnet, loaded.tokenizer, tmp_path / "out", {"note": "test"}, loaded.source_dtype)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert "auto_map" not in config and "per_layer_config" not in config
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]) == (2, 1, 64)
@@ -280,7 +280,7 @@ def test_per_block_cut_reloads_with_remote_code(tiny, tmp_path: Path) -> None:
         blocks={0: BlockWidths(kv_groups=1, ffn=24), 2: BlockWidths(drop_attention=True), 3: BlockWidths(drop_mlp=True, heads_per_group=1)}
     )
     subnet = build_subnet(loaded.model, stats, structure, [1])
-    save_subnet(subnet, loaded.tokenizer, tmp_path / "out", {})
+    save_subnet(subnet, loaded.tokenizer, tmp_path / "out", {}, loaded.source_dtype)
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert config["model_type"] == "llama" and config["num_hidden_layers"] == 3
     assert config["per_layer_config"]["1"] == {"skip": ["self_attn"]}
@@ -302,8 +302,10 @@ def test_parameter_count_and_folder_size_follow_the_shapes(tiny, tmp_path: Path)
     )
     expected = decoder_linear_params(resolve_blocks(structure, [3], dims), dims)
     assert linear == expected < dense_linear
-    save_subnet(subnet, loaded.tokenizer, tmp_path / "small", {})
-    save_subnet(build_subnet(loaded.model, stats, Structure()), loaded.tokenizer, tmp_path / "dense", {})
+    assert loaded.source_dtype == torch.float32  # the tiny model is saved in float32
+    save_subnet(subnet, loaded.tokenizer, tmp_path / "small", {}, loaded.source_dtype)
+    save_subnet(build_subnet(loaded.model, stats, Structure()), loaded.tokenizer, tmp_path / "dense", {},
+                loaded.source_dtype)
     saved_small, saved_dense = _folder_bytes(tmp_path / "small"), _folder_bytes(tmp_path / "dense")
     removed_bytes = 4 * (dense_linear - linear)  # float32; beside them only norms and headers
     assert abs((saved_dense - saved_small) - removed_bytes) <= 4096

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from autoprune.errors import AutopruneError
+from autoprune.export import DTYPES
 from autoprune.variants import DatabaseSettings, check_grid
 
 
@@ -27,6 +28,12 @@ class OneLineParser(argparse.ArgumentParser):
 
 def add_format(parser: argparse.ArgumentParser, choices: Sequence[str] = ("table", "json")) -> None:
     parser.add_argument("--format", choices=choices, default="table", help="output format")
+
+
+def add_dtype_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="dtype of the checkpoint's weights (default: the source model's; "
+                        "bfloat16 for a GGUF)")
 
 
 def add_device_flag(parser: argparse.ArgumentParser) -> None:

@@ -8,7 +8,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from autoprune.cli._common import add_database_flags, add_format, database_settings, render
+from autoprune.cli._common import (
+    add_database_flags,
+    add_dtype_flag,
+    add_format,
+    database_settings,
+    render,
+)
 from autoprune.errors import AutopruneError
 from autoprune.export_gguf import GGUF_TYPES
 from autoprune.study import DEFAULT_STORAGE, artifact_store, export_trial
@@ -20,6 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--study", required=True, help="study name")
     parser.add_argument("--trial", type=int, required=True, help="trial number (see autoprune front)")
     parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty)")
+    add_dtype_flag(parser)
     parser.add_argument("--cache-dir", type=Path, default=None, help="calibration cache folder")
     recipe = parser.add_mutually_exclusive_group()
     recipe.add_argument(
@@ -52,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         cache_dir=args.cache_dir, gguf_type=gguf_type, database=database_settings(args),
         healed=not args.unhealed,
         store=artifact_store(args.storage, args.artifact_store) if args.artifact_store else None,
+        dtype=args.dtype,
     )
     for note in result.notes:
         print(f"autoprune: {note}", file=sys.stderr)

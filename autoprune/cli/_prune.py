@@ -12,6 +12,7 @@ from autoprune.api import PlanRequest, prune, prune_learned
 from autoprune.cli._common import (
     add_database_flags,
     add_device_flag,
+    add_dtype_flag,
     add_format,
     database_settings,
     parse_fraction,
@@ -64,6 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_data_flags(parser)
     parser.add_argument("--out", type=Path, help="output folder (must not exist or be empty)")
+    add_dtype_flag(parser)
     parser.add_argument("--cache-dir", type=Path, default=None, help="calibration cache folder")
     add_database_flags(parser)
     add_device_flag(parser)
@@ -101,13 +103,13 @@ def run(args: argparse.Namespace) -> int:
         recipe = Recipe.load(args.recipe)
         report = prune(recipe.model, recipe.calibration, recipe.plan, args.out, evaluation,
                        args.cache_dir, sequential=recipe.sequential or args.sequential,
-                       device=args.device, database=database)
+                       device=args.device, database=database, dtype=args.dtype)
     else:
         if args.model is None:
             raise AutopruneError("prune needs --model (or --recipe)")
         report = prune(args.model, calibration_config(args), plan_request(args), args.out,
                        evaluation, args.cache_dir, sequential=args.sequential, device=args.device,
-                       database=database)
+                       database=database, dtype=args.dtype)
     result = report.as_dict()
     print(render([_row(result)], "table") if args.format == "table" else json.dumps(result, indent=2))
     return 0
@@ -135,7 +137,7 @@ def plan_request(args: argparse.Namespace) -> PlanRequest | StructureRequest:
 
 def _row(report: dict) -> dict:
     keys = ("model", "method", "ppl", "sparsity", "total_params", "nonzero_params",
-            "linear_nonzeros", "bytes_dense_fp16", "bytes_sparse", "calibration_cached")
+            "linear_nonzeros", "dtype", "checkpoint_bytes", "bytes_sparse", "calibration_cached")
     return {key: report[key] for key in keys}
 
 

@@ -1,4 +1,10 @@
-"""Loading causal LMs: by Hugging Face id, local folder, GGUF file, or a built-in alias."""
+"""Loading causal LMs: by Hugging Face id, local folder, GGUF file, or a built-in alias.
+
+Models are loaded in float32 whatever their source stores (statistics and pruning need it); the
+source's own dtype is kept beside the model, as what its exports are written in. autoprune's own
+per-block sub-network exports load with their class from this package, not with code from the
+folder.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -19,6 +26,8 @@ from transformers import (
 
 from autoprune.errors import AutopruneError
 from autoprune.models._adapter import ArchitectureAdapter
+from autoprune.models.remote import REMOTE_CLASS, REMOTE_MODULE
+from autoprune.models.remote.modeling_subnet_llama import SubnetLlamaForCausalLM
 
 #: Aliases for models that ship inside a Python package, so the default runs offline.
 ALIASES: dict[str, tuple[str, str]] = {
@@ -26,6 +35,10 @@ ALIASES: dict[str, tuple[str, str]] = {
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+#: A GGUF's weights are quantized or in GGML's types, not a torch dtype: their exports are written
+#: in bfloat16, the dtype LLaMA-family checkpoints are published in.
+GGUF_SOURCE_DTYPE = torch.bfloat16
 
 
 @dataclass
@@ -36,6 +49,8 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     spec: str
     adapter: ArchitectureAdapter
+    #: The dtype the source stores its weights in, which its exports are written in by default.
+    source_dtype: torch.dtype
 
     def fingerprint(self) -> str:
         """A content hash of config and weights: cache entries are keyed by what the model is,
@@ -80,12 +95,18 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32) -> LoadedModel:
             raise AutopruneError(f"GGUF file not found: {spec}")
     if gguf_path is not None:
         model, tokenizer = _load_gguf(gguf_path, dtype)
+        source_dtype = GGUF_SOURCE_DTYPE
     else:
-        model, tokenizer = _load_checkpoint(spec, dtype)
+        model, tokenizer, source_dtype = _load_checkpoint(spec, dtype)
     model.eval()
+    # Calibration needs no cache. The generation config keeps the source's setting, which exports
+    # write (autoprune.export.save_checkpoint).
+    if model.generation_config.use_cache is None:
+        model.generation_config.use_cache = model.config.use_cache
     model.config.use_cache = False
     adapter = ArchitectureAdapter.for_model(model)
-    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, adapter=adapter)
+    return LoadedModel(model=model, tokenizer=tokenizer, spec=spec, adapter=adapter,
+                       source_dtype=source_dtype)
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -102,7 +123,9 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     return model, tokenizer
 
 
-def _load_checkpoint(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_checkpoint(
+    spec: str, dtype: torch.dtype
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, torch.dtype]:
     path = Path(spec)
     if not path.exists() and not _HUB_ID.match(spec):
         raise AutopruneError(
@@ -112,9 +135,19 @@ def _load_checkpoint(spec: str, dtype: torch.dtype) -> tuple[PreTrainedModel, Pr
     if path.exists() and not (path / "config.json").is_file():
         raise AutopruneError(f"model folder {spec} has no config.json")
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec, dtype=dtype)
+        config = AutoConfig.from_pretrained(spec)
+        model_class = SubnetLlamaForCausalLM if _is_subnet_export(config) else AutoModelForCausalLM
+        model = model_class.from_pretrained(spec, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError) as error:
         reason = " ".join(str(error).split())[:200]
         raise AutopruneError(f"cannot load model {spec!r}: {reason}") from None
-    return model, tokenizer
+    stored = config.dtype  # a checkpoint that does not say is taken as float32: nothing is lost
+    stored = getattr(torch, stored) if isinstance(stored, str) else stored
+    return model, tokenizer, stored if isinstance(stored, torch.dtype) else torch.float32
+
+
+def _is_subnet_export(config) -> bool:
+    """Whether ``config`` is that of a per-block sub-network autoprune exported."""
+    auto_map = getattr(config, "auto_map", None) or {}
+    return auto_map.get("AutoModelForCausalLM") == f"{REMOTE_MODULE}.{REMOTE_CLASS}"

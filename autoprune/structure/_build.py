@@ -4,11 +4,13 @@ Heads, KV heads and FFN channels are cut out of q/k/v/o and gate/up/down, sub-bl
 that go are left out, and the result is a new model whose tensors are only what is kept: equal
 widths in every kept block give a stock ``LlamaForCausalLM`` with a plain ``LlamaConfig``; blocks
 that differ give :class:`SubnetLlamaForCausalLM` over a ``per_layer_config`` (see
-:mod:`autoprune.structure.remote.modeling_subnet_llama`).
+:mod:`autoprune.models.remote.modeling_subnet_llama`). The new model generates as the dense one
+does: it carries the dense model's generation config.
 """
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,16 +22,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 from autoprune.calibration import CalibrationStats
 from autoprune.errors import AutopruneError
 from autoprune.models import LlamaFamilyAdapter
+from autoprune.models.remote import REMOTE_CLASS, REMOTE_MODULE
+from autoprune.models.remote.modeling_subnet_llama import SubnetLlamaForCausalLM
 from autoprune.structure._methods import StructuredMethod
 from autoprune.structure._schema import BlockShape, ModelDims, Structure, resolve_blocks
 from autoprune.structure._select import UnitLayout, least_squares_correction
-from autoprune.structure.remote.modeling_subnet_llama import SubnetLlamaForCausalLM
 
 T = TypeVar("T")
-
-#: The file that ``auto_map`` points to inside an exported per-block checkpoint.
-REMOTE_MODULE = "modeling_subnet_llama"
-REMOTE_CLASS = "SubnetLlamaForCausalLM"
 
 
 @dataclass(frozen=True)
@@ -176,6 +175,8 @@ def _build(
     subnet.load_state_dict(state, strict=True, assign=True)
     subnet.model.rotary_emb = type(subnet.model.rotary_emb)(config=config)  # its buffers are not state
     subnet.tie_weights()
+    # the source's generation settings, not those derived from the cut config (use_cache among them)
+    subnet.generation_config = copy.deepcopy(model.generation_config)
     subnet.eval()
     dense = next(model.parameters())
     return subnet.to(device=dense.device, dtype=dense.dtype)  # the rotary buffers are made on the CPU

@@ -9,19 +9,24 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from autoprune.export import save_checkpoint
-from autoprune.structure._build import REMOTE_MODULE
-from autoprune.structure.remote import modeling_subnet_llama
+from autoprune.export import CheckpointFiles, save_checkpoint
+from autoprune.models.remote import REMOTE_MODULE, modeling_subnet_llama
 
 
 def save_subnet(
-    subnet: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, metadata: dict
-) -> None:
-    """Write ``subnet`` (from :func:`autoprune.structure.build_subnet`) to ``out_dir``; nothing is
-    written there unless the whole checkpoint is."""
+    subnet: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    out_dir: Path,
+    metadata: dict,
+    dtype: torch.dtype,
+) -> CheckpointFiles:
+    """Write ``subnet`` (from :func:`autoprune.structure.build_subnet`) to ``out_dir``, its weights
+    in ``dtype`` (see :func:`autoprune.export.save_checkpoint`); nothing is written there unless
+    the whole checkpoint is."""
     extra = {}
     if subnet.config.is_heterogeneous:
         extra[f"{REMOTE_MODULE}.py"] = Path(modeling_subnet_llama.__file__)
-    save_checkpoint(subnet, tokenizer, out_dir, metadata, extra_files=extra)
+    return save_checkpoint(subnet, tokenizer, out_dir, metadata, dtype, extra_files=extra)

@@ -8,8 +8,10 @@ its ``recorded_ppl`` is then the study's measurement of that variant, which only
 that measured it have (None for the rest: the study never measured it). Left unsaid, the export is
 the variant the study measured best: the sequential one where the trial holds a better measurement
 of it (a search's finishing refinements, ``refine_sequential``), one-shot otherwise.
-``gguf_type`` also writes ``out/model-<type>.gguf`` (:mod:`autoprune.export_gguf`); a model GGUF
-cannot express leaves ``out`` as it was before the export.
+``dtype`` names what the weights are written in (the source's by default, see
+:func:`autoprune.api.prune`). ``gguf_type`` also writes ``out/model-<type>.gguf``
+(:mod:`autoprune.export_gguf`, from the checkpoint, whatever its widths); a model GGUF cannot
+express leaves ``out`` as it was before the export.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoprune.api import PruneReport, prune
 from autoprune.errors import AutopruneError
-from autoprune.export import check_output_dir, read_metadata
+from autoprune.export import check_output_dir, checkpoint_dtype, read_metadata
 from autoprune.measure import SizeReport
 from autoprune.plan import Recipe
 from autoprune.export_gguf import GGUF_TYPES, export_checkpoint_gguf
@@ -58,6 +60,7 @@ class ExportResult:
 
     def row(self) -> dict[str, Any]:
         """The line ``autoprune export`` prints."""
+        written = self.report.checkpoint
         return {
             "trial": self.trial,
             "out": str(self.out),
@@ -66,6 +69,8 @@ class ExportResult:
             "nonzeros": self.report.size.linear_nonzeros,
             "recorded_nonzeros": self.recorded_nonzeros,
             "recorded_ppl": self.recorded_ppl,
+            "dtype": written.dtype if written else None,
+            "checkpoint_bytes": written.weight_bytes if written else None,
         } | ({"gguf": str(self.gguf)} if self.gguf is not None else {})
 
 
@@ -81,16 +86,20 @@ def export_trial(
     database: DatabaseSettings | None = None,
     healed: bool = True,
     store: Any = None,
+    dtype: str | None = None,
 ) -> ExportResult:
     """Prune the model of ``study``'s complete trial number ``trial`` as the study recipe says,
     save it to ``out`` (a new or empty folder, checked before anything loads) with its recipe, and
     compare its size with the study's record. ``sequential`` prunes block after block from the
     already-pruned model's statistics, False one-shot as the trials were measured, None the
     variant the study measured best (see the module's docstring). ``gguf_type`` (one of
-    :data:`GGUF_TYPES`) also writes the checkpoint as a GGUF file. A trial the study healed is
-    written with its healed weights (from ``store``, default: the study's artifact folder) unless
-    ``healed`` is False or ``sequential`` asks for the block-after-block variant (a heal is of the
-    one-shot one)."""
+    :data:`GGUF_TYPES`) also writes the checkpoint as a GGUF file; ``dtype`` is what the
+    checkpoint's weights are written in (None: the source's). A trial the study healed is written
+    with its healed weights (from ``store``, default: the study's artifact folder) unless ``healed``
+    is False or ``sequential`` asks for the block-after-block variant (a heal is of the one-shot
+    one)."""
+    if dtype is not None:
+        checkpoint_dtype(dtype)
     if gguf_type is not None and gguf_type not in GGUF_TYPES:
         raise AutopruneError(f"unknown GGUF type {gguf_type!r} (known: {', '.join(GGUF_TYPES)})")
     check_output_dir(out)
@@ -123,7 +132,7 @@ def export_trial(
     recipe = trial_recipe(loaded_study, frozen).model_copy(update={"sequential": sequential})
     report = prune(
         recipe.model, recipe.calibration, recipe.plan, out, cache_dir=cache_dir, progress=progress,
-        sequential=recipe.sequential, database=database,
+        sequential=recipe.sequential, database=database, dtype=dtype,
         load_weights=partial(load_healed_weights, store=store, artifact=heal["artifact"]) if heal else None,
         metadata={"heal": heal} if heal else None,
     )

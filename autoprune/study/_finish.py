@@ -211,7 +211,8 @@ def _heal_targets(config: SearchConfig, study, healer: StudyHealer) -> tuple[lis
     missed: list[float] = []
     bound = None if config.heal_max_latency is None else config.heal_max_latency * healer.dense_latency_ms()
     for target in config.heal_targets:
-        trials = study.get_trials(deepcopy=False)
+        # learned structures are trained models already, not one-shot cuts to heal
+        trials = [t for t in study.get_trials(deepcopy=False) if "learned" not in t.user_attrs]
         label: dict = {"target": target, "max_latency": config.heal_max_latency}
         if config.heal_select > 1:
             candidates = selection_candidates(trials, target, config.heal_select, config.heal_select_width, bound)

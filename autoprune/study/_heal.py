@@ -33,6 +33,7 @@ from safetensors.torch import load_model, save_model
 
 from autoprune.calibration import default_cache_dir
 from autoprune.errors import AutopruneError
+from autoprune.export import dtype_name
 from autoprune.structure import resolve_blocks
 from autoprune.structure import save_subnet
 from autoprune.study._objectives import objective_values
@@ -45,8 +46,6 @@ from autoprune.training import Budget, FolderCheckpoints, HealConfig, heal, lear
 HEAL_ATTR_PREFIX = "heal:"
 #: A learned structure's record, per target (the trial it became is in it).
 LEARNED_ATTR_PREFIX = "learned:"
-#: The dtype healed weights are rounded to, as exports write them (see :func:`round_weights`).
-EXPORT_DTYPE = torch.bfloat16
 
 
 def artifact_store(storage: str, folder: str | None = None) -> FileSystemArtifactStore:
@@ -79,7 +78,7 @@ def member_row(study: optuna.Study, trial: FrozenTrial) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def round_weights(model: torch.nn.Module, dtype: torch.dtype = EXPORT_DTYPE) -> None:
+def round_weights(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Round every floating-point weight to ``dtype``'s precision, in place (kept in its own
     dtype): what a checkpoint written in ``dtype`` reloads as."""
     for parameter in model.parameters():
@@ -137,7 +136,7 @@ class StudyHealer:
         trial = self._complete(number)
         plan = trial_plan(trial)
         healed, result = self.train(trial, config)
-        round_weights(healed)
+        round_weights(healed, self.worker.loaded.source_dtype)
         measured = self.worker.measure(TrialRequest(number, plan), healed)
         if measured.status != "complete":
             raise AutopruneError(f"trial {number} healed did not measure: {measured.status}")
@@ -145,7 +144,7 @@ class StudyHealer:
             "ppl": measured.ppl, "kl": measured.kl, "quality": measured.quality,
             "ppl_before": trial.user_attrs["ppl"], "tokens": result.tokens,
             "digest": config.digest(), "config": config.model_dump(mode="json"),
-            "dtype": str(EXPORT_DTYPE).removeprefix("torch."),
+            "dtype": dtype_name(self.worker.loaded.source_dtype),
             "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
             "peak_memory_bytes": result.peak_memory_bytes,
             "measurements": [m.__dict__ for m in result.measurements],
@@ -183,7 +182,7 @@ class StudyHealer:
         learned = learn_structure(self.worker.loaded, self.data, target, config, share, budget, self.worker.latency,
                                   self.worker.spec.device, folder, self.progress, self.cache_dir)
         model = learned.model.to("cpu").eval()
-        round_weights(model)
+        round_weights(model, self.worker.loaded.source_dtype)
         number = len(self.study.get_trials(deepcopy=False))
         measured = self.worker.measure(TrialRequest(number, learned.plan), model)
         if measured.status != "complete":
@@ -218,7 +217,8 @@ class StudyHealer:
             checkpoint = Path(folder) / "learned"
             recipe = self.settings.recipe(learned.plan)
             save_subnet(model, self.worker.loaded.tokenizer, checkpoint,
-                        {"recipe": recipe.model_dump(mode="json"), "learned": record})
+                        {"recipe": recipe.model_dump(mode="json"), "learned": record},
+                        self.worker.loaded.source_dtype)
             archive = shutil.make_archive(str(Path(folder) / "learned"), "tar", checkpoint)
             return upload_artifact(artifact_store=self.store, file_path=archive, study_or_trial=self.study)
 

@@ -3,9 +3,9 @@
 ``objectives: [params, latency, ppl]`` (any order, two or three names): the quality is ``ppl`` or
 ``kl``; the costs are decoder linear non-zeros (``nonzeros``, what unstructured sparsity shrinks),
 decoder linear weights kept (``params``, what a sub-network's files hold), the bytes of the
-exported checkpoint stored in fp16 (``bytes``), and the latency predicted for the search's device
-from the per-shape table (``latency``: prefill of one prompt; ``decode_latency``: ms per new
-token; see :mod:`autoprune.latency`). A trial's objective values are its costs in the configured
+exported checkpoint at two bytes per weight (``bytes``: bfloat16 or float16 files), and the latency
+predicted for the search's device from the per-shape table (``latency``: prefill of one prompt;
+``decode_latency``: ms per new token; see :mod:`autoprune.latency`). A trial's objective values are its costs in the configured
 order, then its quality, so ``values[0]`` is the primary cost and ``values[-1]`` the quality in
 every study.
 """

@@ -183,6 +183,6 @@ def heal_checkpoint(
         ppl = perplexity(healed.to(compute_device(device)), windows, progress=progress)
     report = HealReport(model, teacher, data, config, result, size, ppl)
     metadata = {**metadata, "heal": report.as_dict()["heal"]}
-    save_subnet(healed.to("cpu"), student.tokenizer, out, metadata)
+    save_subnet(healed.to("cpu"), student.tokenizer, out, metadata, student.source_dtype)
     saved.remove()
     return report
