@@ -68,12 +68,7 @@ class SizeMeter:
         fp16 values, and (where every group of 4 holds at most 2 non-zeros) the 2:4-compressed
         layout of fp16 values plus 2-bit indices. Everything else is stored dense.
         """
-        # A sub-network's block may lack a sub-block (dropped attention or MLP): skip what is absent.
-        linear_ids = {
-            id(model.get_submodule(name).weight)
-            for name in self.adapter.all_layer_names(model)
-            if _has_submodule(model, name)
-        }
+        linear_ids = {id(model.get_submodule(name).weight) for name in self.adapter.present_layer_names(model)}
         seen: set[int] = set()
         total = nonzero = linear = linear_nonzero = sparse_bytes = 0
         for parameter in model.parameters():
@@ -102,14 +97,6 @@ class SizeMeter:
             bytes_dense_fp16=BYTES_FP16 * total,
             bytes_sparse=sparse_bytes,
         )
-
-
-def _has_submodule(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def measure_size(

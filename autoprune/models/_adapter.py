@@ -69,6 +69,18 @@ class ArchitectureAdapter(ABC):
             for name in self.linear_names
         ]
 
+    def present_layer_names(self, model: PreTrainedModel) -> list[str]:
+        """:meth:`all_layer_names` that ``model`` has: a sub-network's block may lack its attention
+        or MLP sub-block."""
+        present = []
+        for name in self.all_layer_names(model):
+            try:
+                model.get_submodule(name)
+            except AttributeError:
+                continue
+            present.append(name)
+        return present
+
     def split_layer_name(self, full_name: str) -> tuple[int, str]:
         """Inverse of :meth:`layer_name`."""
         prefix = self.blocks_path + "."

@@ -138,7 +138,7 @@ class Healer:
             teacher = copy.deepcopy(teacher).to(dtype=torch.bfloat16)
         self.teacher = teacher.to(device).eval().requires_grad_(False)
         adapter = ArchitectureAdapter.for_model(student)
-        linear = {f"{name}.weight" for name in adapter.all_layer_names(student) if _has(student, name)}
+        linear = {f"{name}.weight" for name in adapter.present_layer_names(student)}
         self.masks = SparsityMasks.capture(student, linear)
         self.peft = _with_lora(student, config, adapter) if config.lora is not None else None
         self.trainable = [p for p in student.parameters() if p.requires_grad]
@@ -340,14 +340,6 @@ def peak_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _has(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
 
 
 def _with_lora(model: PreTrainedModel, config: HealConfig, adapter: ArchitectureAdapter):
