@@ -95,7 +95,7 @@ class StructureGates(nn.Module):
 
     def __init__(
         self, model: PreTrainedModel, dims: ModelDims, kept: float, costs: UnitCosts,
-        gate_lr: float = 0.05, lambda_lr: float = 0.05, init: float = 3.0,
+        gate_lr: float = 0.1, lambda_lr: float = 0.5, init: float = 3.0,
     ) -> None:
         super().__init__()
         self.dims, self.kept, self.costs = dims, kept, costs
