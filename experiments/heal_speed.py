@@ -72,7 +72,7 @@ def run_variant(args) -> dict:
         loss = plain_distillation_loss(logits.reshape(-1, logits.shape[-1]),
                                        reference.reshape(-1, reference.shape[-1]), next_token_labels(ids))
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(healer.trainable, 1.0)
+        torch.nn.utils.clip_grad_norm_(healer.weights, 1.0)
         healer.optimizer.step()
         healer.optimizer.zero_grad(set_to_none=True)
         healer.step += 1

@@ -144,7 +144,9 @@ class Healer:
         self.trainable = [p for p in student.parameters() if p.requires_grad]
         self.names = [n for n, p in student.named_parameters() if p.requires_grad]
         self.module = (wrap or (lambda module: module))(_HiddenStates(student))
-        groups = [{"params": list(self.trainable), "lr_scale": 1.0}]
+        #: The student's own trainable weights (gradient clipping is theirs alone).
+        self.weights = list(self.trainable)
+        groups = [{"params": self.weights, "lr_scale": 1.0}]
         for group in regularizer.param_groups(config.lr) if regularizer is not None else ():
             names = group.pop("names")
             self.trainable += group["params"]
@@ -215,7 +217,7 @@ class Healer:
         loss.backward()
         self.masks.zero_gradients()
         if config.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.trainable, config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.weights, config.grad_clip)
         for group in self.optimizer.param_groups:
             group["lr"] = config.learning_rate(self.step) * group["lr_scale"]
         self.optimizer.step()
