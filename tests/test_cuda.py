@@ -194,3 +194,13 @@ def test_a_heal_on_cuda_follows_the_cpu_heal_and_keeps_zeros(tiny_llama_dir, dat
     bf16 = config.model_copy(update={"precision": "bf16"})
     _, mixed = heal(student(), teacher, str(data_dir), bf16, device="cuda", progress=False)
     assert mixed.measurements[-1].kl < mixed.measurements[0].kl * 10  # trains, in bf16 autocast, without blowing up
+
+
+def test_a_structure_is_learned_on_cuda(tiny_llama_dir, data_dir) -> None:
+    from autoprune.training import HealConfig, learn_structure
+
+    config = HealConfig(tokens=8 * 4 * 16, seq_len=16, batch_size=4, validation_windows=2, evaluations=1)
+    learned = learn_structure(load_model(str(tiny_llama_dir)), str(data_dir), 0.25, config, device="cuda",
+                              progress=False)
+    assert 0.74 <= learned.kept <= 0.76
+    assert next(learned.model.parameters()).is_cuda
