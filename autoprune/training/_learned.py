@@ -102,7 +102,8 @@ def learn_structure(
     data = HealData.from_source(source, teacher, config.seq_len, config.validation_windows, config.tokens,
                                 cache_dir, progress)
     healer = Healer(student, teacher.model, data, learning, compute_device(device), regularizer=gates)
-    saved = FolderCheckpoints(checkpoints / "gates", "learned") if checkpoints is not None else None
+    identity = f"learned {teacher.spec} {target} {budget} {learn_share}"  # what the phases' states belong to
+    saved = FolderCheckpoints(checkpoints / "gates", identity) if checkpoints is not None else None
     learned = healer.run(saved, progress)
     expected = float(gates.summary()["kept"])
     cuts, structure, removed = gates.read_off()
@@ -111,7 +112,7 @@ def learn_structure(
     cut = build_subnet(student.cpu(), None, structure, removed, cuts=cuts)
     dense_cost = costs.dense(dims)
     kept = (costs.constant + sum(costs.of_block(c.shape) for c in cuts)) / dense_cost
-    saved = FolderCheckpoints(checkpoints / "heal", "learned") if checkpoints is not None else None
+    saved = FolderCheckpoints(checkpoints / "heal", identity) if checkpoints is not None else None
     healed, result = heal(cut, teacher, source, healing, device, saved, progress, cache_dir)
     return LearnedStructure(Plan(structure=structure, removed_blocks=removed), healed, learned, result,
                             expected, kept)
