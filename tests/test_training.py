@@ -152,6 +152,8 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_llama_dir, data_dir, toke
         "tokens": heal_args(pruned, data_dir, out, "--tokens", "0"),
         "data path not found": heal_args(pruned, tmp_path / "missing", out),
         "names no model": heal_args(stranger, data_dir, out),
+        "--workers must be at least 1": heal_args(pruned, data_dir, out, "--workers", "0"),
+        "does not split over 3 workers": heal_args(pruned, data_dir, out, "--workers", "3"),
     }
     capsys.readouterr()
     for expected, args in cases.items():
