@@ -11,7 +11,7 @@ cost (decoder linear weights kept, or the prefill the latency table prices) to t
 ``lambda_1 (c - t) + lambda_2 (c - t)^2``, the multipliers trained by gradient ascent.
 
 At the end the gates are made hard (:meth:`StructureGates.read_off`): each unit scores its
-deterministic gate (times those above it), and from the whole model blocks are narrowed one move
+probability of staying open (times those above it), and from the whole model blocks are narrowed one move
 at a time (a query head fewer in every kept group of a block, its weakest KV group fewer, or its
 weakest FFN channel fewer: the moves that keep it GQA-consistent), always the move that loses the
 least kept score per unit of cost saved, until the cost is within the target; the last move is at
@@ -199,7 +199,9 @@ class StructureGates(nn.Module):
         within one FFN channel of it where channels are left: the cuts, the plan's structure
         (method ``learned``, no correction) and the removed blocks."""
         budget = (self.kept if kept is None else kept) * self._dense_cost
-        gates = {name: hard_concrete(p, False) for name, p in self._unit_parameters().items()}
+        # Ranked by how likely each gate is to stay open: the deterministic gates clamp at 1, so
+        # units that training kept on would tie, however far their log-alphas are apart.
+        gates = {name: keep_probability(p) for name, p in self._unit_parameters().items()}
         dims = self.dims
         blocks = [
             _BlockUnits(
