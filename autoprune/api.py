@@ -277,7 +277,8 @@ def prune_learned(
 ) -> PruneReport:
     """A sub-network of ``model`` learned by training (``autoprune prune --structured learned``):
     gates trained with the weights on ``data`` until the expected cost is ``1 - target`` of the
-    dense model's, the model cut to what they keep and healed, all within ``config.tokens`` (see
+    dense model's, the model cut to what they keep (its consuming layers corrected from the
+    calibration statistics of ``data``, cached) and healed, all within ``config.tokens`` (see
     :mod:`autoprune.training._learned`); measured like :func:`prune` and saved to ``out``.
     Checkpoints go beside ``out``, so the same command resumes a killed run."""
     if not 0.0 < target < 1.0:
@@ -288,20 +289,25 @@ def prune_learned(
         check_source(source)
     compute_device(device)
     start = time.perf_counter()
-    teacher = load_model(model)
-    model_dims(teacher.model)  # the LLaMA family only: one line before any work
+    calibration = CalibrationConfig(source=data)
+
+    def check(loaded: LoadedModel) -> None:
+        model_dims(loaded.model)  # the LLaMA family only: one line before any work
+
+    prepared = prepare_with_windows(model, calibration, cache_dir, progress, compute_device(device), check)
+    teacher = prepared.loaded
     dense_linear = measure_size(teacher.model, teacher.adapter).linear_params
     latency = latency_table(teacher.model.config, cache_dir=cache_dir) if budget == "latency" else None
     folder = (out.parent / f".{out.name}.learn-checkpoints") if out is not None else None
     learned = learn_structure(teacher, data, target, config, learn_share, budget, latency, device,
-                              folder, progress, cache_dir)
-    recipe = Recipe(model=model, calibration=CalibrationConfig(source=data), plan=learned.plan)
+                              folder, progress, cache_dir, prepared.stats)
+    recipe = Recipe(model=model, calibration=calibration, plan=learned.plan)
     size = measure_size(learned.model, teacher.adapter, dense_linear)
     ppl = None
     if evaluation is not None:
         windows = evaluation_windows(evaluation.source, teacher.tokenizer, evaluation.seq_len, evaluation.max_windows)
         ppl = perplexity(learned.model.to(compute_device(device)), windows, progress=progress)
-    report = PruneReport(recipe, size, ppl, False, {"learn_and_heal": time.perf_counter() - start})
+    report = PruneReport(recipe, size, ppl, prepared.cached, {"learn_and_heal": time.perf_counter() - start})
     if out is not None:
         metadata = {
             "recipe": recipe.model_dump(mode="json"),

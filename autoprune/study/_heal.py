@@ -180,7 +180,8 @@ class StudyHealer:
             return HealedMember(done["trial"], done, found=True)
         folder = (self.cache_dir or default_cache_dir()) / "learn-checkpoints" / f"{self.study.study_name}-{target:g}-{digest}"
         learned = learn_structure(self.worker.loaded, self.data, target, config, share, budget, self.worker.latency,
-                                  self.worker.spec.device, folder, self.progress, self.cache_dir)
+                                  self.worker.spec.device, folder, self.progress, self.cache_dir,
+                                  self.worker.stats)
         model = learned.model.to("cpu").eval()
         round_weights(model, self.worker.loaded.source_dtype)
         number = len(self.study.get_trials(deepcopy=False))

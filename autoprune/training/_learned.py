@@ -20,6 +20,7 @@ from typing import Literal
 
 from transformers import PreTrainedModel
 
+from autoprune.calibration import CalibrationStats
 from autoprune.errors import AutopruneError
 from autoprune.latency import LatencyTable
 from autoprune.models import LoadedModel, compute_device
@@ -80,10 +81,13 @@ def learn_structure(
     checkpoints: Path | None = None,
     progress: bool = True,
     cache_dir: Path | None = None,
+    stats: CalibrationStats | None = None,
 ) -> LearnedStructure:
     """Learn a sub-network of ``teacher``'s model with ``1 - target`` of its cost (decoder linear
     weights, or prefill), spending ``config.tokens`` in all (``learn_share`` of them on the gates),
-    and heal it. ``checkpoints`` (a folder) makes both phases resumable."""
+    and heal it. ``checkpoints`` (a folder) makes both phases resumable. With the dense model's
+    calibration ``stats``, the cut corrects ``o_proj`` / ``down_proj`` by least squares on the
+    units it keeps, as statistics-chosen cuts are."""
     if not 0.0 < target < 1.0:
         raise AutopruneError(f"the target must lie in (0, 1), got {target}")
     if not 0.0 < learn_share < 1.0:
@@ -109,7 +113,8 @@ def learn_structure(
     cuts, structure, removed = gates.read_off()
     gates.fold(student)
     gates.remove()
-    cut = build_subnet(student.cpu(), None, structure, removed, cuts=cuts)
+    structure = structure.model_copy(update={"correct": stats is not None})
+    cut = build_subnet(student.cpu(), stats, structure, removed, cuts=cuts)
     dense_cost = costs.dense(dims)
     kept = (costs.constant + sum(costs.of_block(c.shape) for c in cuts)) / dense_cost
     saved = FolderCheckpoints(checkpoints / "heal", identity) if checkpoints is not None else None
