@@ -1,0 +1,100 @@
+"""GGUF types per tensor: llama.cpp's own quantizer and presets reproduced, a quantized plan's file
+written as measured (bytes for bytes, values bit for bit, size as counted), and the refusals."""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import gguf
+import llama_cpp
+import numpy as np
+import pytest
+import torch
+
+from autoprune import CalibrationConfig, Plan, Pruner, prepare
+from autoprune.errors import AutopruneError
+from autoprune.export_gguf import model_gguf, parameter_name, write_gguf
+from autoprune.gguf_presets import file_quantization, llama_cpp_presets
+from autoprune.gguf_size import GGUFSizer
+from autoprune.quantization import (
+    EMBEDDINGS,
+    GGUF_TENSOR_TYPES,
+    Quantization,
+    importance,
+    llama_cpp_fallback,
+    quantize_tensor,
+)
+from autoprune.quantization import _ggml
+from autoprune.structure import BlockWidths, Structure
+
+
+@pytest.fixture(scope="module")
+def prepared(gguf_llama_dir, data_dir, tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    loaded, stats, _ = prepare(str(gguf_llama_dir), CalibrationConfig(source=str(data_dir), n_samples=4, seq_len=32),
+                               cache, False)
+    return loaded, stats, cache
+
+
+@pytest.mark.parametrize("name", list(GGUF_TENSOR_TYPES))
+def test_every_type_is_llama_cpps_bytes_and_values(name):
+    kind = GGUF_TENSOR_TYPES[name]
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 512, generator=generator)
+    imatrix = torch.rand(512, generator=generator).numpy()
+    quantized = quantize_tensor(weight, name)
+    ggml_bytes = _ggml.quantize(weight.numpy(), int(kind.ggml), None)
+    assert np.array_equal(quantized.data, ggml_bytes)  # the gguf package writes llama.cpp's bytes
+    values = _ggml.dequantize(quantized.data, int(kind.ggml), (8, 512))
+    assert np.array_equal(quantized.dequantized().numpy().view(np.uint32), values.view(np.uint32))
+    weighted = quantize_tensor(weight, name, imatrix)
+    assert weighted.nbytes == quantized.nbytes == 8 * 512 // kind.block * kind.block_bytes
+    assert np.array_equal(weighted.data, quantized.data) != kind.imatrix
+
+
+def pure_file(source: Path, out: Path, ftype: int, **extra) -> Path:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype, params.nthread, params.pure = ftype, 1, True
+    for key, value in extra.items():
+        setattr(params, key, value)
+    assert llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) == 0
+    return out
+
+
+@pytest.mark.parametrize(("ftype", "name"), [(gguf.LlamaFileType.MOSTLY_Q4_K_S, "q4_k"),
+                                             (gguf.LlamaFileType.MOSTLY_Q3_K_S, "q3_k"),
+                                             (gguf.LlamaFileType.MOSTLY_Q6_K, "q6_k")])
+def test_per_tensor_quantization_is_what_llama_quantize_writes(prepared, tmp_path, ftype, name):
+    """``llama-quantize --pure`` to one type writes, tensor for tensor, the types of the fallback
+    rule and the bytes of the per-tensor quantizer (from the f16 file's values, as it reads them).
+    The embeddings are given the fallback type: llama.cpp aborts on a type their rows cannot hold."""
+    loaded = prepared[0]
+    source = tmp_path / "f16.gguf"
+    write_gguf(loaded.model, loaded.tokenizer, source, "f16", model_gguf(loaded.spec))
+    kind = int(GGUF_TENSOR_TYPES[llama_cpp_fallback(name, loaded.model.config.hidden_size)].ggml)
+    out = pure_file(source, tmp_path / "pure.gguf", int(ftype), token_embedding_type=kind, output_tensor_type=kind)
+    reader = gguf.GGUFReader(out)
+    parameters = dict(loaded.model.named_parameters())
+    for tensor in reader.tensors:
+        if len(tensor.shape) != 2:
+            continue
+        weight = parameters[parameter_name(tensor.name)].detach()
+        if tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+            continue  # rows reordered for rotary; their bytes are compared through export below
+        want = llama_cpp_fallback(name, weight.shape[1])
+        assert GGUF_TENSOR_TYPES[want].ggml == tensor.tensor_type, tensor.name
+        ours = quantize_tensor(weight.half().float(), want)
+        assert np.array_equal(ours.data.reshape(-1), np.asarray(tensor.data).view(np.uint8).reshape(-1)), tensor.name
+
+
+def test_presets_are_the_types_llama_quantize_writes(prepared, tmp_path):
+    loaded, _, cache = prepared
+    presets = llama_cpp_presets(loaded, cache)
+    assert set(presets) == {"Q4_K_M", "Q3_K_M", "Q2_K"}
+    q4km = presets["Q4_K_M"]
+    assert q4km.embeddings == "q8_0"  # 320-wide rows cannot hold the output's q6_k: llama.cpp's q8_0
+    assert q4km.type_of("model.layers.2.mlp.down_proj") == "q6_k"  # the last block: more bits
+    assert q4km.type_of("model.layers.0.self_attn.q_proj") == "q5_0"  # q4_k falls back to q5_0
+    assert llama_cpp_presets(loaded, cache) == presets  # read back from the cache
+    assert list((cache / "gguf-presets").iterdir())
