@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,12 +17,17 @@ from autoprune.config import CalibrationConfig, EvaluationConfig
 from autoprune.data import SELF, calibration_windows, check_source, evaluation_windows
 from autoprune.errors import AutopruneError
 from autoprune.export import check_output_dir, read_metadata, save_checkpoint
+from autoprune.export_gguf import model_gguf, write_gguf
 from autoprune.measure import SizeReport, measure_size, perplexity
 from autoprune.models import LoadedModel, compute_device, load_model
 from autoprune.plan import MethodName, NMPattern, Plan, Recipe
-from autoprune.pruner import Pruner, prune_sequentially
+from autoprune.pruner import Pruner, gguf_row_lengths, prune_sequentially
+from autoprune.quantization import QuantizedTensor
 from autoprune.structure import StructureRequest, check_pruned_layers, model_dims, save_subnet
 from autoprune.variants import DatabaseSettings
+
+#: The GGUF file a quantized plan's checkpoint folder holds beside it.
+GGUF_FILE = "model.gguf"
 
 
 @dataclass
@@ -33,6 +39,8 @@ class PruneReport:
     ppl: float | None
     calibration_cached: bool
     seconds: dict[str, float] = field(default_factory=dict)
+    #: A quantized plan's GGUF file, written beside the checkpoint.
+    gguf: Path | None = None
 
     def as_dict(self) -> dict:
         return {
@@ -44,7 +52,7 @@ class PruneReport:
             "calibration_cached": self.calibration_cached,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "plan": self.recipe.plan.summary(),
-        }
+        } | ({"gguf": str(self.gguf), "gguf_bytes": self.gguf.stat().st_size} if self.gguf else {})
 
 
 class Prepared(NamedTuple):
@@ -146,6 +154,8 @@ def prune(
     Calibration, pruning and evaluation run on ``device``. ``database`` reads (and adds) one-shot
     layers from a variant database (:mod:`autoprune.variants`). Everything checkable without the
     model (output folder, data path, device) is checked first, so a mistake costs no model load.
+    A quantized plan's model holds its tensors' dequantized values (what it is measured on), and
+    ``out`` also gets its GGUF file (:data:`GGUF_FILE`), written from the very bytes quantized.
     """
     if out is not None:
         check_output_dir(out)
@@ -157,11 +167,16 @@ def prune(
     structured = isinstance(plan, StructureRequest) or (isinstance(plan, Plan) and plan.structure)
     if structured and sequential:
         raise AutopruneError("--sequential does not apply to sub-network plans yet")
+    quantized = isinstance(plan, Plan) and plan.quantization is not None
+    if quantized and sequential:
+        raise AutopruneError("--sequential does not apply to quantized plans yet")
 
     def check(loaded: LoadedModel) -> None:
         nonlocal plan
         if structured:
             plan = _checked_structured_plan(plan, loaded)
+        if quantized:
+            gguf_row_lengths(loaded, plan)  # a type a tensor cannot hold: refused before calibrating
 
     prepared = prepare_with_windows(model, calibration, cache_dir, progress, compute, check)
     loaded = prepared.loaded
@@ -175,10 +190,11 @@ def prune(
     pruner = Pruner(loaded, prepared.stats, variants)
     dense_linear = pruner.dense_linear_params
     start = time.perf_counter()
+    tensors: dict[str, QuantizedTensor] = {}
     if sequential:
         model = prune_sequentially(loaded, prepared.windows, recipe.plan, compute, progress=progress)
     else:
-        model = pruner.materialize(recipe.plan)
+        model, tensors = pruner.materialize_quantized(recipe.plan)
     model.to(compute)  # measured and evaluated on the device too
     timings["prune"] = time.perf_counter() - start
     size = measure_size(model, loaded.adapter, dense_linear)
@@ -198,7 +214,21 @@ def prune(
             "report": report.as_dict(),
         }
         (save_subnet if structured else save_checkpoint)(model, loaded.tokenizer, out, metadata)
+        if quantized:
+            report.gguf = _write_quantized_gguf(model, loaded, out / GGUF_FILE, tensors)
     return report
+
+
+def _write_quantized_gguf(model: torch.nn.Module, loaded: LoadedModel, path: Path,
+                          tensors: dict[str, QuantizedTensor]) -> Path:
+    """The quantized model as a GGUF file in its checkpoint folder; a model the file cannot
+    express leaves no checkpoint either."""
+    try:
+        write_gguf(model, loaded.tokenizer, path, tokenizer_gguf=model_gguf(loaded.spec), quantized=tensors)
+    except BaseException:
+        shutil.rmtree(path.parent)
+        raise
+    return path
 
 
 def _checked_structured_plan(plan: Plan | StructureRequest, loaded: LoadedModel) -> Plan:

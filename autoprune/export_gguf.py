@@ -37,7 +37,7 @@ from autoprune.errors import AutopruneError
 from autoprune.export import read_metadata
 from autoprune.gguf_tokenizer import copy_tokenizer_metadata, write_tokenizer_metadata
 from autoprune.models import load_model, resolve_alias
-from autoprune.quantization import QuantizedTensor, gguf_type, tensor_bytes
+from autoprune.quantization import GGUF_TENSOR_TYPES, QuantizedTensor, tensor_bytes
 
 GGUF_TYPES = ("f16", "q8_0")
 _F = gguf.LlamaFileType
@@ -274,7 +274,7 @@ def _add_tensor(
     rotary = target.endswith(("attn_q.weight", "attn_k.weight"))
     if quantized is not None:  # its rows, as bytes: moving rows moves their blocks
         data = _interleave_rotary(quantized.data, layout.head_dim) if rotary else quantized.data
-        writer.add_tensor(target, data, raw_dtype=gguf_type(quantized.type).ggml)
+        writer.add_tensor(target, data, raw_dtype=GGUF_TENSOR_TYPES[quantized.type].ggml)
         return
     data = tensor.numpy()
     if rotary:

@@ -65,7 +65,7 @@ class GGUFSizer:
         """The size of the GGUF file of ``plan``'s model."""
         layout = self.layout(plan)
         shapes = gguf_tensor_shapes(layout, self.dims.hidden, self.vocab_rows, self.tied)
-        key = (layout, tuple(shapes))
+        key = (layout.architecture, tuple(layout.heads), tuple(layout.kv_heads), tuple(layout.ffn))
         if key not in self._headers:
             self._headers[key] = gguf_header_bytes(self.config, layout, shapes)
         types = self._types(plan)

@@ -84,28 +84,7 @@ class Pruner:
     def validate(self, plan: Plan) -> None:
         validate_plan(plan, self.layer_names, self.num_blocks)
         if plan.quantization is not None:
-            lengths = self.row_lengths(plan)
-            if plan.quantization.output is not None and OUTPUT not in lengths:
-                raise AutopruneError(
-                    "the model's output head is its token embeddings (tied): give their GGUF type "
-                    "as embeddings, not output"
-                )
-            check_quantization(plan.quantization, lengths)
-
-    def row_lengths(self, plan: Plan) -> dict[str, int]:
-        """The row length of every 2-D tensor of the model ``plan`` makes that a GGUF file stores,
-        by its name in the plan's quantization (dense layer names, ``embeddings``, ``output``)."""
-        model = self.loaded.model
-        if plan.structure is not None:
-            dims = model_dims(model)
-            kept = kept_layer_shapes(resolve_blocks(plan.structure, plan.removed_blocks, dims), dims)
-            lengths = {name: cols for name, (_rows, cols) in kept.items()}
-        else:
-            lengths = {name: self._dense[name].shape[1] for name in self.kept_layers(plan)}
-        parameters = dict(model.named_parameters(remove_duplicate=False))
-        for tensor, source in embedding_tensors(model).items():
-            lengths[source] = parameters[tensor].shape[1]
-        return lengths
+            gguf_row_lengths(self.loaded, plan)
 
     def pruned_weights(self, plan: Plan) -> dict[str, torch.Tensor]:
         """The weight of every linear layer of every kept block under ``plan``."""
@@ -267,6 +246,36 @@ class Pruner:
         if name not in self._methods:
             self._methods[name] = PruningMethod.named(name)
         return self._methods[name]
+
+
+def gguf_row_lengths(loaded: LoadedModel, plan: Plan) -> dict[str, int]:
+    """The row length of every 2-D tensor of the model ``plan`` makes (by its name in the plan's
+    quantization: dense layer names, ``embeddings``, ``output``), checked against the types the
+    plan gives them: a one-line error for a type a tensor cannot hold or a tied head given a type
+    of its own."""
+    model = loaded.model
+    if plan.structure is not None:
+        dims = model_dims(model)
+        kept = kept_layer_shapes(resolve_blocks(plan.structure, plan.removed_blocks, dims), dims)
+        lengths = {name: cols for name, (_rows, cols) in kept.items()}
+    else:
+        removed = set(plan.removed_blocks)
+        lengths = {
+            name: model.get_submodule(name).weight.shape[1]
+            for name in loaded.adapter.all_layer_names(model)
+            if loaded.adapter.split_layer_name(name)[0] not in removed
+        }
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    for tensor, source in embedding_tensors(model).items():
+        lengths[source] = parameters[tensor].shape[1]
+    if plan.quantization is not None:
+        if plan.quantization.output is not None and OUTPUT not in lengths:
+            raise AutopruneError(
+                "the model's output head is its token embeddings (tied): give their GGUF type as "
+                "embeddings, not output"
+            )
+        check_quantization(plan.quantization, lengths, loaded.adapter.all_layer_names(model))
+    return lengths
 
 
 def validate_plan(plan: Plan, layer_names: list[str], num_blocks: int) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from autoprune import CalibrationConfig, Plan, Pruner, prepare
+from autoprune import CalibrationConfig, Plan, Pruner, prepare, prune
 from autoprune.errors import AutopruneError
 from autoprune.export_gguf import model_gguf, parameter_name, write_gguf
 from autoprune.gguf_presets import file_quantization, llama_cpp_presets
@@ -98,3 +98,72 @@ def test_presets_are_the_types_llama_quantize_writes(prepared, tmp_path):
     assert q4km.type_of("model.layers.0.self_attn.q_proj") == "q5_0"  # q4_k falls back to q5_0
     assert llama_cpp_presets(loaded, cache) == presets  # read back from the cache
     assert list((cache / "gguf-presets").iterdir())
+
+
+def mixed_types(prepared, removed=(), structure=None, imatrix=True) -> Plan:
+    """A plan giving every kind of tensor another type (K-quants where a row holds them)."""
+    loaded = prepared[0]
+    names = loaded.adapter.all_layer_names(loaded.model)
+    choice = {"q_proj": "q5_0", "k_proj": "q4_1", "v_proj": "q8_0", "o_proj": "q4_0", "gate_proj": "q5_1",
+              "up_proj": "iq4_nl", "down_proj": "q3_k"}
+    down = ("q4_k", "q3_k", "q2_k")
+    layers = {name: choice[name.rsplit(".", 1)[1]] for name in names}
+    layers.update({name: down[i % 3] for i, name in enumerate(n for n in names if n.endswith("down_proj"))})
+    if structure is not None:  # the cut FFN's 384 inputs hold no K-quant: llama.cpp's fallback
+        layers = {name: llama_cpp_fallback(kind, 384) if name.endswith("down_proj") else kind
+                  for name, kind in layers.items()}
+    quantization = Quantization(layers=layers, embeddings="q8_0", imatrix=imatrix)
+    return Plan(removed_blocks=list(removed), structure=structure, quantization=quantization)
+
+
+def file_values(path: Path, head_dim: int) -> dict[str, torch.Tensor]:
+    """Every matrix of a GGUF file dequantized by the gguf package, by parameter name (the query and
+    key rows back in transformers' rotary order)."""
+    values = {}
+    for tensor in gguf.GGUFReader(path).tensors:
+        if len(tensor.shape) != 2:
+            continue
+        rows = int(tensor.shape[1])
+        array = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type).reshape(rows, -1)
+        if tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = rows // head_dim
+            array = array.reshape(heads, head_dim // 2, 2, -1).swapaxes(1, 2).reshape(rows, -1)
+        values[parameter_name(tensor.name)] = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+    return values
+
+
+SHAPES = {
+    "dense": {},
+    "removed-blocks": {"removed": [1]},
+    "sub-network": {"structure": Structure(blocks={0: BlockWidths(ffn=384), 2: BlockWidths(kv_groups=1)},
+                                           every_block=BlockWidths(ffn=384))},
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_the_file_holds_the_measured_weights_at_the_counted_bytes(prepared, gguf_llama_dir, data_dir, tmp_path, shape):
+    loaded, stats, cache = prepared
+    plan = mixed_types(prepared, **SHAPES[shape])
+    with Pruner(loaded, stats).applied(plan) as model:  # what a study's trial is measured on
+        measured = {name: p.detach().clone() for name, p in model.named_parameters() if p.dim() == 2}
+    calibration = CalibrationConfig(source=str(data_dir), n_samples=4, seq_len=32)
+    report = prune(str(gguf_llama_dir), calibration, plan, tmp_path / "out", cache_dir=cache, progress=False)
+    assert report.gguf.stat().st_size == GGUFSizer.of(loaded).plan_bytes(plan)
+    written = file_values(report.gguf, loaded.model.config.hidden_size // loaded.model.config.num_attention_heads)
+    assert set(written) == set(measured) - {"lm_head.weight"}  # tied: the embeddings once
+    for name, values in written.items():
+        assert torch.equal(values.view(torch.int32), measured[name].view(torch.int32)), name
+    architecture = gguf.GGUFReader(report.gguf).fields["general.architecture"].contents()
+    assert architecture == ("deci" if shape == "sub-network" else "llama")
+
+
+def test_importance_weighting_uses_the_calibration_inputs(prepared):
+    loaded, stats, _ = prepared
+    name = "model.layers.0.mlp.down_proj"
+    weight = loaded.model.get_submodule(name).weight.detach()
+    x = stats.layer(name)
+    assert np.allclose(importance(x), (x.xtx.diagonal() / x.n_tokens).numpy(), rtol=1e-5)
+    plain, weighted = (Pruner(loaded, stats).quantized(mixed_types(prepared, imatrix=flag), weights={name: weight})
+                       for flag in (False, True))
+    assert not np.array_equal(plain[f"{name}.weight"].data, weighted[f"{name}.weight"].data)
+    assert np.array_equal(plain["model.embed_tokens.weight"].data, weighted["model.embed_tokens.weight"].data)

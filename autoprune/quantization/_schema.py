@@ -10,7 +10,7 @@ values (what llama.cpp computes with). Layers are named by their dense names, as
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
@@ -65,10 +65,11 @@ class Quantization(BaseModel):
         return dict(sorted(counts.items()))
 
 
-def check_quantization(quantization: Quantization, row_lengths: Mapping[str, int]) -> None:
+def check_quantization(quantization: Quantization, row_lengths: Mapping[str, int], layers: Collection[str]) -> None:
     """A one-line error naming a tensor whose rows (``row_lengths``: tensor -> columns, the
-    tensors the model has) cannot hold the type the plan gives it, or a layer the model lacks."""
-    unknown = sorted(set(quantization.layers) - set(row_lengths))
+    tensors the plan's model keeps) cannot hold the type the plan gives it, or a layer the dense
+    model (its ``layers``) lacks; layers the plan removes may have a type, which is unused."""
+    unknown = sorted(set(quantization.layers) - set(layers))
     if unknown:
         raise AutopruneError(f"the plan gives a GGUF type to {unknown[0]}, which the model does not have")
     for tensor, cols in row_lengths.items():
