@@ -27,6 +27,7 @@ from autoprune._atomic import write_text_atomic
 from autoprune.calibration import default_cache_dir
 from autoprune.errors import AutopruneError
 from autoprune.export_gguf import model_gguf, parameter_name, write_gguf
+from autoprune.gguf_size import GGUFContext, GGUFSizer
 from autoprune.models import LoadedModel
 from autoprune.quantization import EMBEDDINGS, GGUF_TENSOR_TYPES, OUTPUT, Quantization
 
@@ -37,6 +38,12 @@ PRESETS: dict[str, gguf.LlamaFileType] = {
     "Q2_K": gguf.LlamaFileType.MOSTLY_Q2_K,
 }
 _TYPE_NAMES = {kind.ggml: name for name, kind in GGUF_TENSOR_TYPES.items()}
+
+
+def gguf_context(loaded: LoadedModel, sizer: GGUFSizer | None = None, cache_dir: Path | None = None) -> GGUFContext:
+    """What GGUF search spaces need of ``loaded``: its file's arithmetic (``sizer``, measured here
+    when not given) and llama.cpp's presets of it."""
+    return GGUFContext(sizer or GGUFSizer.of(loaded), llama_cpp_presets(loaded, cache_dir))
 
 
 def llama_cpp_presets(loaded: LoadedModel, cache_dir: Path | None = None) -> dict[str, Quantization]:

@@ -27,7 +27,7 @@ from autoprune.export_gguf import (
 )
 from autoprune.models import LoadedModel
 from autoprune.plan import Plan
-from autoprune.quantization import EMBEDDINGS, OUTPUT, embedding_tensors
+from autoprune.quantization import EMBEDDINGS, OUTPUT, Quantization, embedding_tensors
 from autoprune.structure import ModelDims, model_dims, resolve_blocks
 
 #: The type of matrices a plan without a quantization is written in (``export --format gguf``).
@@ -90,3 +90,16 @@ class GGUFSizer:
                 if renamed is not None:
                     types[renamed] = kind
         return types
+
+
+@dataclass(frozen=True)
+class GGUFContext:
+    """What a search space of GGUF types knows of the model: its file's arithmetic and llama.cpp's
+    preset mixes of it (plain data, gathered once per search)."""
+
+    sizer: GGUFSizer
+    #: ``llama-quantize``'s presets (Q4_K_M, ...) as quantizations, by name.
+    presets: dict[str, Quantization]
+
+    def plan_bytes(self, plan: Plan) -> int:
+        return self.sizer.plan_bytes(plan)

@@ -253,29 +253,35 @@ def gguf_row_lengths(loaded: LoadedModel, plan: Plan) -> dict[str, int]:
     quantization: dense layer names, ``embeddings``, ``output``), checked against the types the
     plan gives them: a one-line error for a type a tensor cannot hold or a tied head given a type
     of its own."""
-    model = loaded.model
-    if plan.structure is not None:
-        dims = model_dims(model)
-        kept = kept_layer_shapes(resolve_blocks(plan.structure, plan.removed_blocks, dims), dims)
-        lengths = {name: cols for name, (_rows, cols) in kept.items()}
-    else:
-        removed = set(plan.removed_blocks)
-        lengths = {
-            name: model.get_submodule(name).weight.shape[1]
-            for name in loaded.adapter.all_layer_names(model)
-            if loaded.adapter.split_layer_name(name)[0] not in removed
-        }
-    parameters = dict(model.named_parameters(remove_duplicate=False))
-    for tensor, source in embedding_tensors(model).items():
-        lengths[source] = parameters[tensor].shape[1]
+    lengths = {name: cols for name, (_rows, cols) in quantized_shapes(loaded, plan).items()}
     if plan.quantization is not None:
         if plan.quantization.output is not None and OUTPUT not in lengths:
             raise AutopruneError(
                 "the model's output head is its token embeddings (tied): give their GGUF type as "
                 "embeddings, not output"
             )
-        check_quantization(plan.quantization, lengths, loaded.adapter.all_layer_names(model))
+        check_quantization(plan.quantization, lengths, loaded.adapter.all_layer_names(loaded.model))
     return lengths
+
+
+def quantized_shapes(loaded: LoadedModel, plan: Plan) -> dict[str, tuple[int, int]]:
+    """(rows, columns) of every 2-D tensor of the model ``plan`` makes, by its name in a plan's
+    quantization (dense layer names of the kept layers, ``embeddings``, an untied ``output``)."""
+    model = loaded.model
+    if plan.structure is not None:
+        dims = model_dims(model)
+        shapes = kept_layer_shapes(resolve_blocks(plan.structure, plan.removed_blocks, dims), dims)
+    else:
+        removed = set(plan.removed_blocks)
+        shapes = {
+            name: tuple(model.get_submodule(name).weight.shape)
+            for name in loaded.adapter.all_layer_names(model)
+            if loaded.adapter.split_layer_name(name)[0] not in removed
+        }
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    for tensor, source in embedding_tensors(model).items():
+        shapes[source] = tuple(parameters[tensor].shape)
+    return shapes
 
 
 def validate_plan(plan: Plan, layer_names: list[str], num_blocks: int) -> None:

@@ -9,7 +9,10 @@ that measured it have (None for the rest: the study never measured it). Left uns
 the variant the study measured best: the sequential one where the trial holds a better measurement
 of it (a search's finishing refinements, ``refine_sequential``), one-shot otherwise.
 ``gguf_type`` also writes ``out/model-<type>.gguf`` (:mod:`autoprune.export_gguf`); a model GGUF
-cannot express leaves ``out`` as it was before the export.
+cannot express leaves ``out`` as it was before the export. A quantized trial (its plan gives every
+tensor a GGUF type) is always written as its own GGUF, ``out/model.gguf``, from the bytes the
+study measured, its size set against the recorded ``gguf_bytes``; its checkpoint holds the
+dequantized weights.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from autoprune.api import PruneReport, prune
 from autoprune.errors import AutopruneError
 from autoprune.export import check_output_dir
 from autoprune.export_gguf import GGUF_TYPES, export_checkpoint_gguf
-from autoprune.study._records import find_trial, recorded_sequential_ppl, sequential_is_better
+from autoprune.study._records import find_trial, recorded_sequential_ppl, sequential_is_better, trial_plan
 from autoprune.study._settings import trial_recipe
 from autoprune.study._storage import load_existing_study
 from autoprune.variants import DatabaseSettings
@@ -45,8 +48,10 @@ class ExportResult:
     #: The study's perplexity of the exported variant; None where the study never measured it.
     recorded_ppl: float | None
     notes: list[str] = field(default_factory=list)
-    #: The GGUF file written beside the checkpoint, if one was asked for.
+    #: The GGUF file written beside the checkpoint, if one was asked for (or the trial is quantized).
     gguf: Path | None = None
+    #: The study's record of the trial's GGUF file size, where it priced one.
+    recorded_gguf_bytes: int | None = None
 
     @property
     def recipe(self) -> Path:
@@ -62,7 +67,8 @@ class ExportResult:
             "nonzeros": self.report.size.linear_nonzeros,
             "recorded_nonzeros": self.recorded_nonzeros,
             "recorded_ppl": self.recorded_ppl,
-        } | ({"gguf": str(self.gguf)} if self.gguf is not None else {})
+        } | ({"gguf": str(self.gguf), "gguf_bytes": self.gguf.stat().st_size,
+              "recorded_gguf_bytes": self.recorded_gguf_bytes} if self.gguf is not None else {})
 
 
 def export_trial(
@@ -75,13 +81,15 @@ def export_trial(
     progress: bool = True,
     gguf_type: str | None = None,
     database: DatabaseSettings | None = None,
+    gguf: bool = False,
 ) -> ExportResult:
     """Prune the model of ``study``'s complete trial number ``trial`` as the study recipe says,
     save it to ``out`` (a new or empty folder, checked before anything loads) with its recipe, and
     compare its size with the study's record. ``sequential`` prunes block after block from the
     already-pruned model's statistics, False one-shot as the trials were measured, None the
-    variant the study measured best (see the module's docstring). ``gguf_type`` (one of
-    :data:`GGUF_TYPES`) also writes the checkpoint as a GGUF file."""
+    variant the study measured best (see the module's docstring). ``gguf`` also writes the
+    checkpoint as a GGUF file of ``gguf_type`` (one of :data:`GGUF_TYPES`, f16 unless given; given,
+    it implies ``gguf``); a quantized trial's GGUF is written in its own types, always."""
     if gguf_type is not None and gguf_type not in GGUF_TYPES:
         raise AutopruneError(f"unknown GGUF type {gguf_type!r} (known: {', '.join(GGUF_TYPES)})")
     check_output_dir(out)
@@ -91,6 +99,11 @@ def export_trial(
     if frozen.state != TrialState.COMPLETE:
         raise AutopruneError(
             f"trial {frozen.number} is {frozen.state.name.lower()}; only complete trials can be exported"
+        )
+    quantized = trial_plan(frozen).quantization is not None
+    if quantized and gguf_type is not None:
+        raise AutopruneError(
+            f"trial {frozen.number} gives every tensor its own GGUF type; leave out --gguf-type"
         )
     notes = []
     if sequential is None:
@@ -105,7 +118,14 @@ def export_trial(
     report = prune(recipe.model, recipe.calibration, recipe.plan, out, cache_dir=cache_dir,
                    progress=progress, sequential=recipe.sequential, database=database)
     recipe.save(out / RECIPE_FILE)
-    gguf = _write_gguf(out, gguf_type, out_existed) if gguf_type is not None else None
+    written = report.gguf
+    if written is None and (gguf or gguf_type is not None):
+        written = _write_gguf(out, gguf_type or "f16", out_existed)
+    recorded_bytes = frozen.user_attrs["size"].get("gguf_bytes")
+    if quantized and recorded_bytes is not None and abs(written.stat().st_size / recorded_bytes - 1) > 0.001:
+        notes.append(
+            f"warning: the GGUF file has {written.stat().st_size} bytes, the study recorded {recorded_bytes}"
+        )
     recorded = frozen.user_attrs["size"]["linear_nonzeros"]
     if report.size.linear_nonzeros != recorded:
         notes.append(
@@ -113,7 +133,8 @@ def export_trial(
             f"recorded {recorded} (different calibration data or model?)"
         )
     ppl = recorded_sequential_ppl(frozen) if sequential else frozen.user_attrs.get("ppl")
-    return ExportResult(frozen.number, out, report, recorded, ppl, notes, gguf)
+    return ExportResult(frozen.number, out, report, recorded, ppl, notes, written,
+                        recorded_bytes if written is not None else None)
 
 
 def _write_gguf(out: Path, gguf_type: str, out_existed: bool) -> Path:
