@@ -37,6 +37,15 @@ def prepared(gguf_llama_dir, data_dir, tmp_path_factory):
     return loaded, stats, cache
 
 
+def test_plans_of_version_2_read_and_cannot_carry_types():
+    old = Plan.from_json('{"schema_version": 2, "method": "wanda", "removed_blocks": [1]}')
+    assert old.quantization is None and old.removed_blocks == [1]
+    with pytest.raises(ValueError, match="needs schema_version 3"):
+        Plan(schema_version=2, quantization=Quantization())
+    typed = Plan(quantization=Quantization(layers={"a": "q4_k"}, embeddings="q8_0", imatrix=True))
+    assert Plan.from_json(typed.to_json()) == typed and typed.schema_version == 3
+
+
 @pytest.mark.parametrize("name", list(GGUF_TENSOR_TYPES))
 def test_every_type_is_llama_cpps_bytes_and_values(name):
     kind = GGUF_TENSOR_TYPES[name]
