@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import json
-import logging
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -38,6 +37,8 @@ PRESETS: dict[str, gguf.LlamaFileType] = {
     "Q2_K": gguf.LlamaFileType.MOSTLY_Q2_K,
 }
 _TYPE_NAMES = {kind.ggml: name for name, kind in GGUF_TENSOR_TYPES.items()}
+#: A log callback that drops every line (a module global: llama.cpp keeps the pointer).
+_SILENT = ctypes.CFUNCTYPE(None, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p)(lambda level, text, data: None)
 
 
 def gguf_context(loaded: LoadedModel, sizer: GGUFSizer | None = None, cache_dir: Path | None = None) -> GGUFContext:
@@ -87,7 +88,7 @@ def _preset(source: Path, out: Path, ftype: gguf.LlamaFileType) -> Quantization:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(ftype)
     params.nthread = 1
-    with _quiet():
+    with _quiet(llama_cpp):
         failed = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params))
     if failed:
         raise AutopruneError(f"llama.cpp could not quantize the model to {ftype.name}")
@@ -95,23 +96,21 @@ def _preset(source: Path, out: Path, ftype: gguf.LlamaFileType) -> Quantization:
 
 
 @contextmanager
-def _quiet() -> Iterator[None]:
-    """llama.cpp's log lines (a line per tensor while quantizing) silenced inside the ``with``:
-    llama-cpp-python prints them through this logger's level."""
-    logger = logging.getLogger("llama-cpp-python")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def _quiet(llama_cpp: ModuleType) -> Iterator[None]:
+    """llama.cpp's log lines (a line per tensor while quantizing) silenced inside the ``with``;
+    llama-cpp-python's own logger is put back after it."""
+    llama_cpp.llama_log_set(_SILENT, ctypes.c_void_p(0))
     try:
         yield
     finally:
-        logger.setLevel(level)
+        llama_cpp.llama_log_set(llama_cpp._logger.llama_log_callback, ctypes.c_void_p(0))
 
 
 def _llama_cpp() -> ModuleType:
     """llama-cpp-python, or a one-line error saying how to install it."""
     try:
         import llama_cpp
-        import llama_cpp._logger  # routes llama.cpp's log lines through the logger _quiet sets
+        import llama_cpp._logger  # its callback, which _quiet puts back
     except ImportError:
         raise AutopruneError(
             "llama.cpp's preset mixes need llama-cpp-python: install the gguf extra "

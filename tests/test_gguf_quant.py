@@ -27,6 +27,7 @@ from autoprune.quantization import (
 )
 from autoprune.quantization import _ggml
 from autoprune.structure import BlockWidths, Structure
+from autoprune.variants import VariantDatabase
 
 
 @pytest.fixture(scope="module")
@@ -176,3 +177,19 @@ def test_importance_weighting_uses_the_calibration_inputs(prepared):
                        for flag in (False, True))
     assert not np.array_equal(plain[f"{name}.weight"].data, weighted[f"{name}.weight"].data)
     assert np.array_equal(plain["model.embed_tokens.weight"].data, weighted["model.embed_tokens.weight"].data)
+
+
+def test_quantized_tensors_are_stored_once_and_read_by_the_next_process(prepared, tmp_path):
+    loaded, stats, _ = prepared
+    plan = mixed_types(prepared)
+    first = VariantDatabase(stats, tmp_path / "db")
+    with Pruner(loaded, stats, first).applied(plan) as model:
+        want = {name: p.detach().clone() for name, p in model.named_parameters() if p.dim() == 2}
+    assert first.counters.written == len(want) and first.counters.read == 0  # the tied head is the embeddings
+    again = VariantDatabase(stats, tmp_path / "db")
+    with Pruner(loaded, stats, again).applied(plan) as model:
+        got = {name: p.detach().clone() for name, p in model.named_parameters() if p.dim() == 2}
+    assert again.counters.read == len(want) and again.counters.written == 0
+    assert all(torch.equal(want[name], got[name]) for name in want)
+    with Pruner(loaded, stats, again).applied(Plan()) as model:  # the dense weights came back
+        assert torch.equal(model.model.embed_tokens.weight, loaded.model.model.embed_tokens.weight)

@@ -1,0 +1,194 @@
+"""The front of a GGUF study in the bytes users ship: file size against held-out perplexity, beside
+every llama.cpp preset and uniform type, with tokens/s in llama.cpp.
+
+For each front member of a ``--space gguf`` study, each of its baselines (the dense model at every
+uniform type, as ``llama-quantize --pure`` writes it, and llama.cpp's Q4_K_M, Q3_K_M, Q2_K mixes)
+and each seed (the same with the importance matrix): the trial is exported as users export it
+(``autoprune export --format gguf``, the library's ``export_trial``), the GGUF file's size checked
+against the study's recorded ``gguf_bytes``, the file loaded by transformers' GGUF loader and
+scored on the first ``--test-windows`` windows of the WikiText-2 **test** split (held out: the
+study calibrated and searched on the validation split), and loaded by llama.cpp
+(llama-cpp-python) to score the study's own validation windows (set against the study's recorded
+perplexity) and time prefill and decode. The must-show comparisons: at the bytes of uniform Q4_0
+(every 2-D tensor, as the ``gguf`` package writes it) and of uniform Q3_K (as llama.cpp writes it),
+the front member at no more bytes with the lowest held-out perplexity. Writes
+``results/gguf_front.json``, ``.md`` and ``.png``.
+
+    AUTOPRUNE_CACHE=/work/main/runs/cache python experiments/gguf_front.py \\
+        --storage sqlite:///runs/gguf.db --study gguf40 --work /tmp/gguf-front --threads 1
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import llama_cpp
+import torch
+from optuna.trial import TrialState
+from transformers import AutoModelForCausalLM
+
+from autoprune.data import validation_windows
+from autoprune.measure import perplexity
+from autoprune.study import export_trial, front_trials, trial_plan
+from autoprune.variants import DatabaseSettings
+
+from _common import Column, column, load_study_setup, number, parse, study_parser, table, write_results
+from llamacpp_speed import llamacpp_perplexity, speed
+
+#: The issue's bar: at the bytes of each reference, a front member at least this much better.
+REQUIRED_REDUCTION = 0.10
+REFERENCES = ("uniform-q4_0", "uniform-q3_k")
+
+
+def main() -> None:
+    arguments = study_parser(__doc__, required=True)
+    arguments.add_argument("--work", type=Path, required=True, help="folder for the exported GGUF files")
+    arguments.add_argument("--test-windows", type=int, default=32, help="held-out windows scored")
+    arguments.add_argument("--llama-threads", type=int, default=1)
+    arguments.add_argument("--prefill", type=int, default=256)
+    arguments.add_argument("--decode", type=int, default=32)
+    arguments.add_argument("--repeats", type=int, default=3)
+    args = parse(arguments)
+    setup = load_study_setup(args.storage, args.study, args.test_windows)
+    study_windows = validation_windows(  # the study's own windows, for llama.cppsetup.settings.calibration.source, setup.loaded.tokenizer,
+                                       setup.settings.eval_seq_len, setup.settings.eval_windows)
+    complete = setup.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    front = {t.number for t in front_trials(setup.study)}
+    chosen = [t for t in complete if t.number in front or {"baseline", "seed"} & t.user_attrs.keys()]
+    rows = []
+    for trial in sorted(chosen, key=lambda t: t.values[0]):
+        rows.append(measure(trial, trial.number in front, args, setup, study_windows))
+        print(json.dumps(rows[-1]), flush=True)
+    result = {"study": args.study, "storage": args.storage, "test_windows": args.test_windows,
+              "seq_len": setup.settings.eval_seq_len, "llama_cpp_python": llama_cpp.__version__,
+              "llama_threads": args.llama_threads, "prefill_tokens": args.prefill, "decode_tokens": args.decode,
+              "rows": rows, "comparisons": comparisons(rows)}
+    plot(rows, args.out / "gguf_front.png")
+    print(write_results(result, args.out, "gguf_front", markdown(result)))
+
+
+def measure(trial, on_front: bool, args, setup, study_windows: torch.Tensor) -> dict:
+    """Export the trial, check its file, score it held out in transformers and on the study's
+    windows in llama.cpp, and time it there."""
+    out = args.work / f"trial-{trial.number}"
+    if out.exists():
+        shutil.rmtree(out)
+    exported = export_trial(args.storage, args.study, trial.number, out, progress=False, gguf=True,
+                            database=DatabaseSettings())
+    for checkpoint in out.glob("*.safetensors"):  # the dequantized checkpoint: not needed here
+        checkpoint.unlink()
+    path = exported.gguf
+    model = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=path.name, dtype=torch.float32).eval()
+    held_out = perplexity(model, setup.windows)
+    del model
+    llm = llama_cpp.Llama(str(path), n_ctx=max(setup.settings.eval_seq_len, args.prefill + args.decode + 8),
+                          n_batch=512, n_threads=args.llama_threads, logits_all=True, verbose=False)
+    llama_ppl = llamacpp_perplexity(llm, study_windows.numpy())
+    timing = speed(llm, setup.windows[0][: args.prefill].tolist(), args.decode, args.repeats)
+    del llm
+    quantization = trial_plan(trial).quantization
+    recorded = trial.user_attrs["ppl"]
+    return {
+        "trial": trial.number,
+        "label": trial.user_attrs.get("baseline") or trial.user_attrs.get("seed")
+        or (f"refined {trial.user_attrs['refined_from']}" if "refined_from" in trial.user_attrs else "searched"),
+        "on_front": on_front,
+        "imatrix": quantization.imatrix,
+        "gguf_bytes": trial.user_attrs["size"]["gguf_bytes"],
+        "file_bytes": path.stat().st_size,
+        "gguf_mb": round(path.stat().st_size / 1e6, 3),
+        "validation_ppl": round(recorded, 4),
+        "llama_cpp_validation_ppl": round(llama_ppl, 4),
+        "llama_cpp_difference": round(llama_ppl / recorded - 1, 5),
+        "test_ppl": round(held_out, 4),
+        **timing,
+    }
+
+
+def comparisons(rows: list[dict]) -> list[dict]:
+    """At each reference's bytes, the front member at no more bytes with the lowest held-out
+    perplexity, and how much lower it is."""
+    found = []
+    for label in REFERENCES:
+        reference = next((r for r in rows if r["label"] == label), None)
+        if reference is None:
+            continue
+        members = [r for r in rows if r["on_front"] and r["gguf_bytes"] <= reference["gguf_bytes"]]
+        best = min(members, key=lambda r: r["test_ppl"]) if members else None
+        reduction = None if best is None else 1 - best["test_ppl"] / reference["test_ppl"]
+        found.append({"reference": label, "reference_bytes": reference["gguf_bytes"],
+                      "reference_test_ppl": reference["test_ppl"], "member": best and best["trial"],
+                      "member_label": best and best["label"], "member_bytes": best and best["gguf_bytes"],
+                      "member_test_ppl": best and best["test_ppl"],
+                      "reduction": None if reduction is None else round(reduction, 4),
+                      "passes": reduction is not None and reduction >= REQUIRED_REDUCTION})
+    return found
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    """Held-out perplexity against GGUF file size: the front joined, every baseline labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(figsize=(8, 5))
+    front = sorted((r for r in rows if r["on_front"]), key=lambda r: r["gguf_bytes"])
+    axes.plot([r["gguf_mb"] for r in front], [r["test_ppl"] for r in front], "o-", color="C0", label="front (searched)")
+    for row in rows:
+        if row["label"].startswith(("uniform", "llama.cpp")):
+            colour = "C3" if row["label"].startswith("llama.cpp") else "C2"
+            marker = "s" if row["imatrix"] else "x"
+            axes.scatter([row["gguf_mb"]], [row["test_ppl"]], color=colour, marker=marker, s=30)
+            axes.annotate(row["label"].replace("+imatrix", "+im"), (row["gguf_mb"], row["test_ppl"]), fontsize=6)
+    axes.set(xlabel="GGUF file (MB)", ylabel="WikiText-2 test perplexity", yscale="log",
+             title="SmolLM2-135M: searched GGUF types vs llama.cpp (x: no imatrix, square: imatrix)")
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+COLUMNS = [
+    column("trial", "trial"), Column("label", lambda r: r["label"], "---"),
+    Column("front", lambda r: "yes" if r["on_front"] else "", "---"),
+    column("GGUF MB", "gguf_mb", ".2f"), Column("file = recorded", lambda r: r["file_bytes"] == r["gguf_bytes"], "---"),
+    column("validation ppl (study)", "validation_ppl", ".2f"), column("llama.cpp ppl, same windows", "llama_cpp_validation_ppl", ".2f"),
+    column("difference", "llama_cpp_difference", "+.2%"), column("test ppl", "test_ppl", ".2f"),
+    column("prefill tok/s", "prefill_tok_s"), column("decode tok/s", "decode_tok_s"),
+]
+
+
+def markdown(result: dict) -> list[str]:
+    """The results' table and comparisons, from the JSON alone."""
+    lines = [
+        f"# GGUF front of study `{result['study']}`: file size, perplexity, llama.cpp speed",
+        "",
+        f"`AUTOPRUNE_CACHE=/work/main/runs/cache python experiments/gguf_front.py --storage {result['storage']} "
+        f"--study {result['study']} --work WORK --threads 1`",
+        "",
+        f"Test perplexity: the first {result['test_windows']} windows of {result['seq_len']} tokens of the "
+        "WikiText-2 test split, the exported file loaded by transformers' GGUF loader. llama.cpp "
+        f"(llama-cpp-python {result['llama_cpp_python']}, {result['llama_threads']} thread): the study's "
+        f"validation windows, and prefill of {result['prefill_tokens']} tokens / decode of "
+        f"{result['decode_tokens']} greedy tokens (medians).",
+        "",
+        *table(result["rows"], COLUMNS),
+        "",
+        "| at the bytes of | its test ppl | front member | its MB | its test ppl | lower by | >= 10% |",
+        "|---|---:|---|---:|---:|---:|---|",
+    ]
+    for c in result["comparisons"]:
+        lines.append(
+            f"| {c['reference']} ({c['reference_bytes'] / 1e6:.2f} MB) | {c['reference_test_ppl']:.2f} | "
+            f"{c['member']} ({c['member_label']}) | {number(c['member_bytes'] and c['member_bytes'] / 1e6)} | "
+            f"{number(c['member_test_ppl'])} | {number(c['reduction'], '.1%')} | {'yes' if c['passes'] else 'no'} |"
+        )
+    return lines
+
+
+if __name__ == "__main__":
+    main()
