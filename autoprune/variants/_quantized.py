@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from autoprune._atomic import warn_damaged
 from autoprune.quantization import QuantizedTensor
-from autoprune.variants._entry import DatabaseCounters, read_checked, write_checked
+from autoprune.variants._entry import DatabaseCounters, read_counted, write_checked
 
 QUANTIZED_FOLDER = "quantized"
 QUANTIZED_FORMAT = "quantized-1"
@@ -38,16 +37,14 @@ class QuantizedStore:
         path = self.path(key)
         if not path.exists():
             return None
-        tensors, metadata, problem = read_checked(path)
-        if tensors is not None and (
-            metadata.get("format") != QUANTIZED_FORMAT or metadata.get("type") != key[1] or "data" not in tensors
-        ):
-            tensors, problem = None, "not a quantized tensor file of this format"
-        if tensors is None:
-            warn_damaged("quantized tensor", path, problem)
-            self.counters.damaged.append(str(path))
+        found = read_counted(
+            path, self.counters, "quantized tensor",
+            lambda tensors, metadata: metadata.get("format") == QUANTIZED_FORMAT
+            and metadata.get("type") == key[1] and "data" in tensors,
+        )
+        if found is None:
             return None
-        self.counters.read += 1
+        tensors, metadata = found
         rows, cols = (int(size) for size in metadata["shape"].split(","))
         return QuantizedTensor(key[1], (rows, cols), tensors["data"].numpy())
 
