@@ -52,8 +52,9 @@ def main() -> None:
     arguments.add_argument("--repeats", type=int, default=3)
     args = parse(arguments)
     setup = load_study_setup(args.storage, args.study, args.test_windows)
-    study_windows = validation_windows(  # the study's own windows, for llama.cppsetup.settings.calibration.source, setup.loaded.tokenizer,
-                                       setup.settings.eval_seq_len, setup.settings.eval_windows)
+    settings = setup.settings  # the study's own windows, scored again from each file
+    study_windows = validation_windows(settings.calibration.source, setup.loaded.tokenizer,
+                                       settings.eval_seq_len, settings.eval_windows)
     complete = setup.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     front = {t.number for t in front_trials(setup.study)}
     chosen = [t for t in complete if t.number in front or {"baseline", "seed"} & t.user_attrs.keys()]
@@ -62,6 +63,7 @@ def main() -> None:
         rows.append(measure(trial, trial.number in front, args, setup, study_windows))
         print(json.dumps(rows[-1]), flush=True)
     result = {"study": args.study, "storage": args.storage, "test_windows": args.test_windows,
+              "imatrix": imatrix_pairs(rows),
               "seq_len": setup.settings.eval_seq_len, "llama_cpp_python": llama_cpp.__version__,
               "llama_threads": args.llama_threads, "prefill_tokens": args.prefill, "decode_tokens": args.decode,
               "rows": rows, "comparisons": comparisons(rows)}
@@ -82,6 +84,7 @@ def measure(trial, on_front: bool, args, setup, study_windows: torch.Tensor) -> 
     path = exported.gguf
     model = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=path.name, dtype=torch.float32).eval()
     held_out = perplexity(model, setup.windows)
+    transformers_ppl = perplexity(model, study_windows)
     del model
     llm = llama_cpp.Llama(str(path), n_ctx=max(setup.settings.eval_seq_len, args.prefill + args.decode + 8),
                           n_batch=512, n_threads=args.llama_threads, logits_all=True, verbose=False)
@@ -100,6 +103,7 @@ def measure(trial, on_front: bool, args, setup, study_windows: torch.Tensor) -> 
         "file_bytes": path.stat().st_size,
         "gguf_mb": round(path.stat().st_size / 1e6, 3),
         "validation_ppl": round(recorded, 4),
+        "transformers_validation_ppl": round(transformers_ppl, 4),
         "llama_cpp_validation_ppl": round(llama_ppl, 4),
         "llama_cpp_difference": round(llama_ppl / recorded - 1, 5),
         "test_ppl": round(held_out, 4),
@@ -125,6 +129,19 @@ def comparisons(rows: list[dict]) -> list[dict]:
                       "reduction": None if reduction is None else round(reduction, 4),
                       "passes": reduction is not None and reduction >= REQUIRED_REDUCTION})
     return found
+
+
+def imatrix_pairs(rows: list[dict]) -> list[dict]:
+    """Each known mix without and with the importance matrix (the same bytes): held-out perplexity."""
+    by_label = {row["label"]: row for row in rows}
+    pairs = []
+    for label, plain in by_label.items():
+        weighted = by_label.get(f"{label}+imatrix")
+        if weighted is not None:
+            pairs.append({"mix": label, "gguf_mb": plain["gguf_mb"], "plain_test_ppl": plain["test_ppl"],
+                          "imatrix_test_ppl": weighted["test_ppl"],
+                          "change": round(weighted["test_ppl"] / plain["test_ppl"] - 1, 4)})
+    return sorted(pairs, key=lambda pair: pair["gguf_mb"])
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -156,7 +173,9 @@ COLUMNS = [
     column("trial", "trial"), Column("label", lambda r: r["label"], "---"),
     Column("front", lambda r: "yes" if r["on_front"] else "", "---"),
     column("GGUF MB", "gguf_mb", ".2f"), Column("file = recorded", lambda r: r["file_bytes"] == r["gguf_bytes"], "---"),
-    column("validation ppl (study)", "validation_ppl", ".2f"), column("llama.cpp ppl, same windows", "llama_cpp_validation_ppl", ".2f"),
+    column("validation ppl (study)", "validation_ppl", ".2f"),
+    column("file in transformers", "transformers_validation_ppl", ".2f"),
+    column("file in llama.cpp", "llama_cpp_validation_ppl", ".2f"),
     column("difference", "llama_cpp_difference", "+.2%"), column("test ppl", "test_ppl", ".2f"),
     column("prefill tok/s", "prefill_tok_s"), column("decode tok/s", "decode_tok_s"),
 ]
@@ -171,12 +190,19 @@ def markdown(result: dict) -> list[str]:
         f"--study {result['study']} --work WORK --threads 1`",
         "",
         f"Test perplexity: the first {result['test_windows']} windows of {result['seq_len']} tokens of the "
-        "WikiText-2 test split, the exported file loaded by transformers' GGUF loader. llama.cpp "
-        f"(llama-cpp-python {result['llama_cpp_python']}, {result['llama_threads']} thread): the study's "
-        f"validation windows, and prefill of {result['prefill_tokens']} tokens / decode of "
-        f"{result['decode_tokens']} greedy tokens (medians).",
+        "WikiText-2 test split, the exported file loaded by transformers' GGUF loader. The study's "
+        "validation windows scored again from the file, by transformers and by llama.cpp "
+        f"(llama-cpp-python {result['llama_cpp_python']}, {result['llama_threads']} thread; its "
+        "difference from the study's figure in the next column), and llama.cpp's prefill of "
+        f"{result['prefill_tokens']} tokens / decode of {result['decode_tokens']} greedy tokens (medians).",
         "",
         *table(result["rows"], COLUMNS),
+        "",
+        "The importance matrix (llama.cpp's imatrix from the cached calibration statistics), same bytes:",
+        "",
+        *table(result["imatrix"], [Column("mix", lambda r: r["mix"], "---"), column("GGUF MB", "gguf_mb", ".2f"),
+                                   column("test ppl without", "plain_test_ppl", ".2f"),
+                                   column("with", "imatrix_test_ppl", ".2f"), column("change", "change", "+.1%")]),
         "",
         "| at the bytes of | its test ppl | front member | its MB | its test ppl | lower by | >= 10% |",
         "|---|---:|---|---:|---:|---:|---|",
