@@ -21,8 +21,8 @@ from autoprune.export_gguf import model_gguf, write_gguf
 from autoprune.measure import SizeReport, measure_size, perplexity
 from autoprune.models import LoadedModel, compute_device, load_model
 from autoprune.plan import MethodName, NMPattern, Plan, Recipe
-from autoprune.pruner import Pruner, gguf_row_lengths, prune_sequentially
-from autoprune.quantization import QuantizedTensor
+from autoprune.pruner import Pruner, prune_sequentially
+from autoprune.quantization import QuantizedTensor, gguf_row_lengths
 from autoprune.structure import StructureRequest, check_pruned_layers, model_dims, save_subnet
 from autoprune.variants import DatabaseSettings
 

@@ -23,23 +23,13 @@ from autoprune.methods import LayerJob, PruningMethod
 from autoprune.models import LoadedModel
 from autoprune.plan import LayerSpec, MethodName, Plan
 from autoprune.quantization import (
-    OUTPUT,
     QuantizedTensor,
     Quantizer,
-    check_quantization,
-    embedding_tensors,
+    gguf_row_lengths,
     point_at,
     quantization_jobs,
 )
-from autoprune.structure import (
-    CutCache,
-    build_subnet,
-    kept_inputs,
-    kept_layer_inputs,
-    kept_layer_shapes,
-    model_dims,
-    resolve_blocks,
-)
+from autoprune.structure import CutCache, build_subnet, kept_inputs, kept_layer_inputs
 
 if TYPE_CHECKING:  # the database module imports this one
     from autoprune.variants import VariantDatabase
@@ -246,42 +236,6 @@ class Pruner:
         if name not in self._methods:
             self._methods[name] = PruningMethod.named(name)
         return self._methods[name]
-
-
-def gguf_row_lengths(loaded: LoadedModel, plan: Plan) -> dict[str, int]:
-    """The row length of every 2-D tensor of the model ``plan`` makes (by its name in the plan's
-    quantization: dense layer names, ``embeddings``, ``output``), checked against the types the
-    plan gives them: a one-line error for a type a tensor cannot hold or a tied head given a type
-    of its own."""
-    lengths = {name: cols for name, (_rows, cols) in quantized_shapes(loaded, plan).items()}
-    if plan.quantization is not None:
-        if plan.quantization.output is not None and OUTPUT not in lengths:
-            raise AutopruneError(
-                "the model's output head is its token embeddings (tied): give their GGUF type as "
-                "embeddings, not output"
-            )
-        check_quantization(plan.quantization, lengths, loaded.adapter.all_layer_names(loaded.model))
-    return lengths
-
-
-def quantized_shapes(loaded: LoadedModel, plan: Plan) -> dict[str, tuple[int, int]]:
-    """(rows, columns) of every 2-D tensor of the model ``plan`` makes, by its name in a plan's
-    quantization (dense layer names of the kept layers, ``embeddings``, an untied ``output``)."""
-    model = loaded.model
-    if plan.structure is not None:
-        dims = model_dims(model)
-        shapes = kept_layer_shapes(resolve_blocks(plan.structure, plan.removed_blocks, dims), dims)
-    else:
-        removed = set(plan.removed_blocks)
-        shapes = {
-            name: tuple(model.get_submodule(name).weight.shape)
-            for name in loaded.adapter.all_layer_names(model)
-            if loaded.adapter.split_layer_name(name)[0] not in removed
-        }
-    parameters = dict(model.named_parameters(remove_duplicate=False))
-    for tensor, source in embedding_tensors(model).items():
-        shapes[source] = tuple(parameters[tensor].shape)
-    return shapes
 
 
 def validate_plan(plan: Plan, layer_names: list[str], num_blocks: int) -> None:

@@ -7,7 +7,13 @@ or llama.cpp's own quantizer (:func:`quantize_tensor`), once per (tensor, type, 
 """
 
 from autoprune.quantization._ggml import available as llama_cpp_quantizer_available
-from autoprune.quantization._model import embedding_tensors, point_at, quantization_jobs
+from autoprune.quantization._model import (
+    embedding_tensors,
+    gguf_row_lengths,
+    point_at,
+    quantization_jobs,
+    quantized_shapes,
+)
 from autoprune.quantization._quantize import QuantizedTensor, importance, quantize_tensor
 from autoprune.quantization._quantizer import QuantJob, Quantizer, QuantStore
 from autoprune.quantization._schema import (
@@ -41,6 +47,7 @@ __all__ = [
     "TypeName",
     "check_quantization",
     "embedding_tensors",
+    "gguf_row_lengths",
     "gguf_type",
     "importance",
     "llama_cpp_fallback",
@@ -49,5 +56,6 @@ __all__ = [
     "point_at",
     "quantization_jobs",
     "quantize_tensor",
+    "quantized_shapes",
     "tensor_bytes",
 ]

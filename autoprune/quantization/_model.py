@@ -1,18 +1,25 @@
 """A model's tensors as a plan's :class:`Quantization` quantizes them: which tensors (decoder
-linear layers, token embeddings, an untied output head), under which names, and the model pointed
-at their dequantized values."""
+linear layers, token embeddings, an untied output head), their shapes in the model a plan makes,
+under which names, and the model pointed at their dequantized values."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedModel
 
 from autoprune.calibration import LinearStats
+from autoprune.errors import AutopruneError
+from autoprune.models import LoadedModel
 from autoprune.quantization._quantize import QuantizedTensor, importance
 from autoprune.quantization._quantizer import QuantJob
-from autoprune.quantization._schema import EMBEDDINGS, OUTPUT, Quantization
+from autoprune.quantization._schema import EMBEDDINGS, OUTPUT, Quantization, check_quantization
+from autoprune.structure import kept_layer_shapes, model_dims, resolve_blocks
+
+if TYPE_CHECKING:  # the plan module imports this package's schema
+    from autoprune.plan import Plan
 
 
 def embedding_tensors(model: PreTrainedModel) -> dict[str, str]:
@@ -55,3 +62,39 @@ def point_at(model: PreTrainedModel, tensors: Mapping[str, QuantizedTensor]) -> 
         before[name] = parameter.data
         parameter.data = tensor.dequantized().to(parameter.device, parameter.dtype)
     return before
+
+
+def gguf_row_lengths(loaded: LoadedModel, plan: Plan) -> dict[str, int]:
+    """The row length of every 2-D tensor of the model ``plan`` makes (by its name in the plan's
+    quantization: dense layer names, ``embeddings``, ``output``), checked against the types the
+    plan gives them: a one-line error for a type a tensor cannot hold or a tied head given a type
+    of its own."""
+    lengths = {name: cols for name, (_rows, cols) in quantized_shapes(loaded, plan).items()}
+    if plan.quantization is not None:
+        if plan.quantization.output is not None and OUTPUT not in lengths:
+            raise AutopruneError(
+                "the model's output head is its token embeddings (tied): give their GGUF type as "
+                "embeddings, not output"
+            )
+        check_quantization(plan.quantization, lengths, loaded.adapter.all_layer_names(loaded.model))
+    return lengths
+
+
+def quantized_shapes(loaded: LoadedModel, plan: Plan) -> dict[str, tuple[int, int]]:
+    """(rows, columns) of every 2-D tensor of the model ``plan`` makes, by its name in a plan's
+    quantization (dense layer names of the kept layers, ``embeddings``, an untied ``output``)."""
+    model = loaded.model
+    if plan.structure is not None:
+        dims = model_dims(model)
+        shapes = kept_layer_shapes(resolve_blocks(plan.structure, plan.removed_blocks, dims), dims)
+    else:
+        removed = set(plan.removed_blocks)
+        shapes = {
+            name: tuple(model.get_submodule(name).weight.shape)
+            for name in loaded.adapter.all_layer_names(model)
+            if loaded.adapter.split_layer_name(name)[0] not in removed
+        }
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    for tensor, source in embedding_tensors(model).items():
+        shapes[source] = tuple(parameters[tensor].shape)
+    return shapes

@@ -24,7 +24,8 @@ from autoprune.data import validation_windows
 from autoprune.errors import AutopruneError
 from autoprune.measure import reference_logprobs, window_losses
 from autoprune.plan import Plan
-from autoprune.pruner import Pruner, quantized_shapes, sequential_statistics, sequential_statistics_folder
+from autoprune.pruner import Pruner, sequential_statistics, sequential_statistics_folder
+from autoprune.quantization import quantized_shapes
 from autoprune.structure import model_dims
 from autoprune.study._worker import TrialRequest, TrialResult, TrialWorker
 from autoprune.study.refine._allocation import Allocation, refinable_layers
