@@ -154,7 +154,7 @@ class TrialWorker:
 
     def space_context(self, method: MethodName, sparsity_range: tuple[float, float]) -> SpaceContext:
         """The search space's view of the loaded model, so the driver needs no copy of its own."""
-        gguf = gguf_context(self.loaded, self.gguf, self.cache_dir) if self.gguf is not None else None
+        gguf = gguf_context(self.loaded, self.gguf, self.cache_dir) if self.spec.gguf else None
         return space_context(self.loaded, self.stats, method, sparsity_range, self.spec.database, gguf)
 
     def run(self, request: TrialRequest, pruner: Pruner | None = None) -> TrialResult:
