@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 import torch
 from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM
@@ -50,11 +52,18 @@ def main() -> None:
     arguments.add_argument("--prefill", type=int, default=256)
     arguments.add_argument("--decode", type=int, default=32)
     arguments.add_argument("--repeats", type=int, default=3)
+    arguments.add_argument("--speed-only", action="store_true",
+                           help="time the files the last run exported again, round-robin (no export, no scoring)")
     args = parse(arguments)
+    if args.speed_only:
+        retime(args)
+        return
     setup = load_study_setup(args.storage, args.study, args.test_windows)
     settings = setup.settings  # the study's own windows, scored again from each file
     study_windows = validation_windows(settings.calibration.source, setup.loaded.tokenizer,
                                        settings.eval_seq_len, settings.eval_windows)
+    args.work.mkdir(parents=True, exist_ok=True)
+    np.save(args.work / "prompt.npy", setup.windows[0].numpy())  # the prompt --speed-only times
     complete = setup.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     front = {t.number for t in front_trials(setup.study)}
     chosen = [t for t in complete if t.number in front or {"baseline", "seed"} & t.user_attrs.keys()]
@@ -111,6 +120,30 @@ def measure(trial, on_front: bool, args, setup, study_windows: torch.Tensor) -> 
     }
 
 
+def retime(args) -> None:
+    """Time every file of the last run again, ``--repeats`` rounds over all of them in turn (so a
+    busy machine's drift falls on every file alike), medians per file; rewrite the results."""
+    path = args.out / "gguf_front.json"
+    result = json.loads(path.read_text())
+    prompt = np.load(args.work / "prompt.npy").tolist()
+    llms = {row["trial"]: llama_cpp.Llama(str(args.work / f"trial-{row['trial']}" / "model.gguf"),
+                                          n_ctx=args.prefill + args.decode + 8, n_batch=512,
+                                          n_threads=args.llama_threads, verbose=False)
+            for row in result["rows"]}
+    timings: dict[int, list[dict]] = {trial: [] for trial in llms}
+    for _ in range(args.repeats):
+        for trial, llm in llms.items():
+            speed(llm, prompt[:16], 2, 1)  # pages the file in again (28 files outgrow the page cache)
+            timings[trial].append(speed(llm, prompt[: args.prefill], args.decode, 1))
+    for row in result["rows"]:
+        for key in ("prefill_tok_s", "decode_tok_s"):
+            row[key] = round(statistics.median(t[key] for t in timings[row["trial"]]), 1)
+    result.update(speed_rounds=args.repeats, prefill_tokens=args.prefill, decode_tokens=args.decode,
+                  llama_threads=args.llama_threads)
+    plot(result["rows"], args.out / "gguf_front.png")
+    print(write_results(result, args.out, "gguf_front", markdown(result)))
+
+
 def comparisons(rows: list[dict]) -> list[dict]:
     """At each reference's bytes, the front member at no more bytes with the lowest held-out
     perplexity, and how much lower it is."""
@@ -144,26 +177,33 @@ def imatrix_pairs(rows: list[dict]) -> list[dict]:
     return sorted(pairs, key=lambda pair: pair["gguf_mb"])
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    """Held-out perplexity against GGUF file size: the front joined, every baseline labelled."""
+def plot(rows: list[dict], path: Path, largest_mb: float = 150.0) -> None:
+    """Held-out perplexity against GGUF file size up to ``largest_mb`` (f16 and q8_0 lie flat
+    beyond): the front joined, llama.cpp's presets and uniform types marked and labelled."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure, axes = plt.subplots(figsize=(8, 5))
-    front = sorted((r for r in rows if r["on_front"]), key=lambda r: r["gguf_bytes"])
-    axes.plot([r["gguf_mb"] for r in front], [r["test_ppl"] for r in front], "o-", color="C0", label="front (searched)")
-    for row in rows:
-        if row["label"].startswith(("uniform", "llama.cpp")):
-            colour = "C3" if row["label"].startswith("llama.cpp") else "C2"
-            marker = "s" if row["imatrix"] else "x"
-            axes.scatter([row["gguf_mb"]], [row["test_ppl"]], color=colour, marker=marker, s=30)
-            axes.annotate(row["label"].replace("+imatrix", "+im"), (row["gguf_mb"], row["test_ppl"]), fontsize=6)
-    axes.set(xlabel="GGUF file (MB)", ylabel="WikiText-2 test perplexity", yscale="log",
-             title="SmolLM2-135M: searched GGUF types vs llama.cpp (x: no imatrix, square: imatrix)")
-    axes.legend()
+    shown = [r for r in rows if r["gguf_mb"] <= largest_mb]
+    top = 1.15 * max(r["test_ppl"] for r in shown if r["on_front"])
+    figure, axes = plt.subplots(figsize=(9, 5.5))
+    front = sorted((r for r in shown if r["on_front"]), key=lambda r: r["gguf_mb"])
+    axes.plot([r["gguf_mb"] for r in front], [r["test_ppl"] for r in front], "o-", color="C0",
+              label="front of the search (and its refinement)")
+    for kind, colour in (("llama.cpp", "C3"), ("uniform", "C2")):
+        for imatrix, marker in ((False, "x"), (True, "s")):
+            points = [r for r in shown if r["label"].startswith(kind) and r["imatrix"] == imatrix and r["test_ppl"] <= top]
+            axes.scatter([r["gguf_mb"] for r in points], [r["test_ppl"] for r in points], color=colour, marker=marker,
+                         s=36, label=f"{kind} {'with' if imatrix else 'without'} imatrix")
+            for r in points:
+                axes.annotate(r["label"].split("-", 1)[1].replace("+imatrix", ""), (r["gguf_mb"], r["test_ppl"]),
+                              fontsize=7, xytext=(3, 3), textcoords="offset points", color=colour)
+    axes.set(xlabel="GGUF file (MB)", ylabel="WikiText-2 test perplexity (held out)",
+             ylim=(None, top), title="SmolLM2-135M: GGUF types searched per tensor vs llama.cpp's own")
+    axes.legend(fontsize=8)
+    axes.grid(alpha=0.3)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
