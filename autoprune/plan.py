@@ -7,7 +7,8 @@ JSON/YAML exactly and travels to remote workers for free.
 
 ``schema_version`` is bumped whenever a field is added; readers accept every version up to their
 own so old studies stay readable. Version 2 added ``structure``: the heads, KV groups, FFN channels
-and sub-blocks each block keeps (see :mod:`autoprune.structure`).
+and sub-blocks each block keeps (see :mod:`autoprune.structure`). Version 3 added ``quantization``:
+the GGUF type of every 2-D tensor of the model the plan makes (see :mod:`autoprune.quantization`).
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from autoprune.config import CalibrationConfig
 from autoprune.errors import AutopruneError
+from autoprune.quantization._schema import Quantization
 from autoprune.structure._schema import Structure
 
-PLAN_SCHEMA_VERSION = 2
-
+PLAN_SCHEMA_VERSION = 3
 
 
 def _registered_method(name: str) -> str:
@@ -109,6 +110,9 @@ class Plan(BaseModel):
     #: Sub-network widths (schema version 2); ``None``: every kept block keeps all its heads and
     #: channels, as in version 1.
     structure: Structure | None = None
+    #: GGUF types (schema version 3), applied after the structure and the layers' sparsity;
+    #: ``None``: the plan says nothing of how a GGUF file stores it, as in versions 1 and 2.
+    quantization: Quantization | None = None
 
     @field_validator("schema_version")
     @classmethod
@@ -128,6 +132,8 @@ class Plan(BaseModel):
     def _structure_needs_v2(self) -> Plan:
         if self.structure is not None and self.schema_version < 2:
             raise ValueError("a plan with a structure needs schema_version 2")
+        if self.quantization is not None and self.schema_version < 3:
+            raise ValueError("a plan with a quantization needs schema_version 3")
         return self
 
     def to_json(self) -> str:
@@ -139,7 +145,8 @@ class Plan(BaseModel):
 
     def summary(self) -> dict[str, object]:
         """A short description for tables: mean layer sparsity, N:M patterns used, removed blocks
-        (and, for a sub-network plan, its structure)."""
+        (and, for a sub-network plan, its structure; for a quantized one, how many tensors take
+        each GGUF type)."""
         specs = list(self.layers.values())
         patterns = sorted({str(spec.nm) for spec in specs if spec.nm is not None})
         mean = sum(spec.effective_sparsity for spec in specs) / len(specs) if specs else 0.0
@@ -154,6 +161,9 @@ class Plan(BaseModel):
             summary["structure"] = {
                 **widths, "method": self.structure.method, "correct": self.structure.correct
             }
+        if self.quantization is not None:
+            named = [*self.quantization.layers, "embeddings"]
+            summary["gguf"] = {**self.quantization.counts(named), "imatrix": self.quantization.imatrix}
         return summary
 
 

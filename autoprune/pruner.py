@@ -22,7 +22,14 @@ from autoprune.errors import AutopruneError
 from autoprune.methods import LayerJob, PruningMethod
 from autoprune.models import LoadedModel
 from autoprune.plan import LayerSpec, MethodName, Plan
-from autoprune.structure import CutCache, build_subnet, kept_inputs
+from autoprune.quantization import (
+    QuantizedTensor,
+    Quantizer,
+    gguf_row_lengths,
+    point_at,
+    quantization_jobs,
+)
+from autoprune.structure import CutCache, build_subnet, kept_inputs, kept_layer_inputs
 
 if TYPE_CHECKING:  # the database module imports this one
     from autoprune.variants import VariantDatabase
@@ -50,6 +57,7 @@ class Pruner:
         }
         self._methods: dict[str, PruningMethod] = {}
         self._cuts = CutCache(store=database.cuts if database is not None else None)
+        self._quantizer = Quantizer(store=database.quantized if database is not None else None)
 
     @property
     def num_blocks(self) -> int:
@@ -65,6 +73,8 @@ class Pruner:
 
     def validate(self, plan: Plan) -> None:
         validate_plan(plan, self.layer_names, self.num_blocks)
+        if plan.quantization is not None:
+            gguf_row_lengths(self.loaded, plan)
 
     def pruned_weights(self, plan: Plan) -> dict[str, torch.Tensor]:
         """The weight of every linear layer of every kept block under ``plan``."""
@@ -103,12 +113,55 @@ class Pruner:
     @contextmanager
     def applied(self, plan: Plan) -> Iterator[torch.nn.Module]:
         """The model pruned to ``plan`` inside the ``with``; dense again after it. A sub-network
-        plan gives a new, smaller model (:meth:`subnet`) instead."""
+        plan gives a new, smaller model (:meth:`subnet`) instead. A quantized plan's tensors hold
+        their dequantized values (what llama.cpp computes with)."""
         if plan.structure is not None:
-            yield self.subnet(plan)
-            return
-        with self.pointed(self.pruned_weights(plan), plan.removed_blocks) as model:
+            model = self.subnet(plan)
+            if plan.quantization is not None:
+                point_at(model, self.quantized(plan, model))
             yield model
+            return
+        weights = self.pruned_weights(plan)
+        if plan.quantization is None:
+            with self.pointed(weights, plan.removed_blocks) as model:
+                yield model
+            return
+        tensors = self.quantized(plan, weights=weights)
+        linear = {name.removesuffix(".weight"): tensor for name, tensor in tensors.items()}
+        dequantized = {
+            name: tensor.dequantized().to(weights[name].device, weights[name].dtype)
+            for name, tensor in linear.items() if name in weights
+        }
+        others = {name: tensor for name, tensor in tensors.items() if name.removesuffix(".weight") not in weights}
+        with self.pointed({**weights, **dequantized}, plan.removed_blocks) as model:
+            before = point_at(model, others)
+            try:
+                yield model
+            finally:
+                parameters = dict(model.named_parameters(remove_duplicate=False))
+                for name, data in before.items():
+                    parameters[name].data = data
+
+    def quantized(
+        self, plan: Plan, model: torch.nn.Module | None = None, weights: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, QuantizedTensor]:
+        """The tensors of the model ``plan`` makes as its quantization stores them, by parameter
+        name: of ``model`` (a sub-network plan's, names renumbered) or of the dense model with its
+        layers at ``weights`` (dense names). Each (tensor, type, importance) is quantized once."""
+        assert plan.quantization is not None
+        self.validate(plan)
+        if plan.structure is not None:
+            assert model is not None
+            inputs = kept_layer_inputs(self.loaded.model, self.stats, plan, cache=self._cuts)
+            linears = {
+                renamed: (name, model.get_submodule(renamed).weight.detach(), stats)
+                for name, (renamed, stats) in inputs.items()
+            }
+        else:
+            assert weights is not None
+            model = self.loaded.model
+            linears = {name: (name, weight, self.stats.layer(name)) for name, weight in weights.items()}
+        return self._quantizer.quantize(quantization_jobs(plan.quantization, model, linears))
 
     def subnet(self, plan: Plan) -> torch.nn.Module:
         """The physically smaller model of a sub-network plan, cut from the dense weights (left
@@ -149,16 +202,35 @@ class Pruner:
     def materialize(self, plan: Plan) -> torch.nn.Module:
         """Prune the model in place for good (blocks removed), for saving; a sub-network plan gives
         its smaller model. The pruner is spent."""
+        return self.materialize_quantized(plan)[0]
+
+    def materialize_quantized(self, plan: Plan) -> tuple[torch.nn.Module, dict[str, QuantizedTensor]]:
+        """:meth:`materialize`, and a quantized plan's tensors as a GGUF file stores them (by the
+        saved model's parameter names; the model holds their dequantized values)."""
         if plan.structure is not None:
             model = self.subnet(plan)
+            tensors = self.quantized(plan, model) if plan.quantization is not None else {}
+            point_at(model, tensors)
             self._dense.clear()
-            return model
+            return model, tensors
         model = self.loaded.model
-        for name, weight in self.pruned_weights(plan).items():
+        kept = [block for block in range(self.num_blocks) if block not in plan.removed_blocks]
+        weights = self.pruned_weights(plan)
+        tensors = self.quantized(plan, weights=weights) if plan.quantization is not None else {}
+        for name, weight in weights.items():
             model.get_submodule(name).weight.data = weight.contiguous()
+        point_at(model, tensors)
         self.adapter.remove_blocks(model, plan.removed_blocks)
         self._dense.clear()
-        return model
+        return model, {self._renumbered(name, kept): tensor for name, tensor in tensors.items()}
+
+    def _renumbered(self, name: str, kept: list[int]) -> str:
+        """A dense parameter name with its block numbered as in the model without removed blocks."""
+        prefix = self.adapter.blocks_path + "."
+        if not name.startswith(prefix):
+            return name
+        block, _, rest = name[len(prefix):].partition(".")
+        return f"{prefix}{kept.index(int(block))}.{rest}"
 
     def _method(self, name: str) -> PruningMethod:
         if name not in self._methods:

@@ -18,6 +18,7 @@ from search_spaces._base import (
 from search_spaces._budget import MAX_LAYER_SPARSITY, project_to_budget
 from search_spaces._depth import DepthLayerwiseSpace, DepthSpace
 from search_spaces._depth_ramp import DepthRampSpace
+from search_spaces._gguf import GGUFSpace, SubnetGGUFSpace
 from search_spaces._layerwise import LayerwiseSpace
 from search_spaces._nm import NMSpace
 from search_spaces._owl import OWLSpace
@@ -32,6 +33,7 @@ __all__ = [
     "DepthLayerwiseSpace",
     "DepthRampSpace",
     "DepthSpace",
+    "GGUFSpace",
     "LayerInfo",
     "LayerwiseSpace",
     "NMSpace",
@@ -40,6 +42,7 @@ __all__ = [
     "ProfileSpace",
     "SearchSpace",
     "SpaceContext",
+    "SubnetGGUFSpace",
     "SubnetSpace",
     "UniformSpace",
     "subnet_widths",

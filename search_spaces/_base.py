@@ -17,6 +17,7 @@ from optuna.distributions import BaseDistribution, FloatDistribution
 from autoprune.allocation import block_outlier_ratios
 from autoprune.calibration import CalibrationStats
 from autoprune.errors import AutopruneError
+from autoprune.gguf_size import GGUFContext
 from autoprune.measure import expected_linear_nonzeros
 from autoprune.models import LayerKind, LoadedModel
 from autoprune.plan import MethodName, Plan
@@ -74,6 +75,9 @@ class SpaceContext:
     #: Steps of a variant database's grid (see :mod:`autoprune.variants`): allocations put every
     #: layer but one on it, so trials read their layers instead of pruning them. None: no grid.
     grid: int | None = None
+    #: The GGUF file's arithmetic and llama.cpp's preset mixes, for spaces of GGUF types (None:
+    #: not gathered, or a model GGUF cannot express).
+    gguf: GGUFContext | None = None
 
     @classmethod
     def from_model(
@@ -191,6 +195,9 @@ class SearchSpace(ABC):
     #: How far above its target a cast may land (a fraction of the dense decoder linear weights):
     #: sub-networks move in whole heads and channel steps, sparse layers in single weights.
     target_tolerance: ClassVar[float] = 0.005
+    #: Whether the plans give tensors GGUF types: a study then minimizes its file's bytes
+    #: (``gguf_bytes``) by default, and its context needs ``gguf``.
+    quantized: ClassVar[bool] = False
 
     def applies_to(self, ctx: SpaceContext) -> bool:
         """Whether the space can cut the model ``ctx`` describes (every family, unless it says)."""

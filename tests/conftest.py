@@ -27,7 +27,7 @@ import optuna
 import pytest
 import torch
 from optuna.trial import FrozenTrial, TrialState
-from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -84,6 +84,24 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> PreTrainedTokenizerFa
     )
 
 
+@pytest.fixture(scope="session")
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (SmolLM2's kind: digits split one by one, then GPT-2's split)."""
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+    )
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    raw.train_from_iterator([synthetic_text(0), " ".join(WORDS)], trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
+    )
+
+
 def tiny_llama_config(vocab_size: int) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size,
@@ -97,6 +115,16 @@ def tiny_llama_config(vocab_size: int) -> LlamaConfig:
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=2,
+    )
+
+
+def gguf_llama_config(vocab_size: int) -> LlamaConfig:
+    """A tiny LLaMA shaped like SmolLM2 for GGUF types: rows of 320 (a multiple of 32, not of the
+    256 K-quants need) except the FFN's down projection (512 inputs)."""
+    return LlamaConfig(
+        vocab_size=vocab_size, hidden_size=320, intermediate_size=512, num_hidden_layers=3,
+        num_attention_heads=10, num_key_value_heads=2, max_position_embeddings=256,
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2,
     )
 
 
@@ -128,6 +156,13 @@ def save_tiny_model(config, tokenizer: PreTrainedTokenizerFast, folder: Path) ->
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
     return save_tiny_model(
         tiny_llama_config(len(tokenizer)), tokenizer, tmp_path_factory.mktemp("tiny-llama")
+    )
+
+
+@pytest.fixture(scope="session")
+def gguf_llama_dir(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer) -> Path:
+    return save_tiny_model(
+        gguf_llama_config(len(bpe_tokenizer)), bpe_tokenizer, tmp_path_factory.mktemp("gguf-llama")
     )
 
 

@@ -11,9 +11,8 @@ import optuna
 import pytest
 import torch
 import yaml
-from conftest import TRIALS_ONLY, WORDS, save_tiny_model, synthetic_text, tiny_config, tiny_llama_config
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+from conftest import TRIALS_ONLY, save_tiny_model, synthetic_text, tiny_config, tiny_llama_config
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from autoprune.cli import main
 from autoprune.data import evaluation_windows
@@ -25,24 +24,6 @@ from autoprune.models import LlamaFamilyAdapter, load_model
 from autoprune.study import run_search
 
 TEXT = "the city was first known in the world after the new school , 2024 ."
-
-
-@pytest.fixture(scope="module")
-def bpe_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (SmolLM2's kind: digits split one by one, then GPT-2's split)."""
-    raw = Tokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    raw.train_from_iterator([synthetic_text(0), " ".join(WORDS)], trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="</s>"
-    )
 
 
 @pytest.fixture(scope="module")

@@ -44,8 +44,10 @@ def test_v1_plan_reads_and_v2_round_trips() -> None:
     old = Plan.from_json(json.dumps({"schema_version": 1, "method": "wanda", "removed_blocks": [2]}))
     assert old.structure is None and old.removed_blocks == [2]
     plan = Plan(structure=Structure(every_block=BlockWidths(ffn=96), blocks={1: BlockWidths(drop_mlp=True)}))
-    assert plan.schema_version == 2
+    assert plan.schema_version == 3  # the current version (3 added quantization)
     assert Plan.from_json(plan.to_json()) == plan
+    v2 = Plan.from_json(plan.model_copy(update={"schema_version": 2}).model_dump_json(exclude={"quantization"}))
+    assert v2.schema_version == 2 and v2.structure == plan.structure
 
 
 def test_v1_plan_cannot_carry_a_structure() -> None:

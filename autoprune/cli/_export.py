@@ -46,18 +46,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     add_database_flags(parser)
     add_format(parser, ("table", "json", "gguf"))
     parser.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
-                        help="with --format gguf: f16 (default) or q8_0")
+                        help="with --format gguf: f16 (default) or q8_0; a quantized trial is written "
+                        "in its own types")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.gguf_type is not None and args.format != "gguf":
         raise AutopruneError("--gguf-type needs --format gguf")
-    gguf_type = (args.gguf_type or "f16") if args.format == "gguf" else None
     result = export_trial(
         args.storage, args.study, args.trial, args.out, sequential=args.sequential,
-        cache_dir=args.cache_dir, gguf_type=gguf_type, database=database_settings(args),
-        healed=not args.unhealed,
+        cache_dir=args.cache_dir, gguf_type=args.gguf_type, database=database_settings(args),
+        gguf=args.format == "gguf", healed=not args.unhealed,
         store=artifact_store(args.storage, args.artifact_store) if args.artifact_store else None,
         dtype=args.dtype,
     )

@@ -24,6 +24,7 @@ from autoprune.study import (
     member_row,
     recorded_task_scores,
     score_trials_on_tasks,
+    study_settings,
     trial_row,
 )
 
@@ -90,16 +91,17 @@ def plot_front(study: optuna.Study, front: list[optuna.trial.FrozenTrial], path:
     from matplotlib import pyplot as plt
 
     complete = [trial_row(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
-    rows = sorted((trial_row(t) for t in front), key=lambda row: row["sparsity"])
+    gguf = "gguf_bytes" in study_settings(study).costs
+    x = (lambda row: row["gguf_bytes"] / 1e6) if gguf else (lambda row: row["sparsity"])
+    rows = sorted((trial_row(t) for t in front), key=x)
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    axes.scatter([r["sparsity"] for r in complete], [r["ppl"] for r in complete], s=12,
-                 color="0.7", label="complete trials")
-    axes.plot([r["sparsity"] for r in rows], [r["ppl"] for r in rows], "o-", color="C0", label="front")
+    axes.scatter([x(r) for r in complete], [r["ppl"] for r in complete], s=12, color="0.7", label="complete trials")
+    axes.plot([x(r) for r in rows], [r["ppl"] for r in rows], "o-", color="C0", label="front")
     for row in complete:
         if row["baseline"]:
-            axes.annotate(row["baseline"], (row["sparsity"], row["ppl"]), fontsize=7, color="C3")
-    axes.set(xlabel="sparsity (decoder linear weights removed)", ylabel="validation perplexity",
-             yscale="log", title=f"study {study.study_name}")
+            axes.annotate(row["baseline"], (x(row), row["ppl"]), fontsize=7, color="C3")
+    xlabel = "GGUF file (MB)" if gguf else "sparsity (decoder linear weights removed)"
+    axes.set(xlabel=xlabel, ylabel="validation perplexity", yscale="log", title=f"study {study.study_name}")
     axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -17,7 +17,7 @@ from autoprune.structure._build import (
     subnet_config,
 )
 from autoprune.structure._export import save_subnet
-from autoprune.structure._sparse import check_pruned_layers, kept_inputs, restricted
+from autoprune.structure._sparse import check_pruned_layers, kept_inputs, kept_layer_inputs, restricted
 from autoprune.structure._methods import StructuredMethod
 from autoprune.structure._schema import (
     DEFAULT_CORRECTION,
@@ -61,6 +61,7 @@ __all__ = [
     "decoder_linear_params",
     "heads_to_groups",
     "kept_inputs",
+    "kept_layer_inputs",
     "kept_layer_shapes",
     "least_squares_correction",
     "model_dims",

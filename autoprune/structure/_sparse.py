@@ -53,13 +53,28 @@ def kept_inputs(
     sub-network (blocks renumbered) and the statistics of the inputs it keeps."""
     dims = model_dims(model)
     check_pruned_layers(plan, dims)
+    pruned = [name for name, spec in plan.layers.items() if not spec.is_dense]
+    return kept_layer_inputs(model, stats, plan, pruned, cache, dims)
+
+
+def kept_layer_inputs(
+    model: PreTrainedModel,
+    stats: CalibrationStats,
+    plan: Plan,
+    names: list[str] | None = None,
+    cache: CutCache | None = None,
+    dims: ModelDims | None = None,
+) -> dict[str, tuple[str, LinearStats]]:
+    """For each of ``names`` (dense names of layers ``plan``'s sub-network keeps; None: every kept
+    layer): its name in the sub-network and the statistics of the inputs it keeps."""
+    dims = dims or model_dims(model)
     cuts = choose_cuts(model, stats, plan.structure, plan.removed_blocks, cache)
     position = {cut.index: new for new, cut in enumerate(cuts)}
+    if names is None:
+        names = list(kept_layer_shapes(resolve_blocks(plan.structure, plan.removed_blocks, dims), dims))
     heads = UnitLayout(dims.head_dim, dims.num_kv_heads, dims.heads_per_group)
     result = {}
-    for name, spec in plan.layers.items():
-        if spec.is_dense:
-            continue
+    for name in names:
         index, layer = _ADAPTER.split_layer_name(name)
         cut = cuts[position[index]]
         inputs = stats.layer(name)

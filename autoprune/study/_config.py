@@ -38,7 +38,7 @@ from autoprune.plan import MethodName
 from autoprune.study._executor import Executor, InProcessExecutor
 from autoprune.study._finish import FinishFields
 from autoprune.study._objectives import split_objectives
-from autoprune.study._settings import DEFAULT_COSTS, SUBNET_SPACE, DatabaseFields, StudySettings
+from autoprune.study._settings import DEFAULT_COSTS, GGUF_COSTS, SUBNET_SPACE, DatabaseFields, StudySettings
 from autoprune.study._storage import DEFAULT_STORAGE, mask_url
 from autoprune.study._worker import Objective, WorkerSpec
 from search_spaces import MAX_LAYER_SPARSITY, SearchSpace
@@ -99,8 +99,9 @@ class SearchConfig(DatabaseFields, FinishFields):
     objectives: list[str] | None = Field(
         None,
         description="what the study minimizes, 2 or 3 of: ppl or kl, and nonzeros, params, bytes, "
-        "latency, decode_latency (default: nonzeros and the objective; params, latency and the "
-        "objective for the subnet space)",
+        "latency, decode_latency, gguf_bytes (default: nonzeros and the objective; params, latency "
+        "and the objective for the subnet space; gguf_bytes and the objective for spaces of GGUF "
+        "types)",
     )
     executor: str = Field("in-process", description="where trials run: in-process or ray")
     ray_address: str | None = Field(
@@ -192,6 +193,14 @@ class SearchConfig(DatabaseFields, FinishFields):
                 "refine_method and refine_sequential prune weights; a sub-network is refined on its "
                 "widths (leave them out)"
             )
+        if SearchSpace.named(self.space).quantized:
+            if self.predictor == "on":
+                raise ValueError("the predictor's features describe pruning, not GGUF types: leave predictor off")
+            if self.refine_targets:
+                raise ValueError(
+                    "refine_targets are sparsities; refine a GGUF study's members by trial "
+                    "(autoprune refine --trial N), at their bytes"
+                )
         return self
 
     @classmethod
@@ -256,6 +265,8 @@ class SearchConfig(DatabaseFields, FinishFields):
         """The costs minimized beside the quality (see :mod:`autoprune.study._objectives`)."""
         if self.objectives is not None:
             return split_objectives(self.objectives)[0]
+        if SearchSpace.named(self.space).quantized:
+            return GGUF_COSTS
         return SUBNET_COSTS if self.space == SUBNET_SPACE else DEFAULT_COSTS
 
     def make_sampler(self, seed_offset: int = 0) -> BaseSampler:

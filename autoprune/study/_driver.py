@@ -48,11 +48,12 @@ from tqdm.auto import tqdm
 from autoprune.api import prepare
 from autoprune.data import check_source
 from autoprune.errors import AutopruneError
+from autoprune.gguf_presets import gguf_context
 from autoprune.plan import Plan
 from autoprune.study._config import SearchConfig
 from autoprune.study._executor import Executor
 from autoprune.study._finish import heal_front, refine_front
-from autoprune.study._objectives import check_latency_table, objective_values
+from autoprune.study._objectives import check_latency_table, compared_size, objective_values
 from autoprune.study._liveness import DriverLease, holding, lease_for, lost_race, requeue, requeue_stale
 from autoprune.study._proposing import (
     Proposer,
@@ -171,8 +172,9 @@ def _space_context(config: SearchConfig, executor: Executor, progress: bool) -> 
         return ctx
     cache_dir = Path(config.cache_dir) if config.cache_dir else None
     prepared = prepare(config.model, config.calibration(), cache_dir, progress)
+    gguf = gguf_context(prepared.loaded, cache_dir=cache_dir) if config.worker_spec().gguf else None
     return space_context(prepared.loaded, prepared.stats, config.method, config.sparsity_range,
-                         config.database_settings())
+                         config.database_settings(), gguf)
 
 
 def plan_digest(plan: Plan) -> str:
@@ -209,7 +211,8 @@ class _Loop:
             self.finished += counts_toward_budget(frozen)
             if frozen.state in (TrialState.COMPLETE, TrialState.PRUNED) and "plan" in frozen.user_attrs:
                 self.digests.add(plan_digest(trial_plan(frozen)))
-        self.points = [_point(t.user_attrs["size"], t.values[-1]) for t in front_trials(study)]
+        self.size_key = compared_size(config.costs)
+        self.points = [_point(t.user_attrs["size"], t.values[-1], self.size_key) for t in front_trials(study)]
         self.node = f"{platform.node()}:{os.getpid()}"
         minutes = config.timeout_minutes
         self.deadline = None if minutes is None else time.monotonic() + 60 * minutes
@@ -262,7 +265,7 @@ class _Loop:
         plan = self.space.cast(trial.params, self.ctx)
         digest = plan_digest(plan)
         expected = self.ctx.nonzeros(plan)
-        stop_above = None if "baseline" in marks else self._stop_above(expected)
+        stop_above = None if "baseline" in marks else self._stop_above(self._expected_size(plan, expected))
         for key, value in {
             "plan": plan.model_dump(mode="json"),
             "plan_summary": plan.summary(),
@@ -288,13 +291,17 @@ class _Loop:
         if isinstance(sampler, BaseGASampler):
             sampler.get_trial_generation(self.study, self.study.get_trials(deepcopy=False)[trial.number])
 
-    def _stop_above(self, nonzeros: int) -> float | None:
+    def _expected_size(self, plan: Plan, nonzeros: int) -> int:
+        """The candidate's size as early stopping compares it (:func:`compared_size`)."""
+        return self.ctx.gguf.plan_bytes(plan) if self.size_key == "gguf_bytes" and self.ctx.gguf else nonzeros
+
+    def _stop_above(self, size: int) -> float | None:
         """The quality (perplexity or KL, the objective) above which this candidate cannot reach
         the front, times the margin."""
         margin = self.config.early_stop_margin
         if margin is None:
             return None
-        limits = [q for n, q in self.points if n <= nonzeros]
+        limits = [q for n, q in self.points if n <= size]
         bounds = [min(limits)] if limits else []
         if self.config.max_ppl is not None and self.config.objective == "ppl":
             bounds.append(self.config.max_ppl)
@@ -330,7 +337,7 @@ class _Loop:
         if state != TrialState.FAIL:
             self.digests.add(pending.digest)
         if feasible:
-            self.points.append(_point(result.size, values[-1]))
+            self.points.append(_point(result.size, values[-1], self.size_key))
 
     def _check_latency_table(self, trial: optuna.Trial, result: TrialResult) -> None:
         """Stop the search, this trial told FAIL, where its latency was priced by another table."""
@@ -361,9 +368,10 @@ class _Loop:
         self.in_flight.clear()
 
 
-def _point(size: dict[str, Any], quality: float) -> tuple[int, float]:
-    """A front member as early stopping compares candidates: (decoder linear non-zeros, quality)."""
-    return int(size["linear_nonzeros"]), float(quality)
+def _point(size: dict[str, Any], quality: float, key: str) -> tuple[int, float]:
+    """A front member as early stopping compares candidates: (its size under ``key``: decoder
+    linear non-zeros, or its GGUF file's bytes; quality)."""
+    return int(size[key]), float(quality)
 
 
 def front_size(points: list[tuple[int, float]]) -> int:

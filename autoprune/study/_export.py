@@ -11,7 +11,10 @@ of it (a search's finishing refinements, ``refine_sequential``), one-shot otherw
 ``dtype`` names what the weights are written in (the source's by default, see
 :func:`autoprune.api.prune`). ``gguf_type`` also writes ``out/model-<type>.gguf``
 (:mod:`autoprune.export_gguf`, from the checkpoint, whatever its widths); a model GGUF cannot
-express leaves ``out`` as it was before the export.
+express leaves ``out`` as it was before the export. A quantized trial (its plan gives every
+tensor a GGUF type) is always written as its own GGUF, ``out/model.gguf``, from the bytes the
+study measured, its size set against the recorded ``gguf_bytes``; its checkpoint holds the
+dequantized weights.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from autoprune.measure import SizeReport
 from autoprune.plan import Recipe
 from autoprune.export_gguf import GGUF_TYPES, export_checkpoint_gguf
 from autoprune.study._heal import artifact_store, load_healed_weights, recorded_heal, unpack_learned
-from autoprune.study._records import find_trial, recorded_sequential_ppl, sequential_is_better
+from autoprune.study._records import find_trial, recorded_sequential_ppl, sequential_is_better, trial_plan
 from autoprune.study._settings import trial_recipe
 from autoprune.study._storage import load_existing_study
 from autoprune.variants import DatabaseSettings
@@ -51,8 +54,10 @@ class ExportResult:
     #: The study's perplexity of the exported variant; None where the study never measured it.
     recorded_ppl: float | None
     notes: list[str] = field(default_factory=list)
-    #: The GGUF file written beside the checkpoint, if one was asked for.
+    #: The GGUF file written beside the checkpoint, if one was asked for (or the trial is quantized).
     gguf: Path | None = None
+    #: The study's record of the trial's GGUF file size, where it priced one.
+    recorded_gguf_bytes: int | None = None
 
     @property
     def recipe(self) -> Path:
@@ -71,7 +76,8 @@ class ExportResult:
             "recorded_ppl": self.recorded_ppl,
             "dtype": written.dtype if written else None,
             "checkpoint_bytes": written.weight_bytes if written else None,
-        } | ({"gguf": str(self.gguf)} if self.gguf is not None else {})
+        } | ({"gguf": str(self.gguf), "gguf_bytes": self.gguf.stat().st_size,
+              "recorded_gguf_bytes": self.recorded_gguf_bytes} if self.gguf is not None else {})
 
 
 def export_trial(
@@ -87,17 +93,19 @@ def export_trial(
     healed: bool = True,
     store: Any = None,
     dtype: str | None = None,
+    gguf: bool = False,
 ) -> ExportResult:
     """Prune the model of ``study``'s complete trial number ``trial`` as the study recipe says,
     save it to ``out`` (a new or empty folder, checked before anything loads) with its recipe, and
     compare its size with the study's record. ``sequential`` prunes block after block from the
     already-pruned model's statistics, False one-shot as the trials were measured, None the
-    variant the study measured best (see the module's docstring). ``gguf_type`` (one of
-    :data:`GGUF_TYPES`) also writes the checkpoint as a GGUF file; ``dtype`` is what the
-    checkpoint's weights are written in (None: the source's). A trial the study healed is written
-    with its healed weights (from ``store``, default: the study's artifact folder) unless ``healed``
-    is False or ``sequential`` asks for the block-after-block variant (a heal is of the one-shot
-    one)."""
+    variant the study measured best (see the module's docstring). ``gguf`` also writes the
+    checkpoint as a GGUF file of ``gguf_type`` (one of :data:`GGUF_TYPES`, f16 unless given; given,
+    it implies ``gguf``); a quantized trial's GGUF is written in its own types, always. ``dtype``
+    is what the checkpoint's weights are written in (None: the source's). A trial the study healed
+    is written with its healed weights (from ``store``, default: the study's artifact folder)
+    unless ``healed`` is False or ``sequential`` asks for the block-after-block variant (a heal is
+    of the one-shot one)."""
     if dtype is not None:
         checkpoint_dtype(dtype)
     if gguf_type is not None and gguf_type not in GGUF_TYPES:
@@ -111,7 +119,12 @@ def export_trial(
             f"trial {frozen.number} is {frozen.state.name.lower()}; only complete trials can be exported"
         )
     if "learned" in frozen.user_attrs:
-        return _export_learned(storage, frozen, out, store, gguf_type, out_existed)
+        return _export_learned(storage, frozen, out, store, gguf_type or ("f16" if gguf else None), out_existed)
+    quantized = trial_plan(frozen).quantization is not None
+    if quantized and gguf_type is not None:
+        raise AutopruneError(
+            f"trial {frozen.number} gives every tensor its own GGUF type; leave out --gguf-type"
+        )
     notes = []
     heal = recorded_heal(loaded_study, frozen.number) if healed and not sequential else None
     if heal is not None:
@@ -137,7 +150,14 @@ def export_trial(
         metadata={"heal": heal} if heal else None,
     )
     recipe.save(out / RECIPE_FILE)
-    gguf = _write_gguf(out, gguf_type, out_existed) if gguf_type is not None else None
+    written = report.gguf
+    if written is None and (gguf or gguf_type is not None):
+        written = _write_gguf(out, gguf_type or "f16", out_existed)
+    recorded_bytes = frozen.user_attrs["size"].get("gguf_bytes")
+    if quantized and recorded_bytes is not None and abs(written.stat().st_size / recorded_bytes - 1) > 0.001:
+        notes.append(
+            f"warning: the GGUF file has {written.stat().st_size} bytes, the study recorded {recorded_bytes}"
+        )
     recorded = frozen.user_attrs["size"]["linear_nonzeros"]
     if report.size.linear_nonzeros != recorded:
         notes.append(
@@ -147,7 +167,8 @@ def export_trial(
     ppl = recorded_sequential_ppl(frozen) if sequential else frozen.user_attrs.get("ppl")
     if heal is not None:
         ppl = heal["ppl"]
-    return ExportResult(frozen.number, out, report, recorded, ppl, notes, gguf)
+    return ExportResult(frozen.number, out, report, recorded, ppl, notes, written,
+                        recorded_bytes if written is not None else None)
 
 
 def _write_gguf(out: Path, gguf_type: str, out_existed: bool) -> Path:

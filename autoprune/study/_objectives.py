@@ -3,11 +3,12 @@
 ``objectives: [params, latency, ppl]`` (any order, two or three names): the quality is ``ppl`` or
 ``kl``; the costs are decoder linear non-zeros (``nonzeros``, what unstructured sparsity shrinks),
 decoder linear weights kept (``params``, what a sub-network's files hold), the bytes of the
-exported checkpoint at two bytes per weight (``bytes``: bfloat16 or float16 files), and the latency
+exported checkpoint at two bytes per weight (``bytes``: bfloat16 or float16 files), the latency
 predicted for the search's device from the per-shape table (``latency``: prefill of one prompt;
-``decode_latency``: ms per new token; see :mod:`autoprune.latency`). A trial's objective values are its costs in the configured
-order, then its quality, so ``values[0]`` is the primary cost and ``values[-1]`` the quality in
-every study.
+``decode_latency``: ms per new token; see :mod:`autoprune.latency`), and the bytes of the model's
+GGUF file (``gguf_bytes``: each tensor in the type a quantized plan gives it, f16 otherwise; see
+:mod:`autoprune.gguf_size`). A trial's objective values are its costs in the configured order, then
+its quality, so ``values[0]`` is the primary cost and ``values[-1]`` the quality in every study.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import optuna
 
 from autoprune.errors import AutopruneError
 
-Cost = Literal["nonzeros", "params", "bytes", "latency", "decode_latency"]
+Cost = Literal["nonzeros", "params", "bytes", "latency", "decode_latency", "gguf_bytes"]
 Quality = Literal["ppl", "kl"]
 
 #: Where each cost is in a trial's recorded ``size``.
@@ -29,6 +30,7 @@ SIZE_KEYS: dict[str, str] = {
     "bytes": "bytes_dense_fp16",
     "latency": "latency_ms",
     "decode_latency": "decode_ms",
+    "gguf_bytes": "gguf_bytes",
 }
 #: Costs that need the device's latency table.
 LATENCY_COSTS = frozenset({"latency", "decode_latency"})
@@ -50,6 +52,13 @@ def split_objectives(names: Sequence[str]) -> tuple[tuple[str, ...], str]:
     if len(chosen) != 1:
         raise AutopruneError(f"objectives needs exactly one quality (ppl or kl), got {chosen or 'none'}")
     return tuple(name for name in names if name in costs), chosen[0]
+
+
+def compared_size(costs: Sequence[str]) -> str:
+    """The size key by which early stopping compares a candidate with the front: the GGUF file's
+    bytes in a study that minimizes them (its candidates differ in bytes, not in non-zeros), the
+    decoder linear non-zeros otherwise."""
+    return SIZE_KEYS["gguf_bytes"] if "gguf_bytes" in costs else "linear_nonzeros"
 
 
 def objective_values(costs: Sequence[str], size: Mapping[str, float | int], quality: float) -> list[float]:

@@ -113,6 +113,7 @@ def trial_row(trial: FrozenTrial) -> dict[str, Any]:
         "sparsity": size.get("sparsity"),
         "nonzeros": size.get("linear_nonzeros"),
         "params": size.get("linear_params"),
+        "gguf_bytes": size.get("gguf_bytes"),
         "latency_ms": size.get("latency_ms"),
         "decode_ms": size.get("decode_ms"),
         "ppl": attrs.get("ppl"),

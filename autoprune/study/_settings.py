@@ -24,11 +24,14 @@ from autoprune.study._objectives import LATENCY_COSTS, Cost
 from autoprune.study._records import trial_plan
 from autoprune.study._worker import Objective, WorkerSpec
 from autoprune.variants import DEFAULT_GRID, DatabaseSettings
+from search_spaces import SearchSpace
 
 #: The study user attribute that holds the settings.
 SETTINGS_ATTR = "autoprune"
 #: What studies minimized beside the quality before costs were configurable.
 DEFAULT_COSTS = ("nonzeros",)
+#: What a study of GGUF types minimizes beside the quality unless its config says otherwise.
+GGUF_COSTS = ("gguf_bytes",)
 #: Sub-network studies always price their trials' latency (the front shows it).
 SUBNET_SPACE = "subnet"
 
@@ -96,6 +99,7 @@ class StudySettings(BaseModel):
             threads=threads,
             latency=bool(LATENCY_COSTS & set(self.costs)) or self.space == SUBNET_SPACE,
             database=database,
+            gguf="gguf_bytes" in self.costs or SearchSpace.named(self.space).quantized,
         )
 
     def recipe(self, plan: Plan) -> Recipe:

@@ -23,6 +23,8 @@ from autoprune.api import prepare_with_windows
 from autoprune.calibration import CalibrationStats
 from autoprune.config import CalibrationConfig
 from autoprune.data import validation_windows
+from autoprune.gguf_presets import gguf_context
+from autoprune.gguf_size import GGUFContext, GGUFSizer
 from autoprune.latency import latency_table
 from autoprune.measure import SizeMeter, ppl_from_nll, reference_logprobs, window_losses
 from autoprune.models import LoadedModel, compute_device
@@ -56,6 +58,9 @@ class WorkerSpec(BaseModel):
     latency: bool = False
     #: Assemble plans from a variant database of pruned layers (None: prune every plan).
     database: DatabaseSettings | None = None
+    #: Price every trial's GGUF file bytes, and describe GGUF types to the search space (its
+    #: file's arithmetic and llama.cpp's preset mixes); quantized plans are priced either way.
+    gguf: bool = False
 
 
 @dataclass(frozen=True)
@@ -109,11 +114,13 @@ def space_context(
     method: MethodName,
     sparsity_range: tuple[float, float],
     database: DatabaseSettings | None,
+    gguf: GGUFContext | None = None,
 ) -> SpaceContext:
     """The search space's view of a loaded model; on the database's grid where plans are assembled
-    from one (allocations then put every layer but one on it)."""
+    from one (allocations then put every layer but one on it); with ``gguf``, what GGUF spaces
+    need (the file's arithmetic, llama.cpp's presets)."""
     ctx = SpaceContext.from_model(loaded, stats, method, sparsity_range)
-    return replace(ctx, grid=database.grid) if database is not None else ctx
+    return replace(ctx, grid=database.grid if database is not None else None, gguf=gguf)
 
 
 class TrialWorker:
@@ -138,6 +145,8 @@ class TrialWorker:
             reference_logprobs(self.loaded.model, self.windows) if spec.objective == "kl" else None
         )
         self.size_meter = SizeMeter(self.loaded.adapter, self.pruner.dense_linear_params)
+        #: The GGUF file's arithmetic (the tokenizer's key-values measured once), where priced.
+        self.gguf = GGUFSizer.of(self.loaded) if spec.gguf else None
         self.latency = None
         if spec.latency:  # the table prices LLaMA-family shapes: other families fail here, in one line
             self.dims = model_dims(self.loaded.model)
@@ -145,7 +154,8 @@ class TrialWorker:
 
     def space_context(self, method: MethodName, sparsity_range: tuple[float, float]) -> SpaceContext:
         """The search space's view of the loaded model, so the driver needs no copy of its own."""
-        return space_context(self.loaded, self.stats, method, sparsity_range, self.spec.database)
+        gguf = gguf_context(self.loaded, self.gguf, self.cache_dir) if self.spec.gguf else None
+        return space_context(self.loaded, self.stats, method, sparsity_range, self.spec.database, gguf)
 
     def run(self, request: TrialRequest, pruner: Pruner | None = None) -> TrialResult:
         """Prune to the plan, measure size and quality; a collapsed model is a result, not a crash.
@@ -194,6 +204,9 @@ class TrialWorker:
             self.loaded.adapter, self.pruner.dense_linear_params
         )
         size: dict[str, float | int] = meter(model).as_dict()
+        if plan.quantization is not None or self.gguf is not None:
+            self.gguf = self.gguf or GGUFSizer.of(self.loaded)
+            size["gguf_bytes"] = self.gguf.plan_bytes(plan)
         if self.latency is not None:
             shapes = resolve_blocks(plan.structure, plan.removed_blocks, self.dims)
             timing = self.latency.predict(shapes)

@@ -1,6 +1,7 @@
 """A per-layer database of pruned variants at discrete levels (EvoPress / DarwinLM design): each
 layer's weight at each level is pruned once from the cached statistics and assembled into plan
-after plan; sub-network cuts (a block's kept heads or channels at a width, corrected) likewise."""
+after plan; sub-network cuts (a block's kept heads or channels at a width, corrected) and tensors
+quantized to GGUF types likewise."""
 
 from autoprune.variants._build import BuildReport, build_cuts, build_database
 from autoprune.variants._cuts import CutStore
@@ -11,6 +12,7 @@ from autoprune.variants._database import (
     default_database_dir,
 )
 from autoprune.variants._entry import DatabaseCounters, read_entry, write_entry
+from autoprune.variants._quantized import QuantizedStore
 from autoprune.variants._levels import (
     DEFAULT_GRID,
     Level,
@@ -28,6 +30,7 @@ __all__ = [
     "DatabaseCounters",
     "DatabaseSettings",
     "Level",
+    "QuantizedStore",
     "VariantDatabase",
     "build_cuts",
     "build_database",

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import torch
 
-from autoprune._atomic import warn_damaged
-from autoprune.variants._entry import DatabaseCounters, read_checked, write_checked
+from autoprune.variants._entry import DatabaseCounters, read_counted, write_checked
 
 CUTS_FOLDER = "cuts"
 CUT_FORMAT = "cut-1"
@@ -39,14 +38,11 @@ class CutStore:
         path = self.path(key)
         if not path.exists():
             return None
-        tensors, metadata, problem = read_checked(path)
-        if tensors is not None and (metadata.get("format") != CUT_FORMAT or len(tensors) != 1):
-            tensors, problem = None, "not a cut file of this format"
-        if tensors is None:
-            warn_damaged("sub-network cut", path, problem)
-            self.counters.damaged.append(str(path))
+        found = read_counted(path, self.counters, "sub-network cut",
+                             lambda tensors, metadata: metadata.get("format") == CUT_FORMAT and len(tensors) == 1)
+        if found is None:
             return None
-        self.counters.read += 1
+        tensors = found[0]
         return tensors["kept"].tolist() if "kept" in tensors else tensors["weight"]
 
     def save(self, key: tuple, value: list[int] | torch.Tensor) -> None:

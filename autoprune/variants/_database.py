@@ -23,6 +23,7 @@ from autoprune.calibration import CalibrationStats, default_cache_dir
 from autoprune.methods import LayerJob, PruningMethod
 from autoprune.variants._cuts import CUTS_FOLDER, CutStore
 from autoprune.variants._entry import DatabaseCounters, read_entry, write_entry
+from autoprune.variants._quantized import QUANTIZED_FOLDER, QuantizedStore
 from autoprune.variants._levels import DEFAULT_GRID, level_key
 
 DATABASE_FORMAT_VERSION = 1
@@ -120,6 +121,11 @@ class VariantDatabase:
     def cuts(self) -> CutStore:
         """The sub-network cuts stored beside the pruned layers (same model and statistics)."""
         return CutStore(self.root / CUTS_FOLDER, self.counters)
+
+    @property
+    def quantized(self) -> QuantizedStore:
+        """Tensors quantized to GGUF types, beside the pruned layers (same model and statistics)."""
+        return QuantizedStore(self.root / QUANTIZED_FOLDER, self.counters)
 
     def disk_bytes(self, method: str | None = None) -> int:
         """Bytes the stored entries take (of one method, or all)."""

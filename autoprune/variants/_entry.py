@@ -27,6 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from autoprune._atomic import warn_damaged
+
 #: 2 added the row layout; files of format 1 (bitmask or dense) are read as before.
 ENTRY_FORMAT = "2"
 READABLE_FORMATS = frozenset({"1", ENTRY_FORMAT})
@@ -64,6 +66,23 @@ class DatabaseCounters:
             return
         self.rebuilt += str(path) in self.damaged
         self.written += 1
+
+
+def read_counted(
+    path: Path, counters: DatabaseCounters, what: str, accepts: Callable[[dict[str, torch.Tensor], dict[str, str]], bool]
+) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """The tensors and metadata of the checked file ``path`` if ``accepts`` them (counted as read),
+    else None: a damaged file or one of another format is said in one warning line (naming
+    ``what`` it should hold) and counted, to be computed and stored again."""
+    tensors, metadata, problem = read_checked(path)
+    if tensors is not None and not accepts(tensors, metadata):
+        tensors, problem = None, f"not a {what} file of this format"
+    if tensors is None:
+        warn_damaged(what, path, problem)
+        counters.damaged.append(str(path))
+        return None
+    counters.read += 1
+    return tensors, metadata
 
 
 def write_entry(path: Path, weight: torch.Tensor) -> int:

@@ -31,8 +31,12 @@ refined on its widths instead, as DarwinLM does: a switch moves one block's FFN 
 down one level and another's up, keeping the decoder linear weights within one level of the
 trial's; candidates are measured as the sub-networks they cut.
 
+A quantized plan (GGUF types per tensor) is refined on its types: a switch moves one tensor's
+type a rung down and others' up (or the reverse) at the trial's bytes, never above them.
+
 The stage in modules: ``_config`` (what it takes and reports), ``_allocation`` (prune counts and
-level switches), ``_widths`` (a sub-network's width levels and their switches), ``_subnet`` (what a
+level switches), ``_widths`` (a sub-network's width levels and their switches), ``_types`` (a
+quantized plan's type rungs and their switches), ``_subnet`` (what a
 sub-network plan's refinement refuses), ``_checkpoint`` (the state kept after every generation),
 ``_evolution`` (the search itself), ``_record`` (the result as a trial of the study) and ``_run``
 (all of it, from a trial to a new trial).
@@ -58,6 +62,7 @@ from autoprune.study.refine._config import (
 from autoprune.study.refine._evolution import LevelSwitchEvolution, check_refinable
 from autoprune.study.refine._record import find_refinement, record_refinement
 from autoprune.study.refine._run import refine_trial
+from autoprune.study.refine._types import TypeAllocation, type_ladders
 from autoprune.study.refine._widths import FFN_LEVELS, WidthAllocation, gqa_head_counts, width_levels
 
 __all__ = [
@@ -69,6 +74,7 @@ __all__ = [
     "SCREEN_WINDOWS",
     "SWITCH_COUNTS",
     "Allocation",
+    "TypeAllocation",
     "EvolutionState",
     "LevelSwitch",
     "LevelSwitchEvolution",
@@ -84,5 +90,6 @@ __all__ = [
     "refinable_layers",
     "refine_trial",
     "save_checkpoint",
+    "type_ladders",
     "width_levels",
 ]

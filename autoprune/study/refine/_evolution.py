@@ -3,7 +3,9 @@ for why it is affordable and how it avoids overfitting the study's windows).
 
 A sub-network plan (one with a structure) evolves its widths instead (:mod:`._widths`): the same
 generations, windows and fitness, on candidates measured as their sub-networks (:mod:`._subnet`),
-each built once and the parent's kept from one generation to the next."""
+each built once and the parent's kept from one generation to the next. A quantized plan evolves
+its tensors' GGUF types at its bytes (:mod:`._types`), each candidate's tensors quantized once
+(the pruner keeps them)."""
 
 from __future__ import annotations
 
@@ -23,12 +25,14 @@ from autoprune.errors import AutopruneError
 from autoprune.measure import reference_logprobs, window_losses
 from autoprune.plan import Plan
 from autoprune.pruner import Pruner, sequential_statistics, sequential_statistics_folder
+from autoprune.quantization import quantized_shapes
 from autoprune.structure import model_dims
 from autoprune.study._worker import TrialRequest, TrialResult, TrialWorker
 from autoprune.study.refine._allocation import Allocation, refinable_layers
 from autoprune.study.refine._checkpoint import EvolutionState
 from autoprune.study.refine._config import FINALISTS, SCREEN_WINDOWS, SWITCH_COUNTS, RefineConfig
 from autoprune.study.refine._subnet import require_widths_only
+from autoprune.study.refine._types import TypeAllocation
 from autoprune.study.refine._widths import WidthAllocation, width_levels
 
 
@@ -59,8 +63,11 @@ class LevelSwitchEvolution:
                 f"{spec.eval_windows}; refinement needs {needed}"
             )
         self.pool = pool
-        self.start: Allocation | WidthAllocation
-        if self.structured:
+        self.start: Allocation | WidthAllocation | TypeAllocation
+        if base.quantization is not None:
+            self.start = TypeAllocation.of(base, quantized_shapes(worker.loaded, base))
+            self.fixed = {}
+        elif self.structured:
             dims = model_dims(worker.loaded.model)
             self.start = WidthAllocation(width_levels(base, dims), base, dims)
             self.fixed: dict[str, torch.Tensor] = {}
@@ -206,7 +213,7 @@ class LevelSwitchEvolution:
         return self.rng.sample(range(len(self.pool)), count)
 
     @torch.inference_mode()
-    def _fitness(self, allocation: Allocation | WidthAllocation, windows: list[int], tokens: int) -> float:
+    def _fitness(self, allocation: Allocation | WidthAllocation | TypeAllocation, windows: list[int], tokens: int) -> float:
         """Mean per-token KL to the dense model on the first ``tokens`` of those pool windows."""
         total = 0.0
         reference = self._reference(windows)[:, :tokens]  # the dense model, before a candidate replaces it
@@ -219,9 +226,13 @@ class LevelSwitchEvolution:
         return total / (len(windows) * tokens)
 
     @contextmanager
-    def _candidate(self, allocation: Allocation | WidthAllocation) -> Iterator[torch.nn.Module]:
-        """The model a candidate stands for: the dense model pointed at its pruned layers, or its
-        sub-network (built on first use)."""
+    def _candidate(self, allocation: Allocation | WidthAllocation | TypeAllocation) -> Iterator[torch.nn.Module]:
+        """The model a candidate stands for: the dense model pointed at its pruned layers, its
+        sub-network (built on first use), or its quantized model."""
+        if isinstance(allocation, TypeAllocation):
+            with self.pruner.applied(allocation.plan(self.base)) as model:
+                yield model
+            return
         if isinstance(allocation, WidthAllocation):
             key = _key(allocation.counts)
             if key not in self.subnets:
@@ -245,7 +256,7 @@ class LevelSwitchEvolution:
         held = {name: self.kept[(name, count)] for name, count in allocation.counts.items()}
         return {**self.fixed, **held}
 
-    def _forget_all_but(self, parent: Allocation) -> None:
+    def _forget_all_but(self, parent: Allocation | WidthAllocation | TypeAllocation) -> None:
         """Keep the parent's layers only: memory stays near one model's worth, and a candidate
         re-prunes just the few layers its switches touched (cheap next to a generation's forward
         passes)."""
@@ -260,8 +271,16 @@ def _key(counts: dict[str, int]) -> str:
 
 
 def check_refinable(plan: Plan, config: RefineConfig) -> None:
-    """Refuse, in one line and before anything is loaded or written, what a sub-network plan's
-    refinement cannot do: settings it has no use for, sparsity on top of its widths."""
+    """Refuse, in one line and before anything is loaded or written, what a sub-network or a
+    quantized plan's refinement cannot do: settings it has no use for, sparsity on top of its
+    widths. A quantized plan is refined on its types (its widths and sparsity stay)."""
+    if plan.quantization is not None:
+        if config.sequential_every is not None or config.measure_sequential or config.method is not None:
+            raise AutopruneError(
+                "a quantized plan is refined on its GGUF types: leave out --sequential-every, "
+                "--measure-sequential and --method"
+            )
+        return
     if plan.structure is None:
         return
     require_widths_only(plan)
