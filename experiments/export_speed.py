@@ -43,7 +43,9 @@ from autoprune.export_gguf import export_checkpoint_gguf
 from autoprune.measure import perplexity
 from autoprune.models import load_model
 
-from _common import DEFAULT_DATA, Column, add_out, add_threads, column, number, parse, parser, table, write_results
+from _common import (
+    DEFAULT_DATA, Column, add_out, add_threads, column, number, out_option, parse, parser, table, write_results,
+)
 
 MODEL = "smollm2-135m"
 DTYPES = ("bfloat16", "float32")
@@ -245,11 +247,11 @@ def markdown(result: dict) -> str:
     extra = [f"- {r['variant']} bfloat16 files in float32 arithmetic: ppl "
              f"{number(r.get('ppl_float32_arithmetic'), '.3f')}" for r in rows if r["dtype"] == "bfloat16"]
     return "\n".join([
-        f"# Exports through `generate` in plain transformers ({s['threads']} threads, torch {result['torch']})",
+        f"# Exports through `generate` in plain transformers (torch {result['torch']}, threads: {s['threads']})",
         "",
         f"`nice -n 10 python experiments/export_speed.py --work WORK --storage STORAGE --study {s['study']} "
         f"--trials {' '.join(map(str, s['trials']))} --cache-dir CACHE --threads {s['threads']} --repeats {s['repeats']} "
-        f"--ppl-windows {s['ppl_windows']}`",
+        f"--ppl-windows {s['ppl_windows']}{out_option(s)}`",
         "",
         f"Batch 1, a {s['prompt']}-token prompt, {s['new_tokens']} new tokens (greedy); medians of "
         f"{s['repeats']} interleaved rounds; ratios to the dense checkpoint in the same dtype. Perplexity "
