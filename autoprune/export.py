@@ -100,8 +100,10 @@ def _save_model(model: PreTrainedModel, folder: Path, dtype: torch.dtype) -> Che
     written = json.loads((folder / "config.json").read_text())
     written["dtype"] = dtype_name(dtype)
     (folder / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
-    weight_bytes = sum(path.stat().st_size for path in folder.glob("*.safetensors"))
-    return CheckpointFiles(dtype_name(dtype), weight_bytes)
+    weights = list(folder.glob("*.safetensors"))
+    for path in weights:
+        path.chmod(0o644)  # transformers writes them private; a checkpoint is meant to be shared
+    return CheckpointFiles(dtype_name(dtype), sum(path.stat().st_size for path in weights))
 
 
 def _cast(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:

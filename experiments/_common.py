@@ -27,7 +27,7 @@ from autoprune.study import StudySettings, load_existing_study, study_settings
 
 # the arguments and results writing that need no torch, re-exported: scripts import them from here
 from _writing import (  # noqa: F401
-    HERE, RESULTS, Column, add_out, add_threads, column, number, parser, table, write_results,
+    HERE, RESULTS, Column, add_out, add_threads, column, number, out_option, parser, table, write_results,
 )
 
 #: WikiText-2 in its raw layout, beside the repository (``/work/shared/data/wikitext-2``).

@@ -59,6 +59,13 @@ def table(rows: Sequence[dict], columns: Sequence[Column]) -> list[str]:
     return lines
 
 
+def out_option(settings: dict) -> str:
+    """`` --out DIR`` when a run wrote elsewhere than ``results/`` (runs recorded before a script
+    had ``--out`` lack it), for the command a table shows."""
+    out = Path(settings.get("out", RESULTS))
+    return "" if out.resolve() == RESULTS.resolve() else f" --out {settings['out']}"
+
+
 def number(value: float | None, spec: str = ".2f") -> str:
     """``value`` formatted, or ``-`` where it was not measured."""
     return "-" if value is None else format(value, spec)

@@ -23,7 +23,7 @@ from _common import RESULTS, parser
 SCRIPTS = ("baselines", "proxy_check", "search_vs_baselines", "search_speed", "ray_scaling",
            "predictor_efficiency", "export_check", "full_test_split", "refine_front", "gguf_roundtrip",
            "structured_methods", "latency_check", "two_drivers", "predictor_subnet", "refine_subnet",
-           "database_build", "subnet_front", "subnet_cuts")
+           "database_build", "subnet_front", "subnet_cuts", "export_speed", "recipe_rebuild")
 #: The scripts that name their result files after the run's options too (``--cut ffn``:
 #: ``structured_methods_ffn.json``): every ``<script>_*.json`` is theirs as well.
 SEVERAL_FILES = ("structured_methods", "latency_check")

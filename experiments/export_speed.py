@@ -18,7 +18,7 @@ step, so prefill is the time to the first token's logits and decode the mean tim
 token (medians over ``--repeats`` rounds). The tokens each forward is fed are counted: with the KV
 cache, one after the prompt. Perplexity on the first ``--ppl-windows`` windows of the test split,
 each checkpoint as loaded, and the bfloat16 files also in float32 arithmetic (their rounding
-alone). Writes ``results/export_speed.json`` and ``.md``, and ``WORK/windows.npy`` (the
+alone), computed before the timing and kept in ``WORK`` for a rerun. Writes ``results/export_speed.json`` and ``.md``, and ``WORK/windows.npy`` (the
 perplexity windows' token ids, for llama.cpp).
 
     nice -n 10 python experiments/export_speed.py --work WORK --storage sqlite:///STUDY.db \
@@ -43,7 +43,9 @@ from autoprune.export_gguf import export_checkpoint_gguf
 from autoprune.measure import perplexity
 from autoprune.models import load_model
 
-from _common import DEFAULT_DATA, Column, add_out, add_threads, column, number, parse, parser, table, write_results
+from _common import (
+    DEFAULT_DATA, Column, add_out, add_threads, column, number, out_option, parse, parser, table, write_results,
+)
 
 MODEL = "smollm2-135m"
 DTYPES = ("bfloat16", "float32")
@@ -68,22 +70,17 @@ def main() -> None:
     add_out(arguments)
     args = parse(arguments)
     folders = make_exports(args)
-    load_before = Path("/proc/loadavg").read_text().strip()
     models = {key: load(folder) for key, folder in folders.items()}
     windows = evaluation_windows(args.data, load_model(str(folders["dense", "float32"])).tokenizer, 512,
                                  args.ppl_windows)
     np.save(args.work / "windows.npy", windows.numpy())
+    scores = perplexities(models, folders, windows, args.work / f"ppl-{args.ppl_windows}.json")
+    load_before = Path("/proc/loadavg").read_text().strip()
     timings = time_generate(models, windows[0, : args.prompt].unsqueeze(0), args.new_tokens, args.repeats)
     load_after = Path("/proc/loadavg").read_text().strip()
-    rows = []
-    for (variant, dtype), model in models.items():
-        row = {"variant": variant, "dtype": dtype, **files(folders[variant, dtype], model), **timings[variant, dtype],
-               "ppl": perplexity(model, windows)}
-        if dtype == "bfloat16":
-            as_float32 = load(folders[variant, dtype], torch.float32)
-            row["ppl_float32_arithmetic"] = perplexity(as_float32, windows)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+    rows = [{"variant": variant, "dtype": dtype, **files(folders[variant, dtype], model),
+             **timings[variant, dtype], **scores[f"{variant}/{dtype}"]}
+            for (variant, dtype), model in models.items()]
     compare(rows)
     plans = {f"subnet-t{n}": read_metadata(folders[f"subnet-t{n}", "bfloat16"])["recipe"]["plan"]
              for n in args.trials}
@@ -121,6 +118,22 @@ def make_exports(args) -> dict[tuple[str, str], Path]:
     if not dense_gguf.exists():
         export_checkpoint_gguf(folders["dense", "bfloat16"], dense_gguf, "f16")
     return folders
+
+
+def perplexities(models: dict, folders: dict, windows: torch.Tensor, saved: Path) -> dict[str, dict]:
+    """Each checkpoint's perplexity as loaded, and the bfloat16 files' in float32 arithmetic too;
+    kept in ``saved`` (in the work folder), so that timing again on a quieter machine reuses them."""
+    if saved.exists():
+        return json.loads(saved.read_text())
+    scores = {}
+    for (variant, dtype), model in models.items():
+        score = {"ppl": perplexity(model, windows)}
+        if dtype == "bfloat16":
+            score["ppl_float32_arithmetic"] = perplexity(load(folders[variant, dtype], torch.float32), windows)
+        scores[f"{variant}/{dtype}"] = score
+        print(variant, dtype, json.dumps(score), flush=True)
+    saved.write_text(json.dumps(scores, indent=2))
+    return scores
 
 
 def run(args: list) -> None:
@@ -234,11 +247,11 @@ def markdown(result: dict) -> str:
     extra = [f"- {r['variant']} bfloat16 files in float32 arithmetic: ppl "
              f"{number(r.get('ppl_float32_arithmetic'), '.3f')}" for r in rows if r["dtype"] == "bfloat16"]
     return "\n".join([
-        f"# Exports through `generate` in plain transformers ({s['threads']} threads, torch {result['torch']})",
+        f"# Exports through `generate` in plain transformers (torch {result['torch']}, threads: {s['threads']})",
         "",
         f"`nice -n 10 python experiments/export_speed.py --work WORK --storage STORAGE --study {s['study']} "
         f"--trials {' '.join(map(str, s['trials']))} --cache-dir CACHE --threads {s['threads']} --repeats {s['repeats']} "
-        f"--ppl-windows {s['ppl_windows']}`",
+        f"--ppl-windows {s['ppl_windows']}{out_option(s)}`",
         "",
         f"Batch 1, a {s['prompt']}-token prompt, {s['new_tokens']} new tokens (greedy); medians of "
         f"{s['repeats']} interleaved rounds; ratios to the dense checkpoint in the same dtype. Perplexity "

@@ -39,7 +39,7 @@ from autoprune.latency import (
 from autoprune.structure import BlockWidths, Structure, build_subnet, model_dims, resolve_blocks, save_subnet
 
 from _common import DEFAULT_DATA as DATA
-from _common import RESULTS, add_out, add_threads, column, parse, parser, table, write_results
+from _common import add_out, add_threads, column, out_option, parse, parser, table, write_results
 
 VARIANTS: dict[str, tuple[Structure, list[int]]] = {
     "ffn 1152 everywhere": (Structure(method="activation", every_block=BlockWidths(ffn=1152)), []),
@@ -109,12 +109,6 @@ def main() -> None:
     print(text)
 
 
-def _out_option(settings: dict) -> str:
-    """`` --out DIR`` when the run wrote elsewhere than ``results/`` (runs before ``--out`` lack it)."""
-    out = Path(settings.get("out", RESULTS))
-    return "" if out.resolve() == RESULTS.resolve() else f" --out {settings['out']}"
-
-
 def _loadavg() -> str:
     return Path("/proc/loadavg").read_text().strip()
 
@@ -153,7 +147,7 @@ def markdown(result: dict) -> str:
     return "\n".join([
         f"Command: `nice -n -5 python experiments/latency_check.py --threads {settings['threads']} "
         f"--repeats {settings['repeats']} --probes {settings['probes']}{' --cached' if settings['cached'] else ''}"
-        f"{_out_option(settings)}`"
+        f"{out_option(settings)}`"
         f" ({where}; load average before `{result['load_before']}`, after `{result['load_after']}`)",
         "",
         *table(result["rows"], COLUMNS),

@@ -23,7 +23,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from _writing import Column, add_out, column, parser, table, write_results  # not _common: no torch here
+from _writing import Column, add_out, column, out_option, parser, table, write_results  # not _common: no torch
 from llamacpp_speed import llamacpp_perplexity, speed
 
 #: The issue's bar: llama.cpp's perplexity within 1% of the safetensors export's.
@@ -67,7 +67,8 @@ def main() -> None:
         row["prefill_vs_dense"] = timings["dense"]["prefill_tok_s"] / row["prefill_tok_s"]
     result = {
         "llama_cpp_python": llama_cpp.__version__, "threads": args.threads, "cpu": platform.processor(),
-        "prefill_tokens": args.prefill, "decode_tokens": args.decode, "repeats": args.repeats, "rows": rows,
+        "prefill_tokens": args.prefill, "decode_tokens": args.decode, "repeats": args.repeats, "out": str(args.out),
+        "rows": rows,
     }
     print(write_results(result, args.out, "llamacpp_exports", markdown(result)))
 
@@ -98,11 +99,11 @@ COLUMNS = [
 def markdown(result: dict) -> str:
     """The results' table, from the JSON alone."""
     return "\n".join([
-        f"# A per-block GGUF in llama.cpp (llama-cpp-python {result['llama_cpp_python']}), "
-        f"{result['threads']} threads",
+        f"# Per-block GGUFs in llama.cpp (llama-cpp-python {result['llama_cpp_python']}, threads: "
+        f"{result['threads']})",
         "",
         f"`.venv-llamacpp/bin/python experiments/llamacpp_exports.py --work WORK --threads {result['threads']} "
-        f"--repeats {result['repeats']}`",
+        f"--repeats {result['repeats']}{out_option(result)}`",
         "",
         f"Prefill: one {result['prefill_tokens']}-token window; decode: {result['decode_tokens']} greedy tokens; "
         f"medians of {result['repeats']} interleaved rounds. Perplexity on the token ids transformers scored "

@@ -78,6 +78,7 @@ def test_an_export_generates_with_the_cache_in_the_sources_dtype(capsys, bf16_ll
     assert config["use_cache"] is True and config["dtype"] == "bfloat16"
     assert json.loads((out / "generation_config.json").read_text()).get("use_cache", True) is True
     assert {tensor.dtype for tensor in tensors(out).values()} == {torch.bfloat16}
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644  # readable by whoever it is shared with
     assert report["dtype"] == "bfloat16" and report["checkpoint_bytes"] == (out / "model.safetensors").stat().st_size
     assert data_bytes(out / "model.safetensors") == 2 * report["total_params"]  # tied weights once
     assert json.loads((out / "autoprune.json").read_text())["checkpoint"] == {
