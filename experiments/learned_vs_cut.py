@@ -7,7 +7,7 @@ timed side by side with the dense model (prefill of 512 tokens, decode per token
 rounds, ``autoprune.latency``):
 
 * ``learned``: ``autoprune prune --structured learned`` (gates trained with the weights on the first
-  half of the tokens, the cut model healed on the second);
+  half of the tokens, the cut model corrected from the statistics and healed on the second);
 * ``cut``: the best one-shot cut at that size, uniform FFN width with every head kept (the
   strongest one-shot structure measured here, ``subnet_front.py``), healed with all the tokens;
 * ``pick``: the training-aware pick of a ``subnet`` study at that size (``--storage/--study``, the
@@ -53,10 +53,11 @@ def cut_plan(method: str, target: float, loaded, stats, args) -> Plan | None:
 
 def run_one(method: str, target: float, budget: int, args, teacher) -> dict | None:
     config = HealConfig(tokens=budget, lr=args.lr)
-    if method == "learned":
-        learned = learn_structure(teacher, args.data, target, config, progress=True, cache_dir=args.cache_dir)
-        return {"model": learned.model, "plan": learned.plan, "heal": learned.heal.as_dict()["final"]}
     loaded, stats, _ = prepare(args.model, CalibrationConfig(source=args.data), args.cache_dir, progress=False)
+    if method == "learned":  # its cut corrected from the statistics, as `prune --structured learned` does
+        learned = learn_structure(teacher, args.data, target, config, progress=True, cache_dir=args.cache_dir,
+                                  stats=stats)
+        return {"model": learned.model, "plan": learned.plan, "heal": learned.heal.as_dict()["final"]}
     plan = cut_plan(method, target, loaded, stats, args)
     if plan is None:
         return None

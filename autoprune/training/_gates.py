@@ -95,7 +95,7 @@ class StructureGates(nn.Module):
 
     def __init__(
         self, model: PreTrainedModel, dims: ModelDims, kept: float, costs: UnitCosts,
-        gate_lr: float = 0.1, lambda_lr: float = 0.5, init: float = 3.0,
+        gate_lr: float = 0.2, lambda_lr: float = 5.0, init: float = 2.5,
     ) -> None:
         super().__init__()
         self.dims, self.kept, self.costs = dims, kept, costs
@@ -118,16 +118,6 @@ class StructureGates(nn.Module):
             self._hooks.append(o_proj.register_forward_pre_hook(self._gate_hook(index, "head")))
             self._hooks.append(down.register_forward_pre_hook(self._gate_hook(index, "channel")))
         self.sample(draw=False)
-
-    @torch.no_grad()
-    def warm_start(self, head_scores: torch.Tensor, channel_scores: torch.Tensor, spread: float) -> None:
-        """Start the head and channel gates from importance scores (``[blocks, heads]`` and
-        ``[blocks, ffn]``, e.g. the calibration statistics' ``weighted`` scores): a unit's
-        log-alpha is lowered by ``spread`` times how far down the model's ranking of its kind it
-        is, so training starts from the statistics' order rather than from none."""
-        for parameter, scores in ((self.heads, head_scores), (self.ffn, channel_scores)):
-            ranks = scores.flatten().argsort().argsort().double() / max(1, scores.numel() - 1)
-            parameter.sub_((spread * (1.0 - ranks)).view_as(parameter).to(parameter))
 
     def _unit_parameters(self) -> dict[str, nn.Parameter]:
         return {"heads": self.heads, "groups": self.groups, "ffn": self.ffn,
