@@ -7,8 +7,11 @@ channels, attention and MLP sub-blocks and whole blocks. A head's output (the ``
 columns of that head) is multiplied by its gate, its group's, its attention sub-block's and its
 block's; an FFN channel's (the ``down_proj`` input) by its own, its MLP's and its block's. The gates
 train with the weights on the healing loss, and a Lagrangian (Sheared-LLaMA) drives the expected
-cost (decoder linear weights kept, or the prefill the latency table prices) to the target:
-``lambda_1 (c - t) + lambda_2 (c - t)^2``, the multipliers trained by gradient ascent.
+cost (decoder linear weights kept, or the prefill the latency table prices) to the target, which
+comes down from the dense cost over the first steps (its target warm-up): ``lambda (c - t)^2``, the
+multiplier trained by gradient ascent. Sheared-LLaMA's linear term ``lambda_1 (c - t)`` is left
+out: its multiplier grows while the cost lags the target and keeps pushing after it has passed
+(SmolLM2's gates overshot a 75% target to 57%); the quadratic pulls from both sides.
 
 At the end the gates are made hard (:meth:`StructureGates.read_off`): each unit scores its
 probability of staying open (times those above it), and from the whole model blocks are narrowed one move
@@ -95,10 +98,14 @@ class StructureGates(nn.Module):
 
     def __init__(
         self, model: PreTrainedModel, dims: ModelDims, kept: float, costs: UnitCosts,
-        gate_lr: float = 0.2, lambda_lr: float = 5.0, init: float = 2.5,
+        gate_lr: float = 0.2, lambda_lr: float = 5.0, init: float = 2.5, ramp_steps: int = 0,
     ) -> None:
         super().__init__()
         self.dims, self.kept, self.costs = dims, kept, costs
+        self.ramp_steps = ramp_steps
+        #: The cost the penalty pulls towards at this step: from the dense cost down to ``kept``
+        #: over the first ``ramp_steps`` steps (Sheared-LLaMA's target warm-up), then ``kept``.
+        self.target = kept if ramp_steps <= 0 else 1.0
         self.gate_lr, self.lambda_lr = gate_lr, lambda_lr
         blocks = dims.num_blocks
         self.heads = nn.Parameter(torch.full((blocks, dims.num_heads), init))
@@ -107,7 +114,7 @@ class StructureGates(nn.Module):
         self.attention = nn.Parameter(torch.full((blocks,), init))
         self.mlp = nn.Parameter(torch.full((blocks,), init))
         self.block = nn.Parameter(torch.full((blocks,), init))
-        self.lambdas = nn.Parameter(torch.zeros(2))
+        self.lambdas = nn.Parameter(torch.zeros(1))
         self._gates: dict[str, torch.Tensor] = {}
         self._dense_cost = costs.dense(dims)
         adapter = LlamaFamilyAdapter()
@@ -117,7 +124,11 @@ class StructureGates(nn.Module):
             down = model.get_submodule(adapter.layer_name(index, "mlp.down_proj"))
             self._hooks.append(o_proj.register_forward_pre_hook(self._gate_hook(index, "head")))
             self._hooks.append(down.register_forward_pre_hook(self._gate_hook(index, "channel")))
-        self.sample(draw=False)
+        self._gates = self._deterministic()
+
+    def _deterministic(self) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            return {name: hard_concrete(p, False) for name, p in self._unit_parameters().items()}
 
     def _unit_parameters(self) -> dict[str, nn.Parameter]:
         return {"heads": self.heads, "groups": self.groups, "ffn": self.ffn,
@@ -134,19 +145,20 @@ class StructureGates(nn.Module):
              "weight_decay": 0.0, "maximize": True},
         ]
 
-    def sample(self, draw: bool = True) -> None:
-        """Gates for the next forward passes: drawn, or (``draw`` False) deterministic."""
-        self._gates = {name: hard_concrete(p, draw) for name, p in self._unit_parameters().items()}
+    def sample(self, step: int) -> None:
+        """Gates drawn for step ``step``'s forward pass, and the step's target."""
+        if self.ramp_steps > 0:
+            self.target = 1.0 - (1.0 - self.kept) * min(1.0, (step + 1) / self.ramp_steps)
+        self._gates = {name: hard_concrete(p, True) for name, p in self._unit_parameters().items()}
 
     def penalty(self) -> torch.Tensor:
-        gap = self.expected_cost() / self._dense_cost - self.kept
-        return self.lambdas[0] * gap + self.lambdas[1] * gap**2
+        gap = self.expected_cost() / self._dense_cost - self.target
+        return self.lambdas[0] * gap**2
 
     @contextmanager
     def evaluating(self) -> Iterator[None]:
         drawn = self._gates
-        with torch.no_grad():
-            self.sample(draw=False)
+        self._gates = self._deterministic()
         try:
             yield
         finally:
@@ -154,8 +166,8 @@ class StructureGates(nn.Module):
 
     def summary(self) -> dict[str, float]:
         with torch.no_grad():
-            return {"kept": float(self.expected_cost() / self._dense_cost),
-                    "lambda1": float(self.lambdas[0]), "lambda2": float(self.lambdas[1])}
+            return {"kept": float(self.expected_cost() / self._dense_cost), "target": self.target,
+                    "lambda": float(self.lambdas[0])}
 
     # -- gating ---------------------------------------------------------------------------------------
 

@@ -102,7 +102,8 @@ def learn_structure(
     healing = config.model_copy(update={"tokens": (steps - learn_steps) * per_step})
     student = copy.deepcopy(teacher.model)
     costs = unit_costs(budget, student, latency)
-    gates = StructureGates(student, dims, 1.0 - target, costs).to(compute_device(device))
+    # the target comes down over the first half of the gates' steps (see StructureGates)
+    gates = StructureGates(student, dims, 1.0 - target, costs, ramp_steps=learn_steps // 2).to(compute_device(device))
     data = HealData.from_source(source, teacher, config.seq_len, config.validation_windows, config.tokens,
                                 cache_dir, progress)
     healer = Healer(student, teacher.model, data, learning, compute_device(device), regularizer=gates)

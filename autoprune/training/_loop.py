@@ -90,8 +90,8 @@ class Regularizer(Protocol):
         """Optimizer groups (``params``, ``names``, ``lr_scale`` against the schedule's rate, and
         any AdamW option such as ``maximize``)."""
 
-    def sample(self) -> None:
-        """Draw this step's random state (before the forward pass)."""
+    def sample(self, step: int) -> None:
+        """Draw step ``step``'s random state (before its forward pass)."""
 
     def penalty(self) -> torch.Tensor:
         """What is added to the step's loss."""
@@ -197,7 +197,7 @@ class Healer:
         config = self.config
         ids = self.data.batch(self.step, config.batch_size, config.seed, self.rank, self.world).to(self.device)
         if self.regularizer is not None:
-            self.regularizer.sample()
+            self.regularizer.sample(self.step)
         with self.autocast:
             with torch.no_grad():
                 teacher_hidden = self.teacher.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
