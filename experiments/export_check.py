@@ -3,7 +3,7 @@
 For each ``--trials`` number of a study made by ``autoprune search``: ``autoprune export`` writes the
 checkpoint and recipe; plain ``AutoModelForCausalLM.from_pretrained`` reloads it; its perplexity on
 the study's own validation windows and its decoder linear non-zeros are compared with the trial's
-record. Writes ``results/export_check.json`` and ``.md``.
+record (the healed record where the study healed the trial: what its export writes). Writes ``results/export_check.json`` and ``.md``.
 
     python experiments/export_check.py --storage sqlite:///runs/search_vs_baselines.db \
         --study search-vs-baselines --trials 57 10
@@ -21,7 +21,7 @@ from autoprune.cli import main as autoprune
 from autoprune.data import validation_windows
 from autoprune.measure import measure_size, perplexity
 from autoprune.models import ArchitectureAdapter
-from autoprune.study import find_trial, load_existing_study, study_settings
+from autoprune.study import find_trial, load_existing_study, recorded_heal, study_settings
 
 #: The issue's bar on the reproduced quality.
 TOLERANCE = 0.01
@@ -42,16 +42,18 @@ def main() -> None:
                               "--trial", str(number), "--out", str(out), "--format", "json"])
             if code != 0:
                 raise SystemExit(f"export of trial {number} failed")
-            model = AutoModelForCausalLM.from_pretrained(out)
+            model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)  # per-block widths ship their modelling file
             windows = validation_windows(
                 settings.calibration.source, AutoTokenizer.from_pretrained(out),
                 settings.eval_seq_len, settings.eval_windows,
             )
             ppl = perplexity(model, windows, progress=False)
             size = measure_size(model, ArchitectureAdapter.for_model(model))
-        recorded_ppl = trial.user_attrs["ppl"]
+        healed = recorded_heal(study, number)  # a healed trial exports (and recorded) its healed weights
+        recorded_ppl = healed["ppl"] if healed else trial.user_attrs["ppl"]
         row = {
             "trial": number,
+            "healed": healed is not None,
             "recorded_ppl": recorded_ppl,
             "reloaded_ppl": ppl,
             "relative_difference": ppl / recorded_ppl - 1,
@@ -69,7 +71,7 @@ def main() -> None:
 def markdown(result: dict) -> str:
     """Each trial's recorded and reloaded perplexity and non-zeros."""
     columns = [
-        Column("trial", lambda row: row["trial"]),
+        Column("trial", lambda row: f"{row['trial']}{' (healed)' if row.get('healed') else ''}"),
         Column("recorded ppl", lambda row: f"{row['recorded_ppl']:.3f}"),
         Column("reloaded ppl", lambda row: f"{row['reloaded_ppl']:.3f}"),
         Column("difference", lambda row: f"{row['relative_difference']:+.3%}"),
