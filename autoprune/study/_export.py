@@ -118,8 +118,9 @@ def export_trial(
         raise AutopruneError(
             f"trial {frozen.number} is {frozen.state.name.lower()}; only complete trials can be exported"
         )
+    file_type = gguf_type or ("f16" if gguf else None)  # the GGUF type asked for, if any
     if "learned" in frozen.user_attrs:
-        return _export_learned(storage, frozen, out, store, gguf_type or ("f16" if gguf else None), out_existed)
+        return _export_learned(storage, frozen, out, store, file_type, out_existed)
     quantized = trial_plan(frozen).quantization is not None
     if quantized and gguf_type is not None:
         raise AutopruneError(
@@ -151,13 +152,13 @@ def export_trial(
     )
     recipe.save(out / RECIPE_FILE)
     written = report.gguf
-    if written is None and (gguf or gguf_type is not None):
-        written = _write_gguf(out, gguf_type or "f16", out_existed)
+    if written is None and file_type is not None:
+        written = _write_gguf(out, file_type, out_existed)
     recorded_bytes = frozen.user_attrs["size"].get("gguf_bytes")
-    if quantized and recorded_bytes is not None and abs(written.stat().st_size / recorded_bytes - 1) > 0.001:
-        notes.append(
-            f"warning: the GGUF file has {written.stat().st_size} bytes, the study recorded {recorded_bytes}"
-        )
+    if quantized and recorded_bytes is not None:
+        size = written.stat().st_size
+        if abs(size / recorded_bytes - 1) > 0.001:
+            notes.append(f"warning: the GGUF file has {size} bytes, the study recorded {recorded_bytes}")
     recorded = frozen.user_attrs["size"]["linear_nonzeros"]
     if report.size.linear_nonzeros != recorded:
         notes.append(
