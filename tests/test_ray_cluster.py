@@ -40,6 +40,7 @@ from autoprune.study import (
     run_search,
 )
 from autoprune.study._ray import RayExecutor
+from search_spaces import SearchSpace
 
 # The workers below are defined here, a module Ray's worker processes cannot import: ship them whole.
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
@@ -145,6 +146,25 @@ def test_ray_workers_killed_or_out_of_memory_retry_then_fail_and_collapsed_model
     assert summary.front and set(COLLAPSES).isdisjoint(row["trial"] for row in summary.front)
     others = [t for t in trials if t.number not in (STALLED, DIES, OOM, *COLLAPSES)]
     assert all(t.user_attrs.get("retries", 0) == 0 for t in others)  # duplicates never ran
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_retried_trial_comes_back_from_the_same_results_call(ray_cluster, tiny_llama_dir, data_dir, tmp_path):
+    """``results()`` waits for at least one result: a trial whose worker had to be replaced goes
+    back to the queue, and the same call waits on for its retry rather than returning nothing."""
+    config = tiny_search(tiny_llama_dir, data_dir, tmp_path)
+    factory = partial(Faulty, folder=str(tmp_path))
+    executor = RayExecutor(config.worker_spec(), workers=1, max_retries=1, factory=factory)
+    try:
+        context = executor.space_context(config.method, config.sparsity_range)
+        plan = SearchSpace.named("uniform").cast({"target": 0.5}, context)
+        executor.submit(TrialRequest(OOM, plan))
+        finished = executor.results(timeout=300)
+    finally:
+        executor.shutdown()
+    assert [(result.number, result.status, result.retries) for result in finished] == [(OOM, "complete", 1)]
+    assert executor.in_flight() == 0
 
 
 @pytest.mark.ray

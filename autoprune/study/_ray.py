@@ -21,6 +21,7 @@ import logging
 import os
 import socket
 import sys
+import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -115,13 +116,21 @@ class RayExecutor(Executor):
         self._dispatch()
 
     def results(self, timeout: float | None = None) -> list[TrialResult]:
-        self._dispatch()
-        if not self._running:
-            return []
-        ready, _ = ray.wait(list(self._running), num_returns=1, timeout=timeout)
-        if ready:  # and whatever else finished meanwhile
+        """A trial whose worker died goes back to the queue rather than out, so this waits on until
+        one comes back (or ``timeout`` passes), as the contract says."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        finished: list[TrialResult] = []
+        while not finished:
+            self._dispatch()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._running:
+                return finished
+            ready, _ = ray.wait(list(self._running), num_returns=1, timeout=left)
+            if not ready:
+                return finished
+            # and whatever else finished meanwhile
             ready, _ = ray.wait(list(self._running), num_returns=len(self._running), timeout=0)
-        finished = [result for ref in ready if (result := self._collect(ref)) is not None]
+            finished = [result for ref in ready if (result := self._collect(ref)) is not None]
         self._dispatch()
         return finished
 
