@@ -52,13 +52,21 @@ FEATURES = ("fixed", "blocks", "attention", "heads", "kv_heads", "mlp", "ffn")
 
 @dataclass(frozen=True)
 class LatencySettings:
-    """What a timing means: prompt lengths, repeats (rounds), and the CPU threads torch uses."""
+    """What a timing means: prompt lengths, repeats (rounds), the CPU threads torch uses, and the
+    dtype the weights and activations are in: the one an export's files load as, since a user's
+    ``from_pretrained`` computes in it, and bf16 shrinks the matmuls' time more than the fixed
+    costs (a ratio to the dense model priced in float32 is not the ratio a bf16 file shows)."""
 
     seq_len: int = 512
     prompt_len: int = 128
     new_tokens: int = 32
     repeats: int = 8
     threads: int = 1
+    dtype: str = "float32"
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
 
 @dataclass(frozen=True)
@@ -273,12 +281,14 @@ def _fit(x: torch.Tensor, times: list[float]) -> list[float]:
 
 
 def table_key(config: LlamaConfig, settings: LatencySettings) -> str:
-    """One table per device (CPU model / GPU name), model family shape, and settings."""
+    """One table per device (CPU model / GPU name), model family shape, and settings (dtype
+    included)."""
     dims = ModelDims.of(config)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or platform.machine()
     parts = [config.model_type, f"h{dims.hidden}", f"hd{dims.head_dim}", f"q{dims.num_heads}",
              f"kv{dims.num_kv_heads}", f"f{dims.ffn}", f"v{config.vocab_size}", device.replace(" ", "_"),
-             f"s{settings.seq_len}-p{settings.prompt_len}-n{settings.new_tokens}-t{settings.threads}"]
+             f"s{settings.seq_len}-p{settings.prompt_len}-n{settings.new_tokens}-t{settings.threads}",
+             settings.dtype]
     return "-".join(parts)
 
 
@@ -316,11 +326,12 @@ def build_table(
     probes: int = 12,
     seed: int = 0,
 ) -> tuple[LatencyTable, list[Timing]]:
-    """Measure a new table, and ``others`` in the same interleaved rounds as the probes (their
-    timings are returned beside the table: what a check of the table compares it with)."""
+    """Measure a new table, its probes in ``settings.dtype``, and ``others`` (in the dtype they
+    are in) in the same interleaved rounds as the probes (their timings are returned beside the
+    table: what a check of the table compares it with)."""
     dims = ModelDims.of(config)
     designs = probe_designs(dims, probes, seed)
-    models = [probe_model(config, shapes) for shapes in designs]
+    models = [probe_model(config, shapes).to(settings.torch_dtype) for shapes in designs]
     timings = measure_interleaved([*models, *others], settings)
     table = LatencyTable(
         table_key(config, settings), settings,

@@ -13,11 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import prune_args, run_cli
+from conftest import prune_args, run_cli, tiny_config
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from autoprune.latency import LatencyTable
 from autoprune.models import load_model
+from autoprune.study import load_existing_study, run_search
 
 #: A per-block plan: blocks of different widths, a dropped attention, a removed block.
 PER_BLOCK = {"schema_version": 2, "removed_blocks": [3], "structure": {
@@ -140,3 +142,15 @@ def test_an_unknown_dtype_is_one_line_and_writes_nothing(capsys, tiny_llama_dir,
     assert code == 2 and stderr.count("\n") == 1
     assert "argument --dtype: invalid choice: 'int8'" in stderr and "Traceback" not in stderr
     assert not out.exists() and not (tmp_path / "s.db").exists()
+
+
+def test_a_subnet_study_prices_latency_in_the_dtype_its_exports_are_written_in(bf16_llama_dir, data_dir, tmp_path):
+    """A bf16 model's exports load and run in bf16, so its study's latency table times bf16 probes
+    (a float32 table prices another ratio to the dense model)."""
+    config = tiny_config(bf16_llama_dir, data_dir, tmp_path, space="subnet", sparsity_range=None, trials=2)
+    run_search(config, progress=False)
+    (table,) = (tmp_path / "cache" / "latency").glob("*.json")
+    assert table.stem.endswith("-bfloat16")
+    assert LatencyTable.from_json(table.read_text()).settings.dtype == "bfloat16"
+    study = load_existing_study(config.storage, config.study)
+    assert study.user_attrs["latency_table"] == LatencyTable.from_json(table.read_text()).digest
