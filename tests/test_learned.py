@@ -100,6 +100,27 @@ def test_read_off_lands_on_the_target_gqa_consistent_and_the_cut_computes_the_ga
     assert torch.allclose(expected, got, atol=1e-5)
 
 
+def test_warm_started_gates_read_off_the_units_the_statistics_rank_highest(gated) -> None:
+    """Before any training, gates warm-started from importance scores cut what the scores would:
+    every FFN channel kept outranks every channel dropped, across blocks; equal scores change nothing."""
+    loaded, dims, gates = gated
+    generator = torch.Generator().manual_seed(0)
+    heads = torch.rand(dims.num_blocks, dims.num_heads, generator=generator) + 0.1
+    ffn = torch.rand(dims.num_blocks, dims.ffn, generator=generator) + 0.1
+    before = {name: p.detach().clone() for name, p in gates._unit_parameters().items()}
+    gates.warm_start(torch.ones_like(heads), torch.ones_like(ffn), spread=1.0)
+    assert all(torch.equal(before[name], p) for name, p in gates._unit_parameters().items())
+    gates.warm_start(heads, ffn, spread=1.0)
+    assert torch.equal(gates.groups, before["groups"]) and torch.equal(gates.block, before["block"])
+    assert torch.equal(gates.ffn.argsort(dim=1), ffn.argsort(dim=1))
+    cuts, _, _ = gates.read_off()
+    kept = torch.zeros_like(ffn, dtype=torch.bool)
+    for cut in cuts:
+        kept[cut.index, cut.channels] = True
+    assert kept.any() and (~kept).any()
+    assert float(ffn[kept].min()) > float(ffn[~kept].max())
+
+
 def _learned_args(tiny_llama_dir, data_dir, out, *extra):
     return ["prune", "--model", tiny_llama_dir, "--data", data_dir, "--structured", "learned", "--target", "0.25",
             "--tokens", 8 * 4 * 16, "--train-seq-len", 16, "--batch-size", 4, "--seq-len", 32, "--calib-samples", 8,

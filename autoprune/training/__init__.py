@@ -12,7 +12,7 @@ from autoprune.training._config import HealConfig, LoraSettings
 from autoprune.training._data import HealData
 from autoprune.training._gates import StructureGates, UnitCosts, hard_concrete, keep_probability
 from autoprune.training._heal import HealReport, RayWorkers, check_teacher, heal, heal_checkpoint
-from autoprune.training._learned import Budget, LearnedStructure, learn_structure, unit_costs
+from autoprune.training._learned import WARM_START, Budget, LearnedStructure, learn_structure, unit_costs
 from autoprune.training._loop import (
     Checkpoints,
     Healer,
@@ -31,6 +31,7 @@ from autoprune.training._masks import SparsityMasks
 
 __all__ = [
     "IGNORE",
+    "WARM_START",
     "Budget",
     "Checkpoints",
     "FolderCheckpoints",

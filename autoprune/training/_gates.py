@@ -11,7 +11,8 @@ cost (decoder linear weights kept, or the prefill the latency table prices) to t
 comes down from the dense cost over the first steps (its target warm-up): ``lambda (c - t)^2``, the
 multiplier trained by gradient ascent. Sheared-LLaMA's linear term ``lambda_1 (c - t)`` is left
 out: its multiplier grows while the cost lags the target and keeps pushing after it has passed
-(SmolLM2's gates overshot a 75% target to 57%); the quadratic pulls from both sides.
+(SmolLM2's gates overshot a 75% target to 57%); the quadratic pulls from both sides. Head and FFN
+channel gates may start apart, by importance scores (:meth:`StructureGates.warm_start`).
 
 At the end the gates are made hard (:meth:`StructureGates.read_off`): each unit scores its
 probability of staying open (times those above it), and from the whole model blocks are narrowed one move
@@ -133,6 +134,19 @@ class StructureGates(nn.Module):
     def _unit_parameters(self) -> dict[str, nn.Parameter]:
         return {"heads": self.heads, "groups": self.groups, "ffn": self.ffn,
                 "attention": self.attention, "mlp": self.mlp, "block": self.block}
+
+    @torch.no_grad()
+    def warm_start(self, head_scores: torch.Tensor, ffn_scores: torch.Tensor, spread: float) -> None:
+        """Start the query heads' and FFN channels' gates from importance scores ((blocks, heads)
+        and (blocks, ffn), e.g. the calibration statistics'): each log-alpha is the initial value
+        plus ``spread`` times its unit's standardised log-score across the model, so the penalty
+        closes the least important units first and a short budget reads off about what the
+        statistics would cut, where equal gates would read off what little training told apart."""
+        for param, scores in ((self.heads, head_scores), (self.ffn, ffn_scores)):
+            logs = scores.double().clamp_min(1e-30).log()
+            spread_of = logs.std()
+            z = (logs - logs.mean()) / spread_of if spread_of > 0 else torch.zeros_like(logs)
+            param.add_((spread * z).to(param))
 
     # -- the Regularizer protocol -------------------------------------------------------------------
 

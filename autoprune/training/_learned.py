@@ -18,14 +18,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import torch
 from transformers import PreTrainedModel
 
 from autoprune.calibration import CalibrationStats
 from autoprune.errors import AutopruneError
 from autoprune.latency import LatencyTable
-from autoprune.models import LoadedModel, compute_device
+from autoprune.models import LlamaFamilyAdapter, LoadedModel, compute_device
 from autoprune.plan import Plan
-from autoprune.structure import build_subnet, model_dims
+from autoprune.structure import UnitLayout, build_subnet, model_dims, weighted_scores
 from autoprune.training._checkpoints import FolderCheckpoints
 from autoprune.training._config import HealConfig
 from autoprune.training._data import HealData
@@ -34,6 +35,9 @@ from autoprune.training._heal import heal
 from autoprune.training._loop import Healer, HealResult
 
 Budget = Literal["params", "latency"]
+#: How far apart the warm-started gates' log-alphas start: this many per standard deviation of the
+#: log-importance (:meth:`StructureGates.warm_start`).
+WARM_START = 1.0
 
 
 @dataclass
@@ -69,6 +73,22 @@ def unit_costs(budget: Budget, dense: PreTrainedModel, latency: LatencyTable | N
     return UnitCosts(c["fixed"], c["blocks"], c["attention"], c["heads"], c["kv_heads"], c["mlp"], c["ffn"])
 
 
+def unit_importance(model: PreTrainedModel, stats: CalibrationStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query head's and FFN channel's importance from the calibration statistics, (blocks,
+    heads) and (blocks, ffn): the output energy its columns of ``o_proj`` / ``down_proj`` carry
+    (:func:`weighted_scores`), what the gates warm-start from."""
+    dims, adapter = model_dims(model), LlamaFamilyAdapter()
+    heads_layout = UnitLayout(dims.head_dim, dims.num_kv_heads, dims.heads_per_group)
+    ffn_layout = UnitLayout(1, 1, dims.ffn)
+    heads, ffn = [], []
+    for index in range(dims.num_blocks):
+        for layout, scores, part in ((heads_layout, heads, "self_attn.o_proj"), (ffn_layout, ffn, "mlp.down_proj")):
+            name = adapter.layer_name(index, part)
+            weight = model.get_submodule(name).weight.detach().float().cpu()
+            scores.append(weighted_scores(stats.layer(name).sq_norm, weight, layout))
+    return torch.stack(heads), torch.stack(ffn)
+
+
 def learn_structure(
     teacher: LoadedModel,
     source: str,
@@ -82,12 +102,14 @@ def learn_structure(
     progress: bool = True,
     cache_dir: Path | None = None,
     stats: CalibrationStats | None = None,
+    warm_start: float = WARM_START,
 ) -> LearnedStructure:
     """Learn a sub-network of ``teacher``'s model with ``1 - target`` of its cost (decoder linear
     weights, or prefill), spending ``config.tokens`` in all (``learn_share`` of them on the gates),
     and heal it. ``checkpoints`` (a folder) makes both phases resumable. With the dense model's
-    calibration ``stats``, the cut corrects ``o_proj`` / ``down_proj`` by least squares on the
-    units it keeps, as statistics-chosen cuts are."""
+    calibration ``stats``, the head and channel gates start from the statistics' importance
+    (spread ``warm_start``; 0: all equal) and the cut corrects ``o_proj`` / ``down_proj`` by least
+    squares on the units it keeps, as statistics-chosen cuts are."""
     if not 0.0 < target < 1.0:
         raise AutopruneError(f"the target must lie in (0, 1), got {target}")
     if not 0.0 < learn_share < 1.0:
@@ -103,11 +125,15 @@ def learn_structure(
     student = copy.deepcopy(teacher.model)
     costs = unit_costs(budget, student, latency)
     # the target comes down over the first half of the gates' steps (see StructureGates)
-    gates = StructureGates(student, dims, 1.0 - target, costs, ramp_steps=learn_steps // 2).to(compute_device(device))
+    gates = StructureGates(student, dims, 1.0 - target, costs, ramp_steps=learn_steps // 2)
+    if stats is not None and warm_start > 0:
+        gates.warm_start(*unit_importance(teacher.model, stats), warm_start)
+    gates = gates.to(compute_device(device))
     data = HealData.from_source(source, teacher, config.seq_len, config.validation_windows, config.tokens,
                                 cache_dir, progress)
     healer = Healer(student, teacher.model, data, learning, compute_device(device), regularizer=gates)
-    identity = f"learned {teacher.spec} {target} {budget} {learn_share}"  # what the phases' states belong to
+    # what the phases' states belong to
+    identity = f"learned {teacher.spec} {target} {budget} {learn_share} warm {warm_start if stats is not None else 0}"
     saved = FolderCheckpoints(checkpoints / "gates", identity) if checkpoints is not None else None
     learned = healer.run(saved, progress)
     expected = float(gates.summary()["kept"])
