@@ -35,9 +35,10 @@ from autoprune.training._heal import heal
 from autoprune.training._loop import Healer, HealResult
 
 Budget = Literal["params", "latency"]
-#: How far apart the warm-started gates' log-alphas start: this many per standard deviation of the
-#: log-importance (:meth:`StructureGates.warm_start`).
-WARM_START = 1.0
+#: How far apart the gates' log-alphas start: this many per standard deviation of the statistics'
+#: log-importance (:meth:`StructureGates.warm_start`); 0, the default, starts them equal. Off
+#: until it is measured at every budget the equal start was (experiments/README.md, "Healing").
+WARM_START = 0.0
 
 
 @dataclass
