@@ -20,12 +20,11 @@ from autoprune.export import (
     CheckpointFiles,
     check_output_dir,
     checkpoint_dtype,
-    dtype_name,
     read_metadata,
     save_checkpoint,
 )
 from autoprune.export_gguf import model_gguf, write_gguf
-from autoprune.latency import LatencySettings, latency_table
+from autoprune.latency import export_table
 from autoprune.measure import SizeReport, measure_size, perplexity
 from autoprune.models import LoadedModel, compute_device, load_model
 from autoprune.plan import MethodName, NMPattern, Plan, Recipe
@@ -327,10 +326,7 @@ def prune_learned(
     prepared = prepare_with_windows(model, calibration, cache_dir, progress, compute_device(device), check)
     teacher = prepared.loaded
     dense_linear = measure_size(teacher.model, teacher.adapter).linear_params
-    latency = None
-    if budget == "latency":  # priced in the dtype the export is written in, as it will be run
-        settings = LatencySettings(dtype=dtype_name(teacher.source_dtype))
-        latency = latency_table(teacher.model.config, settings, cache_dir=cache_dir)
+    latency = export_table(teacher, cache_dir) if budget == "latency" else None
     folder = (out.parent / f".{out.name}.learn-checkpoints") if out is not None else None
     learned = learn_structure(teacher, data, target, config, learn_share, budget, latency, device,
                               folder, progress, cache_dir, prepared.stats)

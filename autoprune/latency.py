@@ -40,6 +40,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, PreTrained
 
 from autoprune._atomic import write_text_atomic
 from autoprune.calibration import default_cache_dir
+from autoprune.export import dtype_name
+from autoprune.models import LoadedModel
 from autoprune.structure import BlockShape, ModelDims, subnet_config
 from autoprune.models.remote.modeling_subnet_llama import SubnetLlamaForCausalLM
 
@@ -317,6 +319,13 @@ def latency_table(
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, table.to_json())
     return table
+
+
+def export_table(loaded: LoadedModel, cache_dir: Path | None = None) -> LatencyTable:
+    """The table that prices ``loaded``'s sub-networks as their exports run: in the source's
+    dtype, the one exports are written in (see :class:`LatencySettings`)."""
+    settings = LatencySettings(dtype=dtype_name(loaded.source_dtype))
+    return latency_table(loaded.model.config, settings, cache_dir=cache_dir)
 
 
 def build_table(

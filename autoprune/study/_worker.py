@@ -23,10 +23,9 @@ from autoprune.api import prepare_with_windows
 from autoprune.calibration import CalibrationStats
 from autoprune.config import CalibrationConfig
 from autoprune.data import validation_windows
-from autoprune.export import dtype_name
 from autoprune.gguf_presets import gguf_context
 from autoprune.gguf_size import GGUFContext, GGUFSizer
-from autoprune.latency import LatencySettings, latency_table
+from autoprune.latency import export_table
 from autoprune.measure import SizeMeter, ppl_from_nll, reference_logprobs, window_losses
 from autoprune.models import LoadedModel, compute_device
 from autoprune.plan import MethodName, Plan
@@ -151,8 +150,7 @@ class TrialWorker:
         self.latency = None
         if spec.latency:  # the table prices LLaMA-family shapes: other families fail here, in one line
             self.dims = model_dims(self.loaded.model)
-            settings = LatencySettings(dtype=dtype_name(self.loaded.source_dtype))  # as exports load
-            self.latency = latency_table(self.loaded.model.config, settings, cache_dir=self.cache_dir)
+            self.latency = export_table(self.loaded, self.cache_dir)
 
     def space_context(self, method: MethodName, sparsity_range: tuple[float, float]) -> SpaceContext:
         """The search space's view of the loaded model, so the driver needs no copy of its own."""
