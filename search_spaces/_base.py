@@ -23,11 +23,10 @@ from autoprune.models import LayerKind, LoadedModel
 from autoprune.plan import MethodName, Plan
 from autoprune.structure import (
     ModelDims,
-    UnitLayout,
     kept_layer_shapes,
     model_dims,
     resolve_blocks,
-    weighted_scores,
+    unit_scores,
 )
 
 #: The parameter every space with a size target calls it by: the fraction of the dense model's
@@ -162,16 +161,8 @@ def _structure_info(loaded: LoadedModel, stats: CalibrationStats) -> dict[str, o
         dims = model_dims(loaded.model)
     except AutopruneError:
         return {}
-    heads = UnitLayout(dims.head_dim, dims.num_kv_heads, dims.heads_per_group)
-    channels = UnitLayout(1, 1, dims.ffn)
-    scores = {}
-    for block in range(dims.num_blocks):
-        per_kind = []
-        for layer, layout in (("self_attn.o_proj", heads), ("mlp.down_proj", channels)):
-            name = loaded.adapter.layer_name(block, layer)
-            weight = loaded.model.get_submodule(name).weight.detach()
-            per_kind.append(tuple(weighted_scores(stats.layer(name).sq_norm, weight, layout).tolist()))
-        scores[block] = (per_kind[0], per_kind[1])
+    scores = {block: (tuple(heads.tolist()), tuple(ffn.tolist()))
+              for block, (heads, ffn) in enumerate(unit_scores(loaded.model, stats))}
     return {"dims": dims, "unit_scores": scores}
 
 

@@ -15,6 +15,7 @@ from autoprune.structure._build import (
     kept_layer_shapes,
     model_dims,
     subnet_config,
+    unit_scores,
 )
 from autoprune.structure._export import save_subnet
 from autoprune.structure._sparse import check_pruned_layers, kept_inputs, kept_layer_inputs, restricted
@@ -70,6 +71,7 @@ __all__ = [
     "restricted",
     "select_by_scores",
     "subnet_config",
+    "unit_scores",
     "save_subnet",
     "weighted_scores",
 ]

@@ -26,7 +26,7 @@ from autoprune.models.remote import REMOTE_CLASS, REMOTE_MODULE
 from autoprune.models.remote.modeling_subnet_llama import SubnetLlamaForCausalLM
 from autoprune.structure._methods import StructuredMethod
 from autoprune.structure._schema import BlockShape, ModelDims, Structure, resolve_blocks
-from autoprune.structure._select import UnitLayout, least_squares_correction
+from autoprune.structure._select import UnitLayout, least_squares_correction, weighted_scores
 
 T = TypeVar("T")
 
@@ -51,6 +51,21 @@ def model_dims(model: PreTrainedModel) -> ModelDims:
     if getattr(config, "is_heterogeneous", False):
         raise AutopruneError("sub-networks are cut from a dense model, not from one already cut")
     return ModelDims.of(config)
+
+
+def unit_scores(model: PreTrainedModel, stats: CalibrationStats) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per block, each query head's and FFN channel's importance from the calibration statistics:
+    the output energy its ``o_proj`` / ``down_proj`` columns carry (:func:`weighted_scores`)."""
+    dims, adapter = model_dims(model), LlamaFamilyAdapter()
+    scores = []
+    for index in range(dims.num_blocks):
+        per_kind = []
+        for layout, part in ((dims.head_layout, "self_attn.o_proj"), (dims.ffn_layout, "mlp.down_proj")):
+            name = adapter.layer_name(index, part)
+            weight = model.get_submodule(name).weight.detach().float().cpu()
+            per_kind.append(weighted_scores(stats.layer(name).sq_norm, weight, layout))
+        scores.append((per_kind[0], per_kind[1]))
+    return scores
 
 
 class CutStore(Protocol):
@@ -100,8 +115,7 @@ def choose_cuts(
     shapes = resolve_blocks(structure, removed, dims)
     method = StructuredMethod.get(structure.method)
     cache = cache or CutCache()
-    heads_layout = UnitLayout(dims.head_dim, dims.num_kv_heads, dims.heads_per_group)
-    ffn_layout = UnitLayout(1, 1, dims.ffn)
+    heads_layout, ffn_layout = dims.head_layout, dims.ffn_layout
     cuts = []
     for index, shape in enumerate(shapes):
         if shape is None:
@@ -239,7 +253,7 @@ def _sliced_state(
     prefix = LlamaFamilyAdapter.blocks_path + "."
     state = {k: v for k, v in source.items() if not k.startswith(prefix)}
     correct = structure.correct
-    heads_layout = UnitLayout(dims.head_dim, dims.num_kv_heads, dims.heads_per_group)
+    heads_layout = dims.head_layout
     for new_index, cut in enumerate(cuts):
         old, new = f"{prefix}{cut.index}.", f"{prefix}{new_index}."
 

@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from autoprune.errors import AutopruneError
+from autoprune.structure._select import UnitLayout
 
 #: How heads and channels are chosen: Minitron's mean activation norm, the activation norm weighted
 #: by the consuming column's norm (FLAP's metric without mean-centering), greedy structured OBS
@@ -93,6 +94,16 @@ class ModelDims:
     @property
     def heads_per_group(self) -> int:
         return self.num_heads // self.num_kv_heads
+
+    @property
+    def head_layout(self) -> UnitLayout:
+        """``o_proj``'s input columns: query heads of ``head_dim`` columns, grouped by KV head."""
+        return UnitLayout(self.head_dim, self.num_kv_heads, self.heads_per_group)
+
+    @property
+    def ffn_layout(self) -> UnitLayout:
+        """``down_proj``'s input columns: one FFN channel each, all in one group."""
+        return UnitLayout(1, 1, self.ffn)
 
     @classmethod
     def of(cls, config: object) -> ModelDims:

@@ -22,7 +22,6 @@ from autoprune.errors import AutopruneError
 from autoprune.models import LlamaFamilyAdapter
 from autoprune.structure._build import CutCache, choose_cuts, kept_layer_shapes, model_dims
 from autoprune.structure._schema import ModelDims, resolve_blocks
-from autoprune.structure._select import UnitLayout
 
 if TYPE_CHECKING:  # the plan module imports this package's schema
     from autoprune.plan import Plan
@@ -72,7 +71,7 @@ def kept_layer_inputs(
     position = {cut.index: new for new, cut in enumerate(cuts)}
     if names is None:
         names = list(kept_layer_shapes(resolve_blocks(plan.structure, plan.removed_blocks, dims), dims))
-    heads = UnitLayout(dims.head_dim, dims.num_kv_heads, dims.heads_per_group)
+    heads = dims.head_layout
     result = {}
     for name in names:
         index, layer = _ADAPTER.split_layer_name(name)

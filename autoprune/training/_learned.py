@@ -24,9 +24,9 @@ from transformers import PreTrainedModel
 from autoprune.calibration import CalibrationStats
 from autoprune.errors import AutopruneError
 from autoprune.latency import LatencyTable
-from autoprune.models import LlamaFamilyAdapter, LoadedModel, compute_device
+from autoprune.models import LoadedModel, compute_device
 from autoprune.plan import Plan
-from autoprune.structure import UnitLayout, build_subnet, model_dims, weighted_scores
+from autoprune.structure import build_subnet, model_dims, unit_scores
 from autoprune.training._checkpoints import FolderCheckpoints
 from autoprune.training._config import HealConfig
 from autoprune.training._data import HealData
@@ -75,18 +75,9 @@ def unit_costs(budget: Budget, dense: PreTrainedModel, latency: LatencyTable | N
 
 
 def unit_importance(model: PreTrainedModel, stats: CalibrationStats) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each query head's and FFN channel's importance from the calibration statistics, (blocks,
-    heads) and (blocks, ffn): the output energy its columns of ``o_proj`` / ``down_proj`` carry
-    (:func:`weighted_scores`), what the gates warm-start from."""
-    dims, adapter = model_dims(model), LlamaFamilyAdapter()
-    heads_layout = UnitLayout(dims.head_dim, dims.num_kv_heads, dims.heads_per_group)
-    ffn_layout = UnitLayout(1, 1, dims.ffn)
-    heads, ffn = [], []
-    for index in range(dims.num_blocks):
-        for layout, scores, part in ((heads_layout, heads, "self_attn.o_proj"), (ffn_layout, ffn, "mlp.down_proj")):
-            name = adapter.layer_name(index, part)
-            weight = model.get_submodule(name).weight.detach().float().cpu()
-            scores.append(weighted_scores(stats.layer(name).sq_norm, weight, layout))
+    """Each query head's and FFN channel's importance, (blocks, heads) and (blocks, ffn): the
+    statistics' :func:`unit_scores`, what the gates warm-start from."""
+    heads, ffn = zip(*unit_scores(model, stats))
     return torch.stack(heads), torch.stack(ffn)
 
 

@@ -20,7 +20,7 @@ import torch
 
 from autoprune.errors import AutopruneError
 from autoprune.plan import Plan
-from autoprune.structure import BlockShape, ModelDims, UnitLayout, resolve_blocks, select_by_scores
+from autoprune.structure import BlockShape, ModelDims, resolve_blocks, select_by_scores
 from search_spaces import SpaceContext
 
 #: Per-block width columns, in order.
@@ -63,7 +63,7 @@ class WidthTable:
             raise AutopruneError("width features need a LLaMA-family model (heads and FFN widths to cut)")
         self.dims: ModelDims = ctx.dims
         dims = self.dims
-        self.heads_layout = UnitLayout(dims.head_dim, dims.num_kv_heads, dims.heads_per_group)
+        self.heads_layout = dims.head_layout
         self._heads: list[torch.Tensor] = []
         self._ffn_prefix: list[np.ndarray] = []
         for block in range(dims.num_blocks):
