@@ -34,7 +34,7 @@ from autoprune.measure import measure_size, perplexity
 from autoprune.models import load_model
 from autoprune.plan import Plan
 from autoprune.study import load_existing_study, space_context, trial_plan
-from autoprune.training import WARM_START, HealConfig, heal, learn_structure
+from autoprune.training import GateSettings, HealConfig, heal, learn_structure
 from search_spaces import SearchSpace
 
 METHODS = ("learned", "cut", "pick")
@@ -56,7 +56,8 @@ def run_one(method: str, target: float, budget: int, args, teacher) -> dict | No
     loaded, stats, _ = prepare(args.model, CalibrationConfig(source=args.data), args.cache_dir, progress=False)
     if method == "learned":  # its cut corrected from the statistics, as `prune --structured learned` does
         learned = learn_structure(teacher, args.data, target, config, progress=True, cache_dir=args.cache_dir,
-                                  stats=stats, warm_start=args.warm_start)
+                                  stats=stats, gate_settings=GateSettings(warm_start=args.warm_start,
+                                                                          gate_lr=args.gate_lr))
         return {"model": learned.model, "plan": learned.plan, "heal": learned.heal.as_dict()["final"]}
     plan = cut_plan(method, target, loaded, stats, args)
     if plan is None:
@@ -76,8 +77,11 @@ def main() -> None:
     arguments.add_argument("--storage", default=None, help="the subnet study whose picks `pick` heals")
     arguments.add_argument("--study", default=None)
     arguments.add_argument("--test-windows", type=int, default=64)
-    arguments.add_argument("--warm-start", type=float, default=WARM_START,
+    gates = GateSettings.model_fields
+    arguments.add_argument("--warm-start", type=float, default=gates["warm_start"].default,
                            help="learned: the gates' spread from the statistics' importance (0: equal gates)")
+    arguments.add_argument("--gate-lr", type=float, default=gates["gate_lr"].default,
+                           help="learned: the gates' learning rate at the schedule's peak")
     arguments.add_argument("--lr", type=float, default=HealConfig.model_fields["lr"].default)
     arguments.add_argument("--repeats", type=int, default=4, help="timing rounds")
     arguments.add_argument("--cache-dir", type=Path, default=None)

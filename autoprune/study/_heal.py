@@ -41,7 +41,7 @@ from autoprune.study._records import find_trial, member_at, trial_plan, trial_ro
 from autoprune.study._settings import study_settings
 from autoprune.study._storage import storage_file
 from autoprune.study._worker import TrialRequest, TrialWorker, WorkerSpec
-from autoprune.training import WARM_START, Budget, FolderCheckpoints, HealConfig, heal, learn_structure
+from autoprune.training import Budget, FolderCheckpoints, GateSettings, HealConfig, heal, learn_structure
 
 HEAL_ATTR_PREFIX = "heal:"
 #: A learned structure's record, per target (the trial it became is in it).
@@ -174,7 +174,7 @@ class StudyHealer:
         ``config.tokens`` in all) and add it to the study as a trial, measured as the trials are, its
         checkpoint an artifact; a rerun with the same settings finds it."""
         key = f"{LEARNED_ATTR_PREFIX}{target:g}"
-        digest = f"{config.digest()}-{share}-{budget}-warm{WARM_START}"
+        digest = f"{config.digest()}-{share}-{budget}-{GateSettings().digest()}"
         done = self.study.user_attrs.get(key)
         if done is not None and done["digest"] == digest:
             return HealedMember(done["trial"], done, found=True)

@@ -27,6 +27,7 @@ did on what it keeps.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -44,6 +46,28 @@ from autoprune.structure import BlockCut, BlockShape, BlockWidths, ModelDims, St
 #: Hard-concrete temperature and stretch (Louizos et al.).
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
 _EPS = 1e-6
+
+
+class GateSettings(BaseModel):
+    """How the gates train. Their learning rates are fixed multiples of the schedule's (they warm
+    up and decay with the weights'), so the gates must move far enough within the gates' share of
+    the steps for the expected cost to reach the target before the read-off."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: The log-alphas' learning rate at the schedule's peak.
+    gate_lr: float = Field(0.2, gt=0)
+    #: The Lagrange multiplier's (gradient ascent).
+    lambda_lr: float = Field(5.0, gt=0)
+    #: Every log-alpha's start (2.5: a deterministic gate of 1, P(open) 0.98).
+    init: float = 2.5
+    #: How far apart the head and channel gates start: this many per standard deviation of the
+    #: statistics' log-importance (:meth:`StructureGates.warm_start`); 0 starts them equal.
+    warm_start: float = Field(0.0, ge=0)
+
+    def digest(self) -> str:
+        """Names these settings in checkpoints and a study's records."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -99,15 +123,16 @@ class StructureGates(nn.Module):
 
     def __init__(
         self, model: PreTrainedModel, dims: ModelDims, kept: float, costs: UnitCosts,
-        gate_lr: float = 0.2, lambda_lr: float = 5.0, init: float = 2.5, ramp_steps: int = 0,
+        settings: GateSettings | None = None, ramp_steps: int = 0,
     ) -> None:
         super().__init__()
         self.dims, self.kept, self.costs = dims, kept, costs
+        self.settings = settings or GateSettings()
         self.ramp_steps = ramp_steps
         #: The cost the penalty pulls towards at this step: from the dense cost down to ``kept``
         #: over the first ``ramp_steps`` steps (Sheared-LLaMA's target warm-up), then ``kept``.
         self.target = kept if ramp_steps <= 0 else 1.0
-        self.gate_lr, self.lambda_lr = gate_lr, lambda_lr
+        init = self.settings.init
         blocks = dims.num_blocks
         self.heads = nn.Parameter(torch.full((blocks, dims.num_heads), init))
         self.groups = nn.Parameter(torch.full((blocks, dims.num_kv_heads), init))
@@ -154,8 +179,8 @@ class StructureGates(nn.Module):
         units = self._unit_parameters()
         return [
             {"params": list(units.values()), "names": [f"gates.{n}" for n in units],
-             "lr_scale": self.gate_lr / lr, "weight_decay": 0.0},
-            {"params": [self.lambdas], "names": ["gates.lambdas"], "lr_scale": self.lambda_lr / lr,
+             "lr_scale": self.settings.gate_lr / lr, "weight_decay": 0.0},
+            {"params": [self.lambdas], "names": ["gates.lambdas"], "lr_scale": self.settings.lambda_lr / lr,
              "weight_decay": 0.0, "maximize": True},
         ]
 

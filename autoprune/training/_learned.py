@@ -30,15 +30,11 @@ from autoprune.structure import build_subnet, model_dims, unit_scores
 from autoprune.training._checkpoints import FolderCheckpoints
 from autoprune.training._config import HealConfig
 from autoprune.training._data import HealData
-from autoprune.training._gates import StructureGates, UnitCosts
+from autoprune.training._gates import GateSettings, StructureGates, UnitCosts
 from autoprune.training._heal import heal
 from autoprune.training._loop import Healer, HealResult
 
 Budget = Literal["params", "latency"]
-#: How far apart the gates' log-alphas start: this many per standard deviation of the statistics'
-#: log-importance (:meth:`StructureGates.warm_start`); 0, the default, starts them equal. Off
-#: until it is measured at every budget the equal start was (experiments/README.md, "Healing").
-WARM_START = 0.0
 
 
 @dataclass
@@ -94,13 +90,13 @@ def learn_structure(
     progress: bool = True,
     cache_dir: Path | None = None,
     stats: CalibrationStats | None = None,
-    warm_start: float = WARM_START,
+    gate_settings: GateSettings | None = None,
 ) -> LearnedStructure:
     """Learn a sub-network of ``teacher``'s model with ``1 - target`` of its cost (decoder linear
     weights, or prefill), spending ``config.tokens`` in all (``learn_share`` of them on the gates),
     and heal it. ``checkpoints`` (a folder) makes both phases resumable. With the dense model's
     calibration ``stats``, the head and channel gates start from the statistics' importance
-    (spread ``warm_start``; 0: all equal) and the cut corrects ``o_proj`` / ``down_proj`` by least
+    (``gate_settings.warm_start``; 0: all equal) and the cut corrects ``o_proj`` / ``down_proj`` by least
     squares on the units it keeps, as statistics-chosen cuts are."""
     if not 0.0 < target < 1.0:
         raise AutopruneError(f"the target must lie in (0, 1), got {target}")
@@ -117,15 +113,18 @@ def learn_structure(
     student = copy.deepcopy(teacher.model)
     costs = unit_costs(budget, student, latency)
     # the target comes down over the first half of the gates' steps (see StructureGates)
-    gates = StructureGates(student, dims, 1.0 - target, costs, ramp_steps=learn_steps // 2)
-    if stats is not None and warm_start > 0:
-        gates.warm_start(*unit_importance(teacher.model, stats), warm_start)
+    settings = gate_settings or GateSettings()
+    if stats is None:  # nothing to start apart from
+        settings = settings.model_copy(update={"warm_start": 0.0})
+    gates = StructureGates(student, dims, 1.0 - target, costs, settings, ramp_steps=learn_steps // 2)
+    if settings.warm_start > 0:
+        gates.warm_start(*unit_importance(teacher.model, stats), settings.warm_start)
     gates = gates.to(compute_device(device))
     data = HealData.from_source(source, teacher, config.seq_len, config.validation_windows, config.tokens,
                                 cache_dir, progress)
     healer = Healer(student, teacher.model, data, learning, compute_device(device), regularizer=gates)
     # what the phases' states belong to
-    identity = f"learned {teacher.spec} {target} {budget} {learn_share} warm {warm_start if stats is not None else 0}"
+    identity = f"learned {teacher.spec} {target} {budget} {learn_share} {settings.digest()}"
     saved = FolderCheckpoints(checkpoints / "gates", identity) if checkpoints is not None else None
     learned = healer.run(saved, progress)
     expected = float(gates.summary()["kept"])
