@@ -63,7 +63,7 @@ class GateSettings(BaseModel):
     init: float = 2.5
     #: How far apart the head and channel gates start: this many per standard deviation of the
     #: statistics' log-importance (:meth:`StructureGates.warm_start`); 0 starts them equal.
-    warm_start: float = Field(0.0, ge=0)
+    warm_start: float = Field(1.0, ge=0)
 
     def digest(self) -> str:
         """Names these settings in checkpoints and a study's records."""
