@@ -8,9 +8,9 @@ resumable loop (:mod:`._loop`), its checkpoints (:mod:`._checkpoints`, or Ray Tr
 """
 
 from autoprune.training._checkpoints import FolderCheckpoints
-from autoprune.training._config import HealConfig, LoraSettings
+from autoprune.training._config import GateSettings, HealConfig, LoraSettings
 from autoprune.training._data import HealData
-from autoprune.training._gates import GateSettings, StructureGates, UnitCosts, hard_concrete, keep_probability
+from autoprune.training._gates import StructureGates, UnitCosts, hard_concrete, keep_probability
 from autoprune.training._heal import HealReport, RayWorkers, check_teacher, heal, heal_checkpoint
 from autoprune.training._learned import Budget, LearnedStructure, learn_structure, unit_costs
 from autoprune.training._loop import (

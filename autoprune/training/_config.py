@@ -1,4 +1,5 @@
-"""``HealConfig``: what a heal is asked to do, validated once (every field is also a flag).
+"""``HealConfig``: what a heal is asked to do, validated once (every field is also a flag); and
+``GateSettings``, how learned structure's gates train.
 
 The fields are the ones that decide the healed weights (budget, batch, schedule, loss, what is
 trained); where the work runs (threads, a GPU, Ray workers) and where checkpoints go are arguments
@@ -15,24 +16,30 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
-class LoraSettings(BaseModel):
-    """Low-rank adapters (PEFT) on the decoder linear layers instead of training every weight."""
+class _Settings(BaseModel):
+    """Settings validated once, unknown keys refused, named by a digest of their values."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    def digest(self) -> str:
+        """Names these settings in checkpoints and records (a resume with other settings is refused)."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+
+class LoraSettings(_Settings):
+    """Low-rank adapters (PEFT) on the decoder linear layers instead of training every weight."""
 
     rank: Annotated[int, Field(ge=1)] = 8
     alpha: Annotated[float, Field(gt=0)] = 16.0
 
 
-class HealConfig(BaseModel):
+class HealConfig(_Settings):
     """One heal: the student trained toward the teacher's next-token distribution.
 
     The loss is ``(1 - ce_weight) * T^2 * KL(teacher_T || student_T) + ce_weight * CE`` per
     position (``T`` the temperature; CE the next-token cross-entropy on the data), averaged over a
     batch of ``batch_size`` windows of ``seq_len`` tokens; AdamW with a linear warm-up over
     ``warmup`` of the steps and a cosine decay to ``min_lr_ratio`` times ``lr``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     tokens: Annotated[int, Field(ge=1)] = Field(
         200_000, description="training budget in tokens (steps = tokens / (batch_size x seq_len))"
@@ -111,6 +118,18 @@ class HealConfig(BaseModel):
         cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
 
-    def digest(self) -> str:
-        """Names these settings in checkpoints (a resume with other settings is refused)."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+class GateSettings(_Settings):
+    """How the gates train. Their learning rates are fixed multiples of the schedule's (they warm
+    up and decay with the weights'), so the gates must move far enough within the gates' share of
+    the steps for the expected cost to reach the target before the read-off."""
+
+    #: The log-alphas' learning rate at the schedule's peak.
+    gate_lr: float = Field(0.2, gt=0)
+    #: The Lagrange multiplier's (gradient ascent).
+    lambda_lr: float = Field(5.0, gt=0)
+    #: Every log-alpha's start (2.5: a deterministic gate of 1, P(open) 0.98).
+    init: float = 2.5
+    #: How far apart the head and channel gates start: this many per standard deviation of the
+    #: statistics' log-importance (:meth:`autoprune.training.StructureGates.warm_start`); 0 starts them equal.
+    warm_start: float = Field(1.0, ge=0)

@@ -27,7 +27,6 @@ did on what it keeps.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,38 +35,16 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import PreTrainedModel
 
 from autoprune.models import LlamaFamilyAdapter
 from autoprune.structure import BlockCut, BlockShape, BlockWidths, ModelDims, Structure
+from autoprune.training._config import GateSettings
 
 #: Hard-concrete temperature and stretch (Louizos et al.).
 BETA, GAMMA, ZETA = 2 / 3, -0.1, 1.1
 _EPS = 1e-6
-
-
-class GateSettings(BaseModel):
-    """How the gates train. Their learning rates are fixed multiples of the schedule's (they warm
-    up and decay with the weights'), so the gates must move far enough within the gates' share of
-    the steps for the expected cost to reach the target before the read-off."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    #: The log-alphas' learning rate at the schedule's peak.
-    gate_lr: float = Field(0.2, gt=0)
-    #: The Lagrange multiplier's (gradient ascent).
-    lambda_lr: float = Field(5.0, gt=0)
-    #: Every log-alpha's start (2.5: a deterministic gate of 1, P(open) 0.98).
-    init: float = 2.5
-    #: How far apart the head and channel gates start: this many per standard deviation of the
-    #: statistics' log-importance (:meth:`StructureGates.warm_start`); 0 starts them equal.
-    warm_start: float = Field(1.0, ge=0)
-
-    def digest(self) -> str:
-        """Names these settings in checkpoints and a study's records."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:12]
 
 
 @dataclass(frozen=True)

@@ -28,9 +28,9 @@ from autoprune.models import LoadedModel, compute_device
 from autoprune.plan import Plan
 from autoprune.structure import build_subnet, model_dims, unit_scores
 from autoprune.training._checkpoints import FolderCheckpoints
-from autoprune.training._config import HealConfig
+from autoprune.training._config import GateSettings, HealConfig
 from autoprune.training._data import HealData
-from autoprune.training._gates import GateSettings, StructureGates, UnitCosts
+from autoprune.training._gates import StructureGates, UnitCosts
 from autoprune.training._heal import heal
 from autoprune.training._loop import Healer, HealResult
 
