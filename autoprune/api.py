@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -31,7 +33,7 @@ from autoprune.plan import MethodName, NMPattern, Plan, Recipe
 from autoprune.pruner import Pruner, prune_sequentially
 from autoprune.quantization import QuantizedTensor, gguf_row_lengths
 from autoprune.structure import StructureRequest, check_pruned_layers, model_dims, save_subnet
-from autoprune.training import Budget, HealConfig, learn_structure
+from autoprune.training import Budget, HealConfig, RayWorkers, learn_structure
 from autoprune.variants import DatabaseSettings
 
 #: The GGUF file a quantized plan's checkpoint folder holds beside it.
@@ -303,13 +305,15 @@ def prune_learned(
     cache_dir: Path | None = None,
     progress: bool = True,
     device: str = "cpu",
+    workers: int | None = None,
 ) -> PruneReport:
     """A sub-network of ``model`` learned by training (``autoprune prune --structured learned``):
     gates trained with the weights on ``data`` until the expected cost is ``1 - target`` of the
     dense model's, the model cut to what they keep (its consuming layers corrected from the
     calibration statistics of ``data``, cached) and healed, all within ``config.tokens`` (see
     :mod:`autoprune.training._learned`); measured like :func:`prune` and saved to ``out``.
-    Checkpoints go beside ``out``, so the same command resumes a killed run."""
+    Checkpoints go beside ``out``, so the same command resumes a killed run. ``workers`` trains on
+    that many Ray Train workers (of the Ray this process joined; a GPU each where ``device`` is one)."""
     if not 0.0 < target < 1.0:
         raise AutopruneError(f"--target must lie in (0, 1), got {target}")
     if out is not None:
@@ -328,8 +332,14 @@ def prune_learned(
     dense_linear = measure_size(teacher.model, teacher.adapter).linear_params
     latency = export_table(teacher, cache_dir) if budget == "latency" else None
     folder = (out.parent / f".{out.name}.learn-checkpoints") if out is not None else None
-    learned = learn_structure(teacher, data, target, config, learn_share, budget, latency, device,
-                              folder, progress, cache_dir, prepared.stats)
+    # Ray Train keeps its checkpoints beside the others (in a scratch folder without ``out``)
+    with tempfile.TemporaryDirectory() if folder is None else nullcontext(folder) as storage:
+        ray = None
+        if workers is not None:
+            ray = RayWorkers(workers, Path(storage).resolve(), f"learned-{config.digest()}",
+                             use_gpu=compute_device(device).type == "cuda", threads=torch.get_num_threads())
+        learned = learn_structure(teacher, data, target, config, learn_share, budget, latency, device,
+                                  folder, progress, cache_dir, prepared.stats, workers=ray)
     recipe = Recipe(model=model, calibration=calibration, plan=learned.plan)
     size = measure_size(learned.model, teacher.adapter, dense_linear)
     ppl = None

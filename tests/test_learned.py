@@ -4,6 +4,7 @@ did, and ``prune --structured learned`` end to end with its refusals."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -13,7 +14,16 @@ from transformers import AutoModelForCausalLM
 
 from autoprune.models import load_model
 from autoprune.structure import build_subnet, model_dims
-from autoprune.training import StructureGates, UnitCosts, hard_concrete, keep_probability
+from autoprune.training import (
+    FolderCheckpoints,
+    HealConfig,
+    HealData,
+    Healer,
+    StructureGates,
+    UnitCosts,
+    hard_concrete,
+    keep_probability,
+)
 
 
 def test_hard_concrete_gates_are_exact_zeros_and_ones_at_the_extremes() -> None:
@@ -100,6 +110,31 @@ def test_read_off_lands_on_the_target_gqa_consistent_and_the_cut_computes_the_ga
     assert torch.allclose(expected, got, atol=1e-5)
 
 
+def test_gates_killed_and_resumed_end_where_an_uninterrupted_run_does(tiny_llama_dir, data_dir, tmp_path) -> None:
+    """A step's gate draws follow from the seed and the step: a resumed run draws what an
+    uninterrupted one does, and ends with its gates and weights."""
+    teacher = load_model(str(tiny_llama_dir))
+    dims = model_dims(teacher.model)
+    config = HealConfig(tokens=6 * 4 * 16, seq_len=16, batch_size=4, lr=1e-3, validation_windows=2,
+                        evaluations=1, checkpoint_every=2, precision="fp32")
+    data = HealData.from_source(str(data_dir), teacher, 16, 2, config.tokens, None, False)
+
+    def run(checkpoints=None, stop_after=None):
+        student = copy.deepcopy(teacher.model)
+        gates = StructureGates(student, dims, 0.75, UnitCosts.of_weights(dims), ramp_steps=2, seed=config.seed)
+        healer = Healer(student, teacher.model, data, config, torch.device("cpu"), regularizer=gates)
+        return healer.run(checkpoints, False, stop_after), {**student.state_dict(), **gates.state_dict()}
+
+    result, expected = run()
+    saved = FolderCheckpoints(tmp_path / "gates", "learned")
+    torch.manual_seed(123)  # the global generator's state is not what the draws depend on
+    assert run(saved, stop_after=3)[0].steps == 3
+    resumed, got = run(saved)
+    assert resumed.resumed_from == 2 and resumed.steps == config.steps == 6
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert [m.kl for m in resumed.measurements] == [m.kl for m in result.measurements]
+
+
 def test_warm_started_gates_read_off_the_units_the_statistics_rank_highest(gated) -> None:
     """Before any training, gates warm-started from importance scores cut what the scores would:
     every FFN channel kept outranks every channel dropped, across blocks; equal scores change nothing."""
@@ -148,6 +183,8 @@ def test_prune_structured_learned_writes_a_model_of_the_target_size(tiny_llama_d
         (["--target", "1.5"], "--target must lie in (0, 1)"),
         (["--tokens", "0"], "tokens"),
         (["--recipe", "r.yaml"], "cannot be combined"),
+        (["--workers", "0"], "--workers must be at least 1"),
+        (["--workers", "3"], "does not split over 3 workers"),
     ],
 )
 def test_bad_learned_input_is_one_line_and_writes_nothing(tiny_llama_dir, data_dir, tmp_path, capsys, flags, message) -> None:
@@ -164,4 +201,11 @@ def test_bad_learned_input_is_one_line_and_writes_nothing(tiny_llama_dir, data_d
 def test_a_learned_structure_needs_a_llama_family_model(tiny_opt_dir, data_dir, tmp_path, capsys) -> None:
     code, _, err = run_cli(capsys, *_learned_args(tiny_opt_dir, data_dir, tmp_path / "out"))
     assert code == 2 and "LLaMA-family" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_workers_go_with_a_learned_structure_only(tiny_llama_dir, data_dir, tmp_path, capsys) -> None:
+    code, _, err = run_cli(capsys, "prune", "--model", tiny_llama_dir, "--data", data_dir, "--sparsity", "0.5",
+                           "--workers", "2", "--out", tmp_path / "out")
+    assert code == 2 and "go with --structured learned" in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()

@@ -95,6 +95,15 @@ def test_a_heal_killed_and_resumed_ends_with_the_uninterrupted_weights(tiny_llam
     assert [m.ppl for m in result2.measurements] == [m.ppl for m in result.measurements]
 
 
+def test_a_heal_leaves_its_teacher_as_it_was_given(tiny_llama_dir, data_dir) -> None:
+    """Neither frozen nor given gradients: a student copied from it later trains (a learned
+    structure's), and a search worker's model stays what it was."""
+    teacher = load_model(str(tiny_llama_dir))
+    student = load_model(str(tiny_llama_dir)).model
+    heal(student, teacher, str(data_dir), HealConfig(**TINY_HEAL, precision="fp32"), progress=False)
+    assert all(p.requires_grad and p.grad is None for p in teacher.model.parameters())
+
+
 def test_a_checkpoint_of_other_settings_or_another_student_is_refused(tiny_llama_dir, data_dir, tmp_path) -> None:
     teacher = load_model(str(tiny_llama_dir))
     saved = FolderCheckpoints(tmp_path / "checkpoints", "student")

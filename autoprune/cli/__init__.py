@@ -23,6 +23,7 @@ from autoprune.cli import (
 )
 from autoprune.cli._common import OneLineParser
 from autoprune.errors import AutopruneError
+from autoprune.heap import retained_heap
 
 DESCRIPTION = "Search, prune, measure and export compressed variants of causal language models."
 SUBCOMMANDS = (_prune, _eval, _search, _refine, _front, _export, _heal, _predictor, _database)
@@ -43,7 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # loading bars would bury a one-line error (and say nothing)
     try:
         args = build_parser().parse_args(argv)
-        return args.run(args)
+        with retained_heap():
+            return args.run(args)
     except AutopruneError as error:
         print(f"autoprune: error: {error}", file=sys.stderr)
         return 2

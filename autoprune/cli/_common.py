@@ -40,6 +40,28 @@ def add_device_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="where the model computes (cpu, cuda, cuda:N)")
 
 
+def add_workers_flags(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """``--workers`` and ``--ray-address``: training data-parallel on Ray Train."""
+    parser.add_argument("--workers", type=int, default=None,
+                        help="train data-parallel on this many Ray Train workers (a GPU each with "
+                        "--device cuda); --batch-size must split over them")
+    parser.add_argument("--ray-address", default=None,
+                        help="with --workers: auto or HOST:PORT of a Ray cluster (unset: a local Ray)")
+
+
+def join_workers(workers: int | None, batch_size: int, address: str | None) -> None:
+    """Check ``--workers`` against the batch and join the Ray it trains on (nothing when unset)."""
+    if workers is None:
+        return
+    if workers < 1:
+        raise AutopruneError(f"--workers must be at least 1, got {workers}")
+    if batch_size % workers:
+        raise AutopruneError(f"--batch-size {batch_size} does not split over {workers} workers")
+    from autoprune.study import connect_ray  # only a run on Ray loads it
+
+    connect_ray(address)
+
+
 def add_field_flags(
     parser: argparse.ArgumentParser, model: type[BaseModel], exclude: frozenset[str] = frozenset()
 ) -> None:

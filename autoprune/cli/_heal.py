@@ -18,7 +18,15 @@ from pathlib import Path
 
 import torch
 
-from autoprune.cli._common import add_device_flag, add_field_flags, add_format, given_field_flags, render
+from autoprune.cli._common import (
+    add_device_flag,
+    add_field_flags,
+    add_format,
+    add_workers_flags,
+    given_field_flags,
+    join_workers,
+    render,
+)
 from autoprune.config import EvaluationConfig
 from autoprune.data import check_source
 from autoprune.errors import AutopruneError
@@ -26,7 +34,6 @@ from autoprune.export import check_output_dir
 from autoprune.study import (
     DEFAULT_STORAGE,
     StudyHealer,
-    connect_ray,
     artifact_store,
     export_trial,
     find_trial,
@@ -66,11 +73,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="where checkpoints go (default: a hidden folder beside --out)")
     parser.add_argument("--cache-dir", type=Path, default=None, help="cache folder (self-generated text)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (per worker)")
-    parser.add_argument("--workers", type=int, default=None,
-                        help="train data-parallel on this many Ray Train workers (a GPU each with "
-                        "--device cuda); --batch-size must split over them")
-    parser.add_argument("--ray-address", default=None,
-                        help="with --workers: auto or HOST:PORT of a Ray cluster (unset: a local Ray)")
+    add_workers_flags(parser)
     add_device_flag(parser)
     add_format(parser)
     parser.set_defaults(run=run)
@@ -90,6 +93,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.trial is not None or args.study is not None:
+        if args.workers is not None:
+            raise AutopruneError("--workers heals a --model folder; a study's trial heals on the study's device")
         return _heal_trial(args, config)
     if args.model is None:
         raise AutopruneError("heal needs --model DIR, or --storage, --study and --trial")
@@ -100,12 +105,7 @@ def run(args: argparse.Namespace) -> int:
     evaluation = (
         EvaluationConfig(source=source, max_windows=args.eval_windows) if source is not None else None
     )
-    if args.workers is not None:
-        if args.workers < 1:
-            raise AutopruneError(f"--workers must be at least 1, got {args.workers}")
-        if config.batch_size % args.workers:
-            raise AutopruneError(f"--batch-size {config.batch_size} does not split over {args.workers} workers")
-        connect_ray(args.ray_address)
+    join_workers(args.workers, config.batch_size, args.ray_address)
     report = heal_checkpoint(
         args.model, args.out, config, args.data, teacher=args.teacher, evaluation=evaluation,
         device=args.device, checkpoint_dir=args.checkpoint_dir, cache_dir=args.cache_dir,

@@ -14,7 +14,9 @@ from autoprune.cli._common import (
     add_device_flag,
     add_dtype_flag,
     add_format,
+    add_workers_flags,
     database_settings,
+    join_workers,
     parse_fraction,
     render,
 )
@@ -55,7 +57,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     learned.add_argument("--lr", type=float, default=None, help="peak learning rate of the weights")
     learned.add_argument("--train-seq-len", type=int, default=None, help="tokens per training window (256)")
     learned.add_argument("--batch-size", type=int, default=None, help="training windows per step (8)")
-    learned.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    learned.add_argument("--threads", type=int, default=None, help="torch CPU threads (per worker)")
+    add_workers_flags(learned)
     parser.add_argument("--no-correction", action="store_true",
                         help="skip the least-squares correction of o_proj / down_proj")
     parser.add_argument(
@@ -97,8 +100,11 @@ def run(args: argparse.Namespace) -> int:
     database = database_settings(args)
     if args.structured == "learned":
         return _run_learned(args, evaluation)
-    if any(value is not None for value in (args.target, args.tokens, args.lr, args.train_seq_len, args.batch_size)):
-        raise AutopruneError("--target, --tokens, --lr, --train-seq-len and --batch-size go with --structured learned")
+    learned_only = (args.target, args.tokens, args.lr, args.train_seq_len, args.batch_size, args.workers)
+    if any(value is not None for value in learned_only):
+        raise AutopruneError(
+            "--target, --tokens, --lr, --train-seq-len, --batch-size and --workers go with --structured learned"
+        )
     if args.recipe is not None:
         recipe = Recipe.load(args.recipe)
         report = prune(recipe.model, recipe.calibration, recipe.plan, args.out, evaluation,
@@ -153,9 +159,11 @@ def _run_learned(args: argparse.Namespace, evaluation: EvaluationConfig | None) 
         torch.set_num_threads(args.threads)
     given = {"lr": args.lr, "seq_len": args.train_seq_len, "batch_size": args.batch_size}
     settings = {"tokens": args.tokens} | {key: value for key, value in given.items() if value is not None}
+    config = HealConfig(**settings)
+    join_workers(args.workers, config.batch_size, args.ray_address)
     report = prune_learned(
-        args.model, args.data, args.target, HealConfig(**settings), args.out, evaluation,
-        args.learn_budget, args.learn_share, args.cache_dir, device=args.device,
+        args.model, args.data, args.target, config, args.out, evaluation,
+        args.learn_budget, args.learn_share, args.cache_dir, device=args.device, workers=args.workers,
     )
     result = report.as_dict()
     print(render([_row(result)], "table") if args.format == "table" else json.dumps(result, indent=2))

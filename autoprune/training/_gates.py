@@ -80,10 +80,11 @@ class UnitCosts:
         return self.block + attention + mlp
 
 
-def hard_concrete(log_alpha: torch.Tensor, sample: bool) -> torch.Tensor:
-    """A gate per ``log_alpha``: drawn (``sample``) or its deterministic value."""
+def hard_concrete(log_alpha: torch.Tensor, sample: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A gate per ``log_alpha``: drawn (``sample``, from ``generator``, a CPU one) or its
+    deterministic value."""
     if sample:
-        u = torch.rand_like(log_alpha).clamp(_EPS, 1 - _EPS)
+        u = torch.rand(log_alpha.shape, generator=generator).to(log_alpha).clamp(_EPS, 1 - _EPS)
         s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
     else:
         s = torch.sigmoid(log_alpha)
@@ -96,14 +97,16 @@ def keep_probability(log_alpha: torch.Tensor) -> torch.Tensor:
 
 
 class StructureGates(nn.Module):
-    """The gates of one model, hooked into it; a :class:`autoprune.training.Regularizer`."""
+    """The gates of one model, hooked into it; a :class:`autoprune.training.Regularizer`. A step's
+    draws depend on ``seed`` and the step alone, so a resumed run and every data-parallel worker
+    draw what an uninterrupted single process does."""
 
     def __init__(
         self, model: PreTrainedModel, dims: ModelDims, kept: float, costs: UnitCosts,
-        settings: GateSettings | None = None, ramp_steps: int = 0,
+        settings: GateSettings | None = None, ramp_steps: int = 0, seed: int = 0,
     ) -> None:
         super().__init__()
-        self.dims, self.kept, self.costs = dims, kept, costs
+        self.dims, self.kept, self.costs, self.seed = dims, kept, costs, seed
         self.settings = settings or GateSettings()
         self.ramp_steps = ramp_steps
         #: The cost the penalty pulls towards at this step: from the dense cost down to ``kept``
@@ -165,7 +168,8 @@ class StructureGates(nn.Module):
         """Gates drawn for step ``step``'s forward pass, and the step's target."""
         if self.ramp_steps > 0:
             self.target = 1.0 - (1.0 - self.kept) * min(1.0, (step + 1) / self.ramp_steps)
-        self._gates = {name: hard_concrete(p, True) for name, p in self._unit_parameters().items()}
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        self._gates = {name: hard_concrete(p, True, generator) for name, p in self._unit_parameters().items()}
 
     def penalty(self) -> torch.Tensor:
         gap = self.expected_cost() / self._dense_cost - self.target

@@ -90,8 +90,9 @@ def heal(
     if ray is not None:
         from autoprune.training._ray import heal_on_ray  # only a heal on Ray loads Ray Train
 
-        return heal_on_ray(student, teacher.model, data, config, ray.count, ray.storage_path, ray.name,
-                           ray.use_gpu, ray.threads, progress, stop_after)
+        healed, result, _ = heal_on_ray(student, teacher.model, data, config, ray.count, ray.storage_path,
+                                        ray.name, ray.use_gpu, ray.threads, progress, stop_after)
+        return healed, result
     healer = Healer(student, teacher.model, data, config, compute_device(device))
     result = healer.run(checkpoints, progress, stop_after)
     return healer.finished_model(), result

@@ -8,13 +8,16 @@ toward the teacher, the Lagrangian driving the expected cost to the target; then
 made hard, folded into the weights, the model is cut to the structure they chose (a plan v2
 structure of per-block widths, method ``learned``), and the rest of the budget heals the cut model
 with its structure fixed, as Compresso trains on once its masks are fixed. The total is the
-budget, so a learned structure and a cut-then-heal one compare at equal tokens.
+budget, so a learned structure and a cut-then-heal one compare at equal tokens. Both phases run
+in this process (CPU threads or one GPU) or data-parallel on Ray Train workers, each of which
+builds the gates on its copy of the model from a :class:`GatesRecipe`.
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -26,12 +29,12 @@ from autoprune.errors import AutopruneError
 from autoprune.latency import LatencyTable
 from autoprune.models import LoadedModel, compute_device
 from autoprune.plan import Plan
-from autoprune.structure import build_subnet, model_dims, unit_scores
+from autoprune.structure import ModelDims, build_subnet, model_dims, unit_scores
 from autoprune.training._checkpoints import FolderCheckpoints
 from autoprune.training._config import GateSettings, HealConfig
 from autoprune.training._data import HealData
 from autoprune.training._gates import StructureGates, UnitCosts
-from autoprune.training._heal import heal
+from autoprune.training._heal import RayWorkers, heal
 from autoprune.training._loop import Healer, HealResult
 
 Budget = Literal["params", "latency"]
@@ -77,6 +80,27 @@ def unit_importance(model: PreTrainedModel, stats: CalibrationStats) -> tuple[to
     return torch.stack(heads), torch.stack(ffn)
 
 
+@dataclass(frozen=True)
+class GatesRecipe:
+    """How to put the gates on a model: what the phase's :class:`StructureGates` is built from,
+    small and picklable, so every Ray Train worker builds the same gates on its own student."""
+
+    dims: ModelDims
+    kept: float
+    costs: UnitCosts
+    settings: GateSettings
+    ramp_steps: int
+    seed: int
+    #: Head and FFN channel importance to warm-start from (``settings.warm_start`` > 0).
+    importance: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, model: PreTrainedModel) -> StructureGates:
+        gates = StructureGates(model, self.dims, self.kept, self.costs, self.settings, self.ramp_steps, self.seed)
+        if self.importance is not None:
+            gates.warm_start(*self.importance, self.settings.warm_start)
+        return gates
+
+
 def learn_structure(
     teacher: LoadedModel,
     source: str,
@@ -91,13 +115,15 @@ def learn_structure(
     cache_dir: Path | None = None,
     stats: CalibrationStats | None = None,
     gate_settings: GateSettings | None = None,
+    workers: RayWorkers | None = None,
 ) -> LearnedStructure:
     """Learn a sub-network of ``teacher``'s model with ``1 - target`` of its cost (decoder linear
     weights, or prefill), spending ``config.tokens`` in all (``learn_share`` of them on the gates),
     and heal it. ``checkpoints`` (a folder) makes both phases resumable. With the dense model's
     calibration ``stats``, the head and channel gates start from the statistics' importance
     (``gate_settings.warm_start``; 0: all equal) and the cut corrects ``o_proj`` / ``down_proj`` by least
-    squares on the units it keeps, as statistics-chosen cuts are."""
+    squares on the units it keeps, as statistics-chosen cuts are. With ``workers`` both phases run
+    on Ray Train (their checkpoints Ray Train's, under ``workers.name`` and the phase)."""
     if not 0.0 < target < 1.0:
         raise AutopruneError(f"the target must lie in (0, 1), got {target}")
     if not 0.0 < learn_share < 1.0:
@@ -116,17 +142,28 @@ def learn_structure(
     settings = gate_settings or GateSettings()
     if stats is None:  # nothing to start apart from
         settings = settings.model_copy(update={"warm_start": 0.0})
-    gates = StructureGates(student, dims, 1.0 - target, costs, settings, ramp_steps=learn_steps // 2)
-    if settings.warm_start > 0:
-        gates.warm_start(*unit_importance(teacher.model, stats), settings.warm_start)
-    gates = gates.to(compute_device(device))
+    importance = unit_importance(teacher.model, stats) if settings.warm_start > 0 else None
+    recipe = GatesRecipe(dims, 1.0 - target, costs, settings, learn_steps // 2, config.seed, importance)
     data = HealData.from_source(source, teacher, config.seq_len, config.validation_windows, config.tokens,
                                 cache_dir, progress)
-    healer = Healer(student, teacher.model, data, learning, compute_device(device), regularizer=gates)
     # what the phases' states belong to
     identity = f"learned {teacher.spec} {target} {budget} {learn_share} {settings.digest()}"
-    saved = FolderCheckpoints(checkpoints / "gates", identity) if checkpoints is not None else None
-    learned = healer.run(saved, progress)
+    if workers is not None:
+        from autoprune.training._ray import heal_on_ray  # only a run on Ray loads Ray Train
+
+        run = hashlib.sha256(identity.encode()).hexdigest()[:12]
+        student, learned, state = heal_on_ray(
+            student, teacher.model, data, learning, workers.count, workers.storage_path,
+            f"{workers.name}-gates-{run}", workers.use_gpu, workers.threads, progress, regularizer=recipe,
+        )
+        gates = recipe(student)
+        gates.load_state_dict(state)
+        workers = replace(workers, name=f"{workers.name}-heal-{run}")
+    else:
+        gates = recipe(student)
+        healer = Healer(student, teacher.model, data, learning, compute_device(device), regularizer=gates)
+        saved = FolderCheckpoints(checkpoints / "gates", identity) if checkpoints is not None else None
+        learned = healer.run(saved, progress)
     expected = float(gates.summary()["kept"])
     cuts, structure, removed = gates.read_off()
     gates.fold(student)
@@ -136,6 +173,6 @@ def learn_structure(
     dense_cost = costs.dense(dims)
     kept = (costs.constant + sum(costs.of_block(c.shape) for c in cuts)) / dense_cost
     saved = FolderCheckpoints(checkpoints / "heal", identity) if checkpoints is not None else None
-    healed, result = heal(cut, teacher, source, healing, device, saved, progress, cache_dir)
+    healed, result = heal(cut, teacher, source, healing, device, saved, progress, cache_dir, ray=workers)
     return LearnedStructure(Plan(structure=structure, removed_blocks=removed), healed, learned, result,
                             expected, kept)

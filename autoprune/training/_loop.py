@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from autoprune.errors import AutopruneError
+from autoprune.heap import retained_heap
 from autoprune.measure import ppl_from_nll
 from autoprune.models import ArchitectureAdapter
 from autoprune.training._config import HealConfig
@@ -102,14 +103,20 @@ class Regularizer(Protocol):
     def summary(self) -> dict[str, float]:
         """A few numbers for the progress bar and the record."""
 
+    def state_dict(self) -> dict[str, Any]:
+        """Its trained state (what a Ray Train run reports back with the weights)."""
+
 
 class _HiddenStates(nn.Module):
     """The student's final hidden states: the module data-parallel training wraps (the output
-    head is applied by the chunked loss, outside the forward)."""
+    head is applied by the chunked loss, outside the forward). A regularizer that is a module is
+    held too, so data-parallel training averages its gradients with the weights'."""
 
-    def __init__(self, model: PreTrainedModel) -> None:
+    def __init__(self, model: PreTrainedModel, regularizer: Regularizer | None = None) -> None:
         super().__init__()
         self.model = model
+        if isinstance(regularizer, nn.Module):
+            self.regularizer = regularizer
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_decoder()(input_ids=ids, use_cache=False).last_hidden_state
@@ -132,18 +139,22 @@ class Healer:
     ) -> None:
         self.config, self.data, self.device, self.rank, self.world = config, data, device, rank, world
         self.regularizer = regularizer
-        torch.manual_seed(config.seed)  # LoRA's initial adapters
+        torch.manual_seed(config.seed)  # LoRA's initial adapters, the regularizer's draws
         self.student = student.to(device).train()
+        if isinstance(regularizer, nn.Module):
+            regularizer.to(device)
         if config.precision == "bf16":  # a copy: the caller's teacher may be a search worker's model
             teacher = copy.deepcopy(teacher).to(dtype=torch.bfloat16)
-        self.teacher = teacher.to(device).eval().requires_grad_(False)
+        # Not frozen in place (it runs under no_grad, its output head detached): the caller's model
+        # keeps its flags, and a student later copied from it (a learned structure's) trains.
+        self.teacher = teacher.to(device).eval()
         adapter = ArchitectureAdapter.for_model(student)
         linear = {f"{name}.weight" for name in adapter.present_layer_names(student)}
         self.masks = SparsityMasks.capture(student, linear)
         self.peft = _with_lora(student, config, adapter) if config.lora is not None else None
         self.trainable = [p for p in student.parameters() if p.requires_grad]
         self.names = [n for n, p in student.named_parameters() if p.requires_grad]
-        self.module = (wrap or (lambda module: module))(_HiddenStates(student))
+        self.module = (wrap or (lambda module: module))(_HiddenStates(student, regularizer))
         #: The student's own trainable weights (gradient clipping is theirs alone).
         self.weights = list(self.trainable)
         groups = [{"params": self.weights, "lr_scale": 1.0}]
@@ -206,7 +217,7 @@ class Healer:
                 hidden.reshape(-1, hidden.shape[-1]),
                 self.student.get_output_embeddings().weight,
                 teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
-                self.teacher.get_output_embeddings().weight,
+                self.teacher.get_output_embeddings().weight.detach(),
                 next_token_labels(ids),
                 config.temperature,
                 config.ce_weight,
@@ -275,21 +286,23 @@ class Healer:
             unit_scale=True, desc="heal", disable=not progress or self.rank != 0,
         )
         start, stopped = time.perf_counter(), False
+        heap = retained_heap() if self.device.type == "cpu" else nullcontext()
         try:
-            while self.step < config.steps and not stopped:
-                if stop_after is not None and self.step >= resumed_from + stop_after:
-                    break
-                loss = self.train_step()
-                bar.update(per_step)
-                postfix = {"loss": f"{loss:.4f}"}
-                if self.regularizer is not None:
-                    postfix |= {key: f"{value:.3f}" for key, value in self.regularizer.summary().items()}
-                if self.step in evaluations:
-                    stopped = self._record(self.measure())
-                    postfix["ppl"] = f"{self.measurements[-1].ppl:.2f}"
-                bar.set_postfix(postfix)
-                if checkpoints is not None and (self.step % config.checkpoint_every == 0 or stopped):
-                    checkpoints.save(self.state(), self.step)
+            with heap:
+                while self.step < config.steps and not stopped:
+                    if stop_after is not None and self.step >= resumed_from + stop_after:
+                        break
+                    loss = self.train_step()
+                    bar.update(per_step)
+                    postfix = {"loss": f"{loss:.4f}"}
+                    if self.regularizer is not None:
+                        postfix |= {key: f"{value:.3f}" for key, value in self.regularizer.summary().items()}
+                    if self.step in evaluations:
+                        stopped = self._record(self.measure())
+                        postfix["ppl"] = f"{self.measurements[-1].ppl:.2f}"
+                    bar.set_postfix(postfix)
+                    if checkpoints is not None and (self.step % config.checkpoint_every == 0 or stopped):
+                        checkpoints.save(self.state(), self.step)
         finally:
             bar.close()
         seconds = time.perf_counter() - start

@@ -4,14 +4,17 @@ Each Ray Train worker builds the same :class:`Healer` (the student, the teacher 
 shipped once through Ray's object store), its hidden-state module wrapped by
 ``ray.train.torch.prepare_model`` (DistributedDataParallel, gloo on CPUs, NCCL on GPUs), and takes
 its share of every step's batch, so the averaged gradient is the whole batch's and the run follows
-the single-process one. Checkpoints are reported to Ray Train (worker 0 writes them), in
-``storage_path`` under a run name made of the student and the settings: the same heal started
-again resumes from the last one. Worker 0 reports the healed weights at the end.
+the single-process one. A regularizer (learned structure's gates) is built by each worker on its
+own student from a picklable recipe and trained data-parallel with the weights. Checkpoints are
+reported to Ray Train (worker 0 writes them), in ``storage_path`` under a run name made of the
+student and the settings: the same heal started again resumes from the last one. Worker 0 reports
+the healed weights (and the regularizer's state) at the end.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +27,7 @@ from transformers import PreTrainedModel
 from autoprune.errors import AutopruneError
 from autoprune.training._config import HealConfig
 from autoprune.training._data import HealData
-from autoprune.training._loop import Healer, HealResult, Measurement
+from autoprune.training._loop import Healer, HealResult, Measurement, Regularizer
 
 _STATE, _FINAL = "heal-state.pt", "healed.pt"
 
@@ -64,17 +67,23 @@ def _train_worker(settings: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     if settings["threads"] is not None:
         torch.set_num_threads(settings["threads"])
+    student = ray.get(settings["student"])
+    build = settings["regularizer"]
+    regularizer = build(student) if build is not None else None
     healer = Healer(
-        ray.get(settings["student"]), ray.get(settings["teacher"]), ray.get(settings["data"]),
+        student, ray.get(settings["teacher"]), ray.get(settings["data"]),
         HealConfig.model_validate(settings["config"]), ray.train.torch.get_device(), rank, world,
-        wrap=ray.train.torch.prepare_model,
+        wrap=ray.train.torch.prepare_model, regularizer=regularizer,
     )
     result = healer.run(_RayCheckpoints(rank), settings["progress"], settings["stop_after"])
     files = None
     if rank == 0:  # the state too: a heal started again after this one resumes from it
         state = healer.state()
         weights = {name: tensor.cpu() for name, tensor in healer.finished_model().state_dict().items()}
-        files = {_STATE: state, _FINAL: {"weights": weights, "result": result.as_dict()}}
+        final = {"weights": weights, "result": result.as_dict()}
+        if regularizer is not None:
+            final["regularizer"] = {name: tensor.cpu() for name, tensor in regularizer.state_dict().items()}
+        files = {_STATE: state, _FINAL: final}
     _report({"step": result.steps, "final": True}, files)
 
 
@@ -90,10 +99,12 @@ def heal_on_ray(
     threads: int | None = None,
     progress: bool = True,
     stop_after: int | None = None,
-) -> tuple[PreTrainedModel, HealResult]:
+    regularizer: Callable[[PreTrainedModel], Regularizer] | None = None,
+) -> tuple[PreTrainedModel, HealResult, dict[str, torch.Tensor] | None]:
     """Heal ``student`` on ``workers`` Ray Train workers (one GPU each with ``use_gpu``) of the Ray
-    this process joined (a local one is started otherwise); the student with the healed weights
-    and worker 0's record. Resumes from the run ``name`` in ``storage_path`` where it exists."""
+    this process joined (a local one is started otherwise); the student with the healed weights,
+    worker 0's record and, with ``regularizer`` (built on each worker's student, trained with it),
+    the regularizer's final state. Resumes from the run ``name`` in ``storage_path`` where it exists."""
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
@@ -105,7 +116,7 @@ def heal_on_ray(
         train_loop_config={
             "student": ray.put(student.cpu()), "teacher": ray.put(teacher.cpu()), "data": ray.put(data),
             "config": config.model_dump(mode="json"), "threads": threads, "progress": progress,
-            "stop_after": stop_after,
+            "stop_after": stop_after, "regularizer": regularizer,
         },
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu),
         run_config=ray.train.RunConfig(name=name, storage_path=str(storage_path)),
@@ -119,4 +130,4 @@ def heal_on_ray(
     record = final["result"]
     record.pop("final")
     record["measurements"] = [Measurement(**m) for m in record["measurements"]]
-    return student.eval(), HealResult(**record)
+    return student.eval(), HealResult(**record), final.get("regularizer")
