@@ -44,6 +44,8 @@ from search_spaces import SpaceContext
 WorkerFactory = Callable[[WorkerSpec], TrialWorker]
 _LOG = logging.getLogger(__name__)
 _CONNECT_TIMEOUT_S = 10
+#: How long shutdown waits for actors still being created before it kills them.
+_CREATION_WAIT_S = 30.0
 
 
 @ray.remote
@@ -67,6 +69,9 @@ class _Actor:
 
     def run(self, request: TrialRequest) -> TrialResult:
         return self._loaded().run(request)
+
+    def created(self) -> None:
+        """Nothing: its first call's result says the actor exists (see :meth:`RayExecutor.shutdown`)."""
 
 
 @dataclass
@@ -102,6 +107,7 @@ class RayExecutor(Executor):
         _check_resources(workers, cpus_per_worker, gpus_per_worker, local)
         self._options = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker}
         self._spec, self._factory, self._max_retries = spec, factory, max_retries
+        self._creations: list[ray.ObjectRef] = []
         self._actors = [self._new_actor() for _ in range(workers)]
         self._idle: deque[ActorHandle] = deque(self._actors)
         self._queue: deque[_Job] = deque()
@@ -156,17 +162,24 @@ class RayExecutor(Executor):
 
     def shutdown(self) -> None:
         if ray.is_initialized():  # else the actors went with it
+            # A kill that reaches an actor still being placed can land on the next actor its worker
+            # process hosts instead (ray-project/ray#17369): let creation finish first, briefly.
+            if self._creations:
+                ray.wait(self._creations, num_returns=len(self._creations), timeout=_CREATION_WAIT_S)
             for actor in self._actors:
                 ray.kill(actor)
         self._actors.clear()
+        self._creations.clear()
         self._idle.clear()
         if self._owns_ray and ray.is_initialized():
             ray.shutdown()
 
     def _new_actor(self) -> ActorHandle:
-        return _Actor.options(**self._options, max_restarts=0, max_task_retries=0).remote(
+        actor = _Actor.options(**self._options, max_restarts=0, max_task_retries=0).remote(
             self._spec, self._factory
         )
+        self._creations.append(actor.created.remote())  # its first task: done once it exists
+        return actor
 
     def _dispatch(self) -> None:
         while self._queue and self._idle:

@@ -139,7 +139,7 @@ class Healer:
     ) -> None:
         self.config, self.data, self.device, self.rank, self.world = config, data, device, rank, world
         self.regularizer = regularizer
-        torch.manual_seed(config.seed)  # LoRA's initial adapters, the regularizer's draws
+        torch.manual_seed(config.seed)  # LoRA's initial adapters
         self.student = student.to(device).train()
         if isinstance(regularizer, nn.Module):
             regularizer.to(device)
