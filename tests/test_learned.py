@@ -19,10 +19,12 @@ from autoprune.training import (
     HealConfig,
     HealData,
     Healer,
+    LoraSettings,
     StructureGates,
     UnitCosts,
     hard_concrete,
     keep_probability,
+    learn_structure,
 )
 
 
@@ -133,6 +135,19 @@ def test_gates_killed_and_resumed_end_where_an_uninterrupted_run_does(tiny_llama
     assert resumed.resumed_from == 2 and resumed.steps == config.steps == 6
     assert all(torch.equal(expected[name], got[name]) for name in expected)
     assert [m.kl for m in resumed.measurements] == [m.kl for m in result.measurements]
+
+
+def test_a_structure_learned_with_lora_adapters_is_cut_from_the_merged_weights(tiny_llama_dir, data_dir) -> None:
+    """Compresso's setting: the gates train with LoRA adapters, which are merged before the gates
+    fold into the weights and the model is cut."""
+    teacher = load_model(str(tiny_llama_dir))
+    config = HealConfig(tokens=8 * 4 * 16, seq_len=16, batch_size=4, lr=1e-3, validation_windows=2,
+                        evaluations=1, precision="fp32", lora=LoraSettings(rank=4))
+    learned = learn_structure(teacher, str(data_dir), 0.25, config, progress=False)
+    assert 0.74 <= learned.kept <= 0.75
+    layers = {type(module).__name__ for name, module in learned.model.named_modules() if name.endswith("_proj")}
+    assert layers == {"Linear"}  # no adapter left unmerged
+    assert learned.gates.steps + learned.heal.steps == config.steps
 
 
 def test_warm_started_gates_read_off_the_units_the_statistics_rank_highest(gated) -> None:

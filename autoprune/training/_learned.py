@@ -164,6 +164,7 @@ def learn_structure(
         healer = Healer(student, teacher.model, data, learning, compute_device(device), regularizer=gates)
         saved = FolderCheckpoints(checkpoints / "gates", identity) if checkpoints is not None else None
         learned = healer.run(saved, progress)
+        student = healer.finished_model()  # LoRA adapters merged: the weights the gates fold into
     expected = float(gates.summary()["kept"])
     cuts, structure, removed = gates.read_off()
     gates.fold(student)
