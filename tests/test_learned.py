@@ -192,6 +192,14 @@ def test_prune_structured_learned_writes_a_model_of_the_target_size(tiny_llama_d
     assert not list(tmp_path.glob(".learned*"))  # checkpoints removed once the model is written
 
 
+def test_prune_structured_learned_with_lora_records_the_adapters(tiny_llama_dir, data_dir, tmp_path, capsys) -> None:
+    code, out, err = run_cli(capsys, *_learned_args(tiny_llama_dir, data_dir, tmp_path / "learned", "--lora", "4"))
+    assert code == 0, err
+    assert 0.74 <= 1 - json.loads(out)["sparsity"] <= 0.76
+    metadata = json.loads((tmp_path / "learned" / "autoprune.json").read_text())
+    assert metadata["learned"]["config"]["lora"]["rank"] == 4
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

@@ -26,7 +26,7 @@ from autoprune.errors import AutopruneError
 from autoprune.methods import PruningMethod
 from autoprune.plan import NMPattern, Recipe
 from autoprune.structure import StructureRequest
-from autoprune.training import HealConfig
+from autoprune.training import HealConfig, LoraSettings
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -58,6 +58,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     learned.add_argument("--train-seq-len", type=int, default=None, help="tokens per training window (256)")
     learned.add_argument("--batch-size", type=int, default=None, help="training windows per step (8)")
     learned.add_argument("--threads", type=int, default=None, help="torch CPU threads (per worker)")
+    learned.add_argument("--lora", type=int, default=None, metavar="RANK",
+                         help="train LoRA adapters of this rank (PEFT, merged) instead of every weight")
     add_workers_flags(learned)
     parser.add_argument("--no-correction", action="store_true",
                         help="skip the least-squares correction of o_proj / down_proj")
@@ -100,10 +102,10 @@ def run(args: argparse.Namespace) -> int:
     database = database_settings(args)
     if args.structured == "learned":
         return _run_learned(args, evaluation)
-    learned_only = (args.target, args.tokens, args.lr, args.train_seq_len, args.batch_size, args.workers)
+    learned_only = (args.target, args.tokens, args.lr, args.train_seq_len, args.batch_size, args.workers, args.lora)
     if any(value is not None for value in learned_only):
         raise AutopruneError(
-            "--target, --tokens, --lr, --train-seq-len, --batch-size and --workers go with --structured learned"
+            "--target, --tokens, --lr, --train-seq-len, --batch-size, --lora and --workers go with --structured learned"
         )
     if args.recipe is not None:
         recipe = Recipe.load(args.recipe)
@@ -157,7 +159,8 @@ def _run_learned(args: argparse.Namespace, evaluation: EvaluationConfig | None) 
         raise AutopruneError("--structured learned cannot be combined with --recipe, --sparsity, --nm, --owl or --sequential")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    given = {"lr": args.lr, "seq_len": args.train_seq_len, "batch_size": args.batch_size}
+    lora = LoraSettings(rank=args.lora) if args.lora is not None else None
+    given = {"lr": args.lr, "seq_len": args.train_seq_len, "batch_size": args.batch_size, "lora": lora}
     settings = {"tokens": args.tokens} | {key: value for key, value in given.items() if value is not None}
     config = HealConfig(**settings)
     join_workers(args.workers, config.batch_size, args.ray_address)
