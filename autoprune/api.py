@@ -336,8 +336,7 @@ def prune_learned(
     with tempfile.TemporaryDirectory() if folder is None else nullcontext(folder) as storage:
         ray = None
         if workers is not None:
-            ray = RayWorkers(workers, Path(storage).resolve(), f"learned-{config.digest()}",
-                             use_gpu=compute_device(device).type == "cuda", threads=torch.get_num_threads())
+            ray = RayWorkers.for_device(workers, Path(storage), f"learned-{config.digest()}", device)
         learned = learn_structure(teacher, data, target, config, learn_share, budget, latency, device,
                                   folder, progress, cache_dir, prepared.stats, workers=ray)
     recipe = Recipe(model=model, calibration=calibration, plan=learned.plan)

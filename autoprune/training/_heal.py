@@ -9,6 +9,7 @@ training and writes nothing.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from autoprune.structure import save_subnet
 from autoprune.training._checkpoints import FolderCheckpoints
 from autoprune.training._config import HealConfig
 from autoprune.training._data import HealData
-from autoprune.training._loop import Checkpoints, Healer, HealResult
+from autoprune.training._loop import Checkpoints, Healer, HealResult, Regularizer
 
 #: Relative difference of the token embeddings above which a student was not cut from the teacher
 #: (pruning never touches them; a heal moves them by a few percent at most).
@@ -65,6 +66,29 @@ class RayWorkers:
     use_gpu: bool = False
     threads: int | None = None
 
+    @classmethod
+    def for_device(cls, count: int, storage_path: Path, name: str, device: str) -> RayWorkers:
+        """``count`` workers computing where ``device`` says (a GPU each for a GPU, else this
+        process's CPU thread count each)."""
+        return cls(count, storage_path.resolve(), name, use_gpu=compute_device(device).type == "cuda",
+                   threads=torch.get_num_threads())
+
+    def train(
+        self,
+        student: PreTrainedModel,
+        teacher: PreTrainedModel,
+        data: HealData,
+        config: HealConfig,
+        progress: bool = True,
+        stop_after: int | None = None,
+        regularizer: Callable[[PreTrainedModel], Regularizer] | None = None,
+    ) -> tuple[PreTrainedModel, HealResult, dict[str, torch.Tensor] | None]:
+        """Train ``student`` on these workers (:func:`autoprune.training._ray.heal_on_ray`)."""
+        from autoprune.training._ray import heal_on_ray  # only a run on Ray loads Ray Train
+
+        return heal_on_ray(student, teacher, data, config, self.count, self.storage_path, self.name,
+                           self.use_gpu, self.threads, progress, stop_after, regularizer)
+
 
 def heal(
     student: PreTrainedModel,
@@ -88,10 +112,7 @@ def heal(
         source, teacher, config.seq_len, config.validation_windows, config.tokens, cache_dir, progress
     )
     if ray is not None:
-        from autoprune.training._ray import heal_on_ray  # only a heal on Ray loads Ray Train
-
-        healed, result, _ = heal_on_ray(student, teacher.model, data, config, ray.count, ray.storage_path,
-                                        ray.name, ray.use_gpu, ray.threads, progress, stop_after)
+        healed, result, _ = ray.train(student, teacher.model, data, config, progress, stop_after)
         return healed, result
     healer = Healer(student, teacher.model, data, config, compute_device(device))
     result = healer.run(checkpoints, progress, stop_after)
@@ -166,8 +187,7 @@ def heal_checkpoint(
     saved = FolderCheckpoints(folder, identity)
     ray = None
     if workers is not None:
-        ray = RayWorkers(workers, folder.resolve(), f"heal-{identity}-{config.digest()}",
-                         use_gpu=compute_device(device).type == "cuda", threads=torch.get_num_threads())
+        ray = RayWorkers.for_device(workers, folder, f"heal-{identity}-{config.digest()}", device)
     healed, result = heal(student.model, teacher_model, data, config, device, saved, progress,
                           cache_dir, stop_after, ray)
     size = measure_size(healed, student.adapter, dense_linear)

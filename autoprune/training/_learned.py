@@ -149,12 +149,9 @@ def learn_structure(
     # what the phases' states belong to
     identity = f"learned {teacher.spec} {target} {budget} {learn_share} {settings.digest()}"
     if workers is not None:
-        from autoprune.training._ray import heal_on_ray  # only a run on Ray loads Ray Train
-
         run = hashlib.sha256(identity.encode()).hexdigest()[:12]
-        student, learned, state = heal_on_ray(
-            student, teacher.model, data, learning, workers.count, workers.storage_path,
-            f"{workers.name}-gates-{run}", workers.use_gpu, workers.threads, progress, regularizer=recipe,
+        student, learned, state = replace(workers, name=f"{workers.name}-gates-{run}").train(
+            student, teacher.model, data, learning, progress, regularizer=recipe
         )
         gates = recipe(student)
         gates.load_state_dict(state)
