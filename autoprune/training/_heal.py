@@ -93,7 +93,7 @@ class RayWorkers:
 def heal(
     student: PreTrainedModel,
     teacher: LoadedModel,
-    source: str,
+    source: str | HealData,
     config: HealConfig,
     device: str = "cpu",
     checkpoints: Checkpoints | None = None,
@@ -103,12 +103,14 @@ def heal(
     ray: RayWorkers | None = None,
 ) -> tuple[PreTrainedModel, HealResult]:
     """Train ``student`` toward ``teacher`` on ``source``'s training windows (``self``: text the
-    teacher writes) as ``config`` says, on ``device``; the healed model (``student`` itself, its
-    adapters merged) and what the heal measured. ``checkpoints`` make it resumable; with ``ray`` it
-    runs data-parallel on Ray Train workers instead (their checkpoints are Ray Train's)."""
-    check_source(source)
+    teacher writes; or windows already built, as learned structure's two phases share them) as
+    ``config`` says, on ``device``; the healed model (``student`` itself, its adapters merged) and
+    what the heal measured. ``checkpoints`` make it resumable; with ``ray`` it runs data-parallel on
+    Ray Train workers instead (their checkpoints are Ray Train's)."""
+    if isinstance(source, str):
+        check_source(source)
     check_teacher(student, teacher.model, teacher.spec)
-    data = HealData.from_source(
+    data = source if isinstance(source, HealData) else HealData.from_source(
         source, teacher, config.seq_len, config.validation_windows, config.tokens, cache_dir, progress
     )
     if ray is not None:

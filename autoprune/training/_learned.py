@@ -171,6 +171,6 @@ def learn_structure(
     dense_cost = costs.dense(dims)
     kept = (costs.constant + sum(costs.of_block(c.shape) for c in cuts)) / dense_cost
     saved = FolderCheckpoints(checkpoints / "heal", identity) if checkpoints is not None else None
-    healed, result = heal(cut, teacher, source, healing, device, saved, progress, cache_dir, ray=workers)
+    healed, result = heal(cut, teacher, data, healing, device, saved, progress, ray=workers)
     return LearnedStructure(Plan(structure=structure, removed_blocks=removed), healed, learned, result,
                             expected, kept)
