@@ -7,7 +7,9 @@ timed side by side with the dense model (prefill of 512 tokens, decode per token
 rounds, ``autoprune.latency``):
 
 * ``learned``: ``autoprune prune --structured learned`` (gates trained with the weights on the first
-  half of the tokens, the cut model corrected from the statistics and healed on the second);
+  half of the tokens, the cut model corrected from the statistics and healed on the second); with
+  ``--learn-budget latency`` the target counts the prefill the export's latency table prices, and
+  every row also shows its priced prefill beside the measured one;
 * ``cut``: the best one-shot cut at that size, uniform FFN width with every head kept (the
   strongest one-shot structure measured here, ``subnet_front.py``), healed with all the tokens;
 * ``pick``: the training-aware pick of a ``subnet`` study at that size (``--storage/--study``, the
@@ -29,10 +31,11 @@ from _common import DEFAULT_DATA, Column, add_out, add_threads, column, parser, 
 from autoprune import CalibrationConfig, Pruner
 from autoprune.api import prepare
 from autoprune.data import evaluation_windows
-from autoprune.latency import LatencySettings, measure_interleaved
+from autoprune.latency import LatencySettings, export_table, measure_interleaved
 from autoprune.measure import measure_size, perplexity
 from autoprune.models import load_model
 from autoprune.plan import Plan
+from autoprune.structure import model_dims, resolve_blocks
 from autoprune.study import load_existing_study, space_context, trial_plan
 from autoprune.training import GateSettings, HealConfig, heal, learn_structure
 from search_spaces import SearchSpace
@@ -51,13 +54,13 @@ def cut_plan(method: str, target: float, loaded, stats, args) -> Plan | None:
     return trial_plan(study.trials[selection["winner"]]) if selection else None
 
 
-def run_one(method: str, target: float, budget: int, args, teacher) -> dict | None:
+def run_one(method: str, target: float, budget: int, args, teacher, latency) -> dict | None:
     config = HealConfig(tokens=budget, lr=args.lr)
     loaded, stats, _ = prepare(args.model, CalibrationConfig(source=args.data), args.cache_dir, progress=False)
     if method == "learned":  # its cut corrected from the statistics, as `prune --structured learned` does
-        learned = learn_structure(teacher, args.data, target, config, progress=True, cache_dir=args.cache_dir,
-                                  stats=stats, gate_settings=GateSettings(warm_start=args.warm_start,
-                                                                          gate_lr=args.gate_lr))
+        learned = learn_structure(teacher, args.data, target, config, budget=args.learn_budget, latency=latency,
+                                  progress=True, cache_dir=args.cache_dir, stats=stats,
+                                  gate_settings=GateSettings(warm_start=args.warm_start, gate_lr=args.gate_lr))
         return {"model": learned.model, "plan": learned.plan, "heal": learned.heal.as_dict()["final"]}
     plan = cut_plan(method, target, loaded, stats, args)
     if plan is None:
@@ -82,6 +85,8 @@ def main() -> None:
                            help="learned: the gates' spread from the statistics' importance (0: equal gates)")
     arguments.add_argument("--gate-lr", type=float, default=gates["gate_lr"].default,
                            help="learned: the gates' learning rate at the schedule's peak")
+    arguments.add_argument("--learn-budget", choices=["params", "latency"], default="params",
+                           help="learned: what the target counts (decoder linear weights, or priced prefill)")
     arguments.add_argument("--lr", type=float, default=HealConfig.model_fields["lr"].default)
     arguments.add_argument("--repeats", type=int, default=4, help="timing rounds")
     arguments.add_argument("--cache-dir", type=Path, default=None)
@@ -94,11 +99,13 @@ def main() -> None:
     teacher = load_model(args.model)
     windows = evaluation_windows(args.data, teacher.tokenizer, 512, args.test_windows)
     dense_linear = measure_size(teacher.model, teacher.adapter).linear_params
+    latency = export_table(teacher, args.cache_dir) if args.learn_budget == "latency" else None
+    dims = model_dims(teacher.model)
     rows, models = [], [teacher.model]
     for target in args.targets:
         for budget in sorted(args.budgets):
             for method in args.methods:
-                done = run_one(method, target, budget, args, teacher)
+                done = run_one(method, target, budget, args, teacher, latency)
                 if done is None:
                     continue
                 model = done["model"].eval()
@@ -108,6 +115,10 @@ def main() -> None:
                 rows.append({"method": method, "target": target, "tokens": budget, "ppl": ppl,
                              "kept": size.linear_params / dense_linear, "plan": done["plan"].summary(),
                              "validation": done["heal"]})
+                if latency is not None:
+                    plan = done["plan"]
+                    priced = latency.predict(resolve_blocks(plan.structure, plan.removed_blocks, dims)).prefill_ms
+                    rows[-1]["priced_x"] = priced / latency.predict(resolve_blocks(None, [], dims)).prefill_ms
                 models.append(model)
     timings = measure_interleaved(models, LatencySettings(repeats=args.repeats, threads=args.threads))
     for row, timing in zip(rows, timings[1:], strict=True):
@@ -124,7 +135,9 @@ def main() -> None:
         *table(rows, [
             column("target", "target", ".0%"), column("tokens", "tokens", ","),
             Column("method", lambda r: r["method"], "---"), column("weights kept", "kept", ".1%"),
-            column("ppl", "ppl", ".2f"), column("prefill x dense", "prefill_x", ".3f"),
+            column("ppl", "ppl", ".2f"),
+            *([column("priced prefill x dense", "priced_x", ".3f")] if latency is not None else []),
+            column("prefill x dense", "prefill_x", ".3f"),
             column("decode x dense", "decode_x", ".3f"),
         ]),
     ]
