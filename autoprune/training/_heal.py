@@ -86,8 +86,7 @@ class RayWorkers:
         """Train ``student`` on these workers (:func:`autoprune.training._ray.heal_on_ray`)."""
         from autoprune.training._ray import heal_on_ray  # only a run on Ray loads Ray Train
 
-        return heal_on_ray(student, teacher, data, config, self.count, self.storage_path, self.name,
-                           self.use_gpu, self.threads, progress, stop_after, regularizer)
+        return heal_on_ray(student, teacher, data, config, self, progress, stop_after, regularizer)
 
 
 def heal(

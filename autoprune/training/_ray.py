@@ -16,7 +16,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 import ray.train
@@ -28,6 +28,9 @@ from autoprune.errors import AutopruneError
 from autoprune.training._config import HealConfig
 from autoprune.training._data import HealData
 from autoprune.training._loop import Healer, HealResult, Measurement, Regularizer
+
+if TYPE_CHECKING:
+    from autoprune.training._heal import RayWorkers
 
 _STATE, _FINAL = "heal-state.pt", "healed.pt"
 
@@ -92,34 +95,31 @@ def heal_on_ray(
     teacher: PreTrainedModel,
     data: HealData,
     config: HealConfig,
-    workers: int,
-    storage_path: Path,
-    name: str,
-    use_gpu: bool = False,
-    threads: int | None = None,
+    workers: RayWorkers,
     progress: bool = True,
     stop_after: int | None = None,
     regularizer: Callable[[PreTrainedModel], Regularizer] | None = None,
 ) -> tuple[PreTrainedModel, HealResult, dict[str, torch.Tensor] | None]:
-    """Heal ``student`` on ``workers`` Ray Train workers (one GPU each with ``use_gpu``) of the Ray
-    this process joined (a local one is started otherwise); the student with the healed weights,
-    worker 0's record and, with ``regularizer`` (built on each worker's student, trained with it),
-    the regularizer's final state. Resumes from the run ``name`` in ``storage_path`` where it exists."""
+    """Heal ``student`` on the Ray Train ``workers`` (their count, a GPU each with ``use_gpu``) of
+    the Ray this process joined (a local one is started otherwise); the student with the healed
+    weights, worker 0's record and, with ``regularizer`` (built on each worker's student, trained
+    with it), the regularizer's final state. Resumes from the workers' run ``name`` in their
+    ``storage_path`` where it exists."""
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
         ray.init(address="local", include_dashboard=False)
-    if config.batch_size % workers:
-        raise AutopruneError(f"--batch-size {config.batch_size} does not split over {workers} workers")
+    if config.batch_size % workers.count:
+        raise AutopruneError(f"--batch-size {config.batch_size} does not split over {workers.count} workers")
     trainer = TorchTrainer(
         _train_worker,
         train_loop_config={
             "student": ray.put(student.cpu()), "teacher": ray.put(teacher.cpu()), "data": ray.put(data),
-            "config": config.model_dump(mode="json"), "threads": threads, "progress": progress,
+            "config": config.model_dump(mode="json"), "threads": workers.threads, "progress": progress,
             "stop_after": stop_after, "regularizer": regularizer,
         },
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-        run_config=ray.train.RunConfig(name=name, storage_path=str(storage_path)),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers.count, use_gpu=workers.use_gpu),
+        run_config=ray.train.RunConfig(name=workers.name, storage_path=str(workers.storage_path)),
     )
     result = trainer.fit()
     if result.checkpoint is None:
